@@ -1,17 +1,786 @@
-"""Varlen attention over packed sequences (bidirectional or causal, GQA)."""
+"""Varlen attention over packed sequences (bidirectional or causal, GQA), forward and backward.
+
+FlashAttention-2 in Triton. Forward: one program per (query block, query head, sequence) walks
+the key blocks of its own sequence with an online softmax in fp32 and saves the log-sum-exp per
+(head, token). Backward recomputes the probabilities from that log-sum-exp: a preprocess kernel
+computes ``delta = rowsum(dO * O)``, one kernel per (key block, kv head, sequence) accumulates
+dK/dV over every query head of its group (no atomics), and a separate pass per (query block,
+query head, sequence) computes dQ. Every kernel writes its own outputs once, so the backward pass
+is deterministic (bitwise reproducible) by construction.
+
+Head dims that are not powers of two run in a padded ``BLOCK_D`` with masks. Scores live in
+log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``. Key and query loops are split
+into blocks that need no mask and the few (diagonal, tail) blocks that do.
+
+Dropout: the keep-mask of element (query head h, query token i, key token j) is Philox keyed on
+``seed`` with counters ``(i, j, h)`` (packed token indices), so the backward pass regenerates the
+forward mask exactly; ``dropout_keep_mask`` materializes it for tests.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import triton
+import triton.language as tl
 
 from . import reference
-from ._dispatch import use_triton
+from ._dispatch import interpreting, use_triton
+
+LOG2E = math.log2(math.e)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_SEQUENCES = 65535  # the launch grid's third axis
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_scale=None, dropout_p=0.0):
-    """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)``, cu_seqlens int32 ``(B + 1,)`` -> ``(T, Hq, D)``."""
-    if use_triton(q, k, v):
-        raise NotImplementedError("Triton varlen_attention is not written yet")
-    return reference.varlen_attention(
-        q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_keep(seed, head, q_tokens, k_tokens, dropout_p):
+    """Keep-mask for a tile: q_tokens ``(M, 1)`` and k_tokens ``(1, N)`` (or transposed) packed
+    token indices of one query head; True with probability ``1 - dropout_p``."""
+    rows = q_tokens + k_tokens * 0  # broadcast both to the full tile
+    cols = k_tokens + q_tokens * 0
+    heads = rows * 0 + head
+    bits, _, _, _ = tl.philox(seed, rows, cols, heads, rows * 0)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _fwd_key_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    rows,
+    seq_start,
+    seqlen,
+    lo,
+    hi,
+    head,
+    qk_scale,
+    dropout_p,
+    seed,
+    MASK_LENGTH: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi) of one sequence."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
+        kv_mask = d_valid[None, :]
+        if MASK_LENGTH:
+            kv_mask = (cols < seqlen)[:, None] & d_valid[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASK_LENGTH:
+            valid = (cols < seqlen)[None, :]
+            if MASK_CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    cu_seqlens,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    total_tokens,
+    group_size,
+    qk_scale,
+    dropout_p,
+    keep_scale,
+    seed,
+    CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (causal: heavy) blocks first
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    if start_m >= seqlen:
+        return
+    kv_head = head // group_size
+
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = rows < seqlen
+    io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tokens = (seq_start + rows).to(tl.int64)
+    q = tl.load(Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    if CAUSAL:
+        full_end = start_m  # keys before the query block: visible to every row
+        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        masked_end = seqlen
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, 0, full_end,
+        head, qk_scale, dropout_p, seed,
+        False, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, full_end, masked_end,
+        head, qk_scale, dropout_p, seed,
+        True, CAUSAL, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    if HAS_DROPOUT:
+        out = out * keep_scale
+    tl.store(Out + tokens[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
+    lse = m_i + tl.log2(l_i)  # (BLOCK_M,) log2 units
+    tl.store(Lse + head.to(tl.int64) * total_tokens + tokens, lse, mask=row_valid)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Out,
+    dOut,
+    Delta,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    total_tokens,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] (fp32)."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (tokens < total_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(dOut + tokens[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + head * total_tokens + tokens, delta, mask=tokens < total_tokens)
+
+
+@triton.jit
+def _dkdv_query_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_dot,
+    cols,
+    seq_start,
+    seqlen,
+    lo,
+    hi,
+    head,
+    qk_scale,
+    dropout_p,
+    keep_scale,
+    seed,
+    MASK_LENGTH: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Accumulate dK, dV ``(BLOCK_N, BLOCK_D)`` of one key block over query blocks [lo, hi) of one head.
+
+    Works on transposed tiles (keys x queries) so the key block stays the left operand."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m  # (BLOCK_M,) query positions in the sequence
+        io_mask = d_valid[None, :]
+        if MASK_LENGTH:
+            row_valid = rows < seqlen
+            io_mask = row_valid[:, None] & d_valid[None, :]
+            lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))  # padded rows get p = 0
+            delta = tl.load(delta_base + rows, mask=row_valid, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=io_mask, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASK_CAUSAL:
+            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, head, (seq_start + rows)[None, :], (seq_start + cols)[:, None], dropout_p)
+            dv = tl.dot(tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dK,
+    dV,
+    cu_seqlens,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    total_tokens,
+    group_size,
+    sm_scale,
+    qk_scale,
+    dropout_p,
+    keep_scale,
+    seed,
+    CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    start_n = tl.program_id(0) * BLOCK_N
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    if start_n >= seqlen:
+        return
+
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions in the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (cols < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tokens = (seq_start + cols).to(tl.int64)
+    k = tl.load(K + tokens[:, None] * stride_kt + kv_head.to(tl.int64) * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + tokens[:, None] * stride_vt + kv_head.to(tl.int64) * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # causal: queries of the diagonal block [start_n, start_n + BLOCK_N) see part of the keys,
+    # later queries all of them; then full query blocks, then the tail block past the last full one
+    full_start = start_n * 0
+    if CAUSAL:
+        full_start = start_n + BLOCK_N
+    full_end = (seqlen // BLOCK_M) * BLOCK_M
+    tail_start = tl.maximum(full_start, full_end)
+    for g in range(group_size):
+        head = kv_head * group_size + g
+        q_base = Q + seq_start.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+        do_base = dOut + seq_start.to(tl.int64) * stride_dot + head.to(tl.int64) * stride_doh
+        lse_base = Lse + head.to(tl.int64) * total_tokens + seq_start
+        delta_base = Delta + head.to(tl.int64) * total_tokens + seq_start
+        if CAUSAL:
+            dk, dv = _dkdv_query_blocks(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, seq_start, seqlen,
+                start_n, tl.minimum(start_n + BLOCK_N, seqlen), head, qk_scale, dropout_p, keep_scale, seed,
+                True, True, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
+            )  # fmt: skip
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, seq_start, seqlen,
+            full_start, full_end, head, qk_scale, dropout_p, keep_scale, seed,
+            False, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
+        )  # fmt: skip
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, seq_start, seqlen,
+            tail_start, seqlen, head, qk_scale, dropout_p, keep_scale, seed,
+            True, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
+        )  # fmt: skip
+
+    dk = dk * sm_scale
+    tl.store(dK + tokens[:, None] * stride_dkt + kv_head.to(tl.int64) * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(dV + tokens[:, None] * stride_dvt + kv_head.to(tl.int64) * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_key_blocks(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    rows,
+    seq_start,
+    seqlen,
+    lo,
+    hi,
+    head,
+    qk_scale,
+    dropout_p,
+    keep_scale,
+    seed,
+    MASK_LENGTH: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Accumulate dQ ``(BLOCK_M, BLOCK_D)`` of one query block over key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
+        kv_mask = d_valid[None, :]
+        if MASK_LENGTH:
+            kv_mask = (cols < seqlen)[:, None] & d_valid[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])
+        if MASK_LENGTH:
+            valid = (cols < seqlen)[None, :]
+            if MASK_CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dQ,
+    cu_seqlens,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    total_tokens,
+    group_size,
+    sm_scale,
+    qk_scale,
+    dropout_p,
+    keep_scale,
+    seed,
+    CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (causal: heavy) blocks first
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    if start_m >= seqlen:
+        return
+    kv_head = head // group_size
+
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = rows < seqlen
+    io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tokens = (seq_start + rows).to(tl.int64)
+    q = tl.load(Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(dOut + tokens[:, None] * stride_dot + head.to(tl.int64) * stride_doh + offs_d[None, :], mask=io_mask, other=0.0)
+    lse = tl.load(Lse + head.to(tl.int64) * total_tokens + tokens, mask=row_valid, other=0.0)
+    delta = tl.load(Delta + head.to(tl.int64) * total_tokens + tokens, mask=row_valid, other=0.0)
+    k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        full_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        masked_end = seqlen
+    dq = _dq_key_blocks(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, 0, full_end,
+        head, qk_scale, dropout_p, keep_scale, seed,
+        False, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    dq = _dq_key_blocks(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, full_end, masked_end,
+        head, qk_scale, dropout_p, keep_scale, seed,
+        True, CAUSAL, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(dQ + tokens[:, None] * stride_dqt + head.to(tl.int64) * stride_dqh + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(
+    Keep,
+    total_tokens,
+    dropout_p,
+    seed,
+    BLOCK: tl.constexpr,
+):
+    """Keep[h, i, j] for packed token indices i (query), j (key): the mask the kernels apply."""
+    q_tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    k_tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    head = tl.program_id(2)
+    keep = _dropout_keep(seed, head, q_tokens[:, None], k_tokens[None, :], dropout_p)
+    offsets = head.to(tl.int64) * total_tokens * total_tokens + q_tokens[:, None].to(tl.int64) * total_tokens + k_tokens[None, :]
+    mask = (q_tokens < total_tokens)[:, None] & (k_tokens < total_tokens)[None, :]
+    tl.store(Keep + offsets, keep.to(tl.int8), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests fill it with NaN to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 dots (not TF32); fp16/bf16 dots always accumulate in fp32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict, dict]:
+    """Block sizes, warps and pipeline stages of the forward, dK/dV and dQ kernels (for an H100).
+
+    The forward and dQ kernels need BLOCK_M % BLOCK_N == 0, the dK/dV kernel BLOCK_N % BLOCK_M == 0.
+    fp32 tiles take twice the shared memory, so fp32 runs small unpipelined blocks.
+    """
+    if interpreting():
+        return (
+            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+            dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
+            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        )
+    if dtype == torch.float32:
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return small, small, small
+    if head_dim <= 64:
+        return (
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+            dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+        )
+    if head_dim <= 128:
+        return (
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+            dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+        )
+    return (
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2),
+    )
+
+
+def _keep_scale(dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+
+
+def _attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out ``(T, Hq, D)`` and the log2-sum-exp ``(Hq, T)`` fp32 of the scaled scores."""
+    total, num_heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    out = _empty((total, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = _empty((num_heads, total), dtype=torch.float32, device=q.device)
+    config = _configs(head_dim, q.dtype)[0]
+    grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), num_heads, batch)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        total, num_heads // k.shape[1], softmax_scale * LOG2E, dropout_p, _keep_scale(dropout_p), seed,
+        CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim), **config,
+    )  # fmt: skip
+    return out, lse
+
+
+def _attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ ``(T, Hq, D)``, dK and dV ``(T, Hkv, D)``; deterministic (no atomics)."""
+    total, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    batch = cu_seqlens.numel() - 1
+    block_d = _block_d(head_dim)
+    grad_out = grad_out.contiguous()
+
+    delta = _empty((num_heads, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    _bwd_delta_kernel[(triton.cdiv(total, block_t), num_heads)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), total,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    _, dkdv_config, dq_config = _configs(head_dim, q.dtype)
+    common = dict(
+        CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_D=block_d
+    )
+    scalars = (total, num_heads // num_kv_heads, softmax_scale, softmax_scale * LOG2E, dropout_p, _keep_scale(dropout_p), seed)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_config["BLOCK_N"]), num_kv_heads, batch)](
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
+        grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        *scalars, **common, **dkdv_config,
+    )  # fmt: skip
+    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_config["BLOCK_M"]), num_heads, batch)](
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
+        grad_out.stride(1), dq.stride(0), dq.stride(1),
+        *scalars, **common, **dq_config,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def dropout_keep_mask(num_heads: int, total_tokens: int, dropout_p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The dropout keep-mask the Triton kernels apply, materialized: bool ``(Hq, T, T)``.
+
+    Entry ``[h, i, j]`` says whether query head h keeps the probability of packed query token i
+    for packed key token j (only entries within one sequence are ever used). For tests: it holds
+    ``Hq * T * T`` elements.
+    """
+    keep = torch.empty((num_heads, total_tokens, total_tokens), dtype=torch.int8, device=device)
+    block = 64
+    grid = (triton.cdiv(total_tokens, block), triton.cdiv(total_tokens, block), num_heads)
+    if keep.numel():
+        _dropout_mask_kernel[grid](keep, total_tokens, dropout_p, seed, BLOCK=block)
+    return keep.bool()
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Triton varlen attention; call through ``varlen_attention`` (which validates inputs)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed):
+        out, lse = _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        ctx.causal = causal
+        ctx.softmax_scale = softmax_scale
+        ctx.dropout_p = dropout_p
+        ctx.dropout_seed = dropout_seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(
+            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale,
+            ctx.dropout_p, ctx.dropout_seed,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (T, heads, head_dim), got {getattr(tensor, 'shape', type(tensor))}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on tokens (dim 0) and head_dim (dim 2)")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError(f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of length B + 1 >= 2, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Value checks of cu_seqlens (one device sync)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last, shortest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
+    ).tolist()  # fmt: skip
+    if first != 0 or last != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the token count {total}, got {first} ... {last}")
+    if shortest < 0:
+        raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    check_cu_seqlens: bool = True,
+) -> torch.Tensor:
+    """Attention within each packed sequence, never across sequences; differentiable.
+
+    q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` with ``Hq % Hkv == 0`` (GQA: query head h reads kv head
+    ``h // (Hq // Hkv)``), cu_seqlens int32 ``(B + 1,)`` from 0 to T, ``max_seqlen`` >= the
+    longest sequence. Returns ``(T, Hq, D)``. ``softmax_scale`` defaults to ``1 / sqrt(D)``.
+
+    ``dropout_p`` drops attention probabilities; on the Triton path the mask is Philox keyed on
+    ``dropout_seed`` (drawn from torch's generator when None), head and token indices, and the
+    backward pass regenerates it. The CPU reference draws its mask from torch's RNG instead.
+    ``check_cu_seqlens=False`` skips the value checks of cu_seqlens (they cost one device sync).
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    if check_cu_seqlens:
+        _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    if not use_triton(q, k, v):
+        return reference.varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p
+        )
+    head_dim = q.shape[2]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is larger than the {MAX_HEAD_DIM} the Triton kernel supports")
+    if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
+        raise ValueError(f"the Triton kernel takes at most {MAX_SEQUENCES} sequences per call, got {cu_seqlens.numel() - 1}")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("q, k, v must be contiguous along head_dim (stride 1 in the last dimension)")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if dropout_p > 0.0 and dropout_seed is None:
+        dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
+    if q.shape[0] == 0 or max_seqlen == 0:  # nothing to attend; stay in the autograd graph of q, k, v
+        return q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())
+    return VarlenAttentionFunction.apply(
+        q, k, v, cu_seqlens, max_seqlen, bool(causal), float(scale), float(dropout_p), int(dropout_seed or 0)
     )

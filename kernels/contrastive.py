@@ -1,15 +1,383 @@
-"""In-batch contrastive (InfoNCE) loss."""
+"""In-batch contrastive (InfoNCE) loss over cosine similarities, forward and backward in Triton.
+
+Never holds the ``B x N`` similarity matrix. With ``r_i = 1 / max(||x_i||, eps)`` the logits are
+``s_ij = scale * (a_i . b_j) * ra_i * rb_j``: the raw dot products run on the tensor cores in the
+input dtype with fp32 accumulation (exact products), the norms are applied in fp32 afterwards.
+
+- forward: one program per block of query rows walks all doc tiles with an online
+  log-sum-exp and keeps only ``lse_i`` and the positive logit ``s_ii`` per row.
+- backward, by recomputation, for column chunks of at most ``max(D, MIN_GRAD_CHUNK_COLS)``
+  docs (so the buffer stays ``O(B x D)``): one kernel recomputes ``g_ij = p_ij - [i == j]``
+  for the chunk, two GEMM kernels add ``g @ (rb * b)`` to the fp32 gradient of the normalised
+  queries and ``g.T @ (ra * a)`` to that of the normalised docs, and a row kernel turns those
+  into gradients of the raw inputs (the backward of the L2 normalisation).
+  The GEMM kernels split the fp32 ``g`` into a high and a low 16-bit part (two tensor-core
+  dots) so the gradients keep fp32 accuracy, as the fp32 PyTorch reference has.
+
+``symmetric`` runs the same kernels for ``docs[:B]`` against the queries, adding into the same
+fp32 gradient buffers; ``gather_across_ranks`` all-gathers the batch with gradient first.
+"""
 
 from __future__ import annotations
 
+import torch
+import triton
+import triton.language as tl
+
 from . import reference
 from ._dispatch import use_triton
+from ._l2norm import inverse_row_norms, normalize_backward
+
+BLOCK_M = 64
+BLOCK_N = 64
+BLOCK_K = 64
+MIN_GRAD_CHUNK_COLS = 2048
 
 
-def contrastive_loss(queries, docs, *, scale=20.0, symmetric=False, gather_across_ranks=False):
-    """queries ``(B, D)``, docs ``(N, D)`` -> scalar loss."""
-    if gather_across_ranks:
-        raise NotImplementedError("gather_across_ranks is not written yet")
+@triton.jit
+def _logits_tile(
+    a_ptr, b_ptr, inv_a, inv_b, rows, cols, row_ok, col_ok, dim, stride_a, stride_b, scale,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """scale * cos(a_rows, b_cols) as a (BLOCK_M, BLOCK_N) fp32 tile."""
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < dim
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            dots += tl.dot(a, tl.trans(b), input_precision="ieee")
+        else:
+            dots += tl.dot(a, tl.trans(b))
+    return scale * dots * inv_a[:, None] * inv_b[None, :]
+
+
+@triton.jit
+def _dot_fp32_lhs(g, x, IEEE: tl.constexpr):
+    """g (fp32) @ x with fp32 accuracy: IEEE dot for fp32 x, else g split into two 16-bit parts."""
+    if IEEE:
+        return tl.dot(g, x, input_precision="ieee")
+    high = g.to(x.dtype)
+    low = (g - high.to(tl.float32)).to(x.dtype)
+    return tl.dot(high, x) + tl.dot(low, x)
+
+
+@triton.jit
+def _forward_kernel(
+    a_ptr,  # (M, D) rows: queries
+    b_ptr,  # (N, D) columns: docs, b[i] is the positive of a[i]
+    inv_a_ptr,  # (M,) fp32
+    inv_b_ptr,  # (N,) fp32
+    lse_ptr,  # (M,) fp32
+    positive_ptr,  # (M,) fp32
+    n_rows,
+    n_cols,
+    dim,
+    stride_a,
+    stride_b,
+    scale,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)
+    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    positive = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for col0 in range(0, n_cols, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < n_cols
+        inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
+        logits = _logits_tile(
+            a_ptr, b_ptr, inv_a, inv_b, rows, cols, row_ok, col_ok, dim, stride_a, stride_b, scale, IEEE, BLOCK_M, BLOCK_N, BLOCK_K
+        )
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        positive += tl.sum(tl.where(cols[None, :] == rows[:, None], logits, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+    tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=row_ok)
+    tl.store(positive_ptr + rows, positive, mask=row_ok)
+
+
+@triton.jit
+def _score_grad_kernel(
+    a_ptr, b_ptr, inv_a_ptr, inv_b_ptr, lse_ptr,
+    g_ptr,  # (M, chunk) fp32: g_ij = softmax_ij - [i == j] for the chunk's columns
+    n_rows, col_start, col_end, dim, stride_a, stride_b, stride_g, scale,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_start + local
+    row_ok = rows < n_rows
+    col_ok = cols < col_end
+    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)
+    inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    logits = _logits_tile(
+        a_ptr, b_ptr, inv_a, inv_b, rows, cols, row_ok, col_ok, dim, stride_a, stride_b, scale, IEEE, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    g = tl.exp(logits - lse[:, None]) - (cols[None, :] == rows[:, None]).to(tl.float32)
+    tl.store(g_ptr + rows[:, None] * stride_g + local[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _row_grad_kernel(
+    g_ptr,  # (M, chunk) fp32
+    b_ptr,  # (N, D)
+    inv_b_ptr,  # (N,) fp32
+    coef_ptr,  # () fp32: d loss / d s_ij = coef * g_ij
+    grad_a_hat_ptr,  # (M, D) fp32, accumulated: += coef * scale * g @ (inv_b * b)
+    n_rows, col_start, chunk_cols, dim, stride_g, stride_b, stride_grad, scale,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    d_ok = ds < dim
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, chunk_cols, BLOCK_N):
+        local = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = col_start + local
+        col_ok = local < chunk_cols
+        g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = g * tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        b = tl.load(b_ptr + cols[:, None] * stride_b + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += _dot_fp32_lhs(g, b, IEEE)
+    coef = tl.load(coef_ptr) * scale
+    out = grad_a_hat_ptr + rows[:, None] * stride_grad + ds[None, :]
+    out_ok = row_ok[:, None] & d_ok[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + coef * acc, mask=out_ok)
+
+
+@triton.jit
+def _col_grad_kernel(
+    g_ptr,  # (M, chunk) fp32
+    a_ptr,  # (M, D)
+    inv_a_ptr,  # (M,) fp32
+    coef_ptr,  # () fp32
+    grad_b_hat_ptr,  # (N, D) fp32, accumulated: += coef * scale * g.T @ (inv_a * a)
+    n_rows, col_start, chunk_cols, dim, stride_g, stride_a, stride_grad, scale,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = local < chunk_cols
+    d_ok = ds < dim
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < n_rows
+        g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = g * tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += _dot_fp32_lhs(tl.trans(g), a, IEEE)
+    coef = tl.load(coef_ptr) * scale
+    out = grad_b_hat_ptr + (col_start + local)[:, None] * stride_grad + ds[None, :]
+    out_ok = col_ok[:, None] & d_ok[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + coef * acc, mask=out_ok)
+
+
+def grad_chunk_cols(n_cols: int, dim: int) -> int:
+    """Columns per backward chunk: the ``(B, chunk)`` fp32 buffer stays within ``O(B x D)``."""
+    chunk = triton.cdiv(max(dim, MIN_GRAD_CHUNK_COLS), BLOCK_N) * BLOCK_N
+    return min(chunk, triton.cdiv(n_cols, BLOCK_N) * BLOCK_N)
+
+
+def _direction_forward(rows, cols, inv_rows, inv_cols, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy ``lse_i - s_ii`` ``(M,)`` and ``lse`` ``(M,)`` of one direction."""
+    n_rows, dim = rows.shape
+    lse = torch.empty(n_rows, device=rows.device, dtype=torch.float32)
+    positive = torch.empty_like(lse)
+    _forward_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
+        rows, cols, inv_rows, inv_cols, lse, positive, n_rows, cols.shape[0], dim, rows.stride(0), cols.stride(0),
+        scale, IEEE=rows.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return lse - positive, lse
+
+
+def _direction_backward(rows, cols, inv_rows, inv_cols, lse, coef, scale: float, grad_rows_hat, grad_cols_hat):
+    """Add one direction's gradients w.r.t. the normalised rows and columns to the fp32 buffers.
+
+    ``coef`` () fp32 is d loss / d (per-row cross-entropy), the same for every row.
+    """
+    n_rows, dim = rows.shape
+    n_cols = cols.shape[0]
+    ieee = rows.dtype == torch.float32
+    chunk = grad_chunk_cols(n_cols, dim)
+    g = torch.empty(n_rows, chunk, device=rows.device, dtype=torch.float32)
+    row_blocks, dim_blocks = triton.cdiv(n_rows, BLOCK_M), triton.cdiv(dim, BLOCK_K)
+    for col_start in range(0, n_cols, chunk):
+        col_end = min(col_start + chunk, n_cols)
+        width = col_end - col_start
+        _score_grad_kernel[(row_blocks, triton.cdiv(width, BLOCK_N))](
+            rows, cols, inv_rows, inv_cols, lse, g, n_rows, col_start, col_end, dim, rows.stride(0), cols.stride(0),
+            g.stride(0), scale, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        )  # fmt: skip
+        _row_grad_kernel[(row_blocks, dim_blocks)](
+            g, cols, inv_cols, coef, grad_rows_hat, n_rows, col_start, width, dim, g.stride(0), cols.stride(0),
+            grad_rows_hat.stride(0), scale, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_K,
+        )  # fmt: skip
+        _col_grad_kernel[(triton.cdiv(width, BLOCK_N), dim_blocks)](
+            g, rows, inv_rows, coef, grad_cols_hat, n_rows, col_start, width, dim, g.stride(0), rows.stride(0),
+            grad_cols_hat.stride(0), scale, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_K,
+        )  # fmt: skip
+
+
+class _InfoNCE(torch.autograd.Function):
+    """Mean over rows i of cross-entropy(scale * cos(q_i, d_j) over j, target i); with
+    ``symmetric`` averaged with the same loss of d[:B] against q. Both directions add into the
+    same fp32 gradient buffers, so the gradients are rounded to the input dtype once."""
+
+    @staticmethod
+    def forward(ctx, queries, docs, scale, symmetric):
+        batch = queries.shape[0]
+        inv_q = inverse_row_norms(queries)
+        inv_d = inverse_row_norms(docs)
+        row_losses, lse = _direction_forward(queries, docs, inv_q, inv_d, scale)
+        loss = row_losses.mean()
+        lse_reverse = None
+        if symmetric:
+            reverse_losses, lse_reverse = _direction_forward(docs[:batch], queries, inv_d[:batch], inv_q, scale)
+            loss = 0.5 * (loss + reverse_losses.mean())
+        ctx.save_for_backward(queries, docs, inv_q, inv_d, lse, lse_reverse)
+        ctx.scale = scale
+        ctx.symmetric = symmetric
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, docs, inv_q, inv_d, lse, lse_reverse = ctx.saved_tensors
+        batch, dim = queries.shape
+        coef = (grad_loss.float() / batch).reshape(())
+        if ctx.symmetric:
+            coef = 0.5 * coef
+        grad_q_hat = torch.zeros(batch, dim, device=queries.device, dtype=torch.float32)
+        grad_d_hat = torch.zeros(docs.shape[0], dim, device=queries.device, dtype=torch.float32)
+        _direction_backward(queries, docs, inv_q, inv_d, lse, coef, ctx.scale, grad_q_hat, grad_d_hat)
+        if ctx.symmetric:
+            positives = docs[:batch]
+            _direction_backward(
+                positives, queries, inv_d[:batch], inv_q, lse_reverse, coef, ctx.scale, grad_d_hat[:batch], grad_q_hat
+            )
+        # grad_x_hat is d loss / d normalised x; the normalisation's backward turns it into d loss / d x
+        grad_q = normalize_backward(queries, grad_q_hat, queries.dtype)
+        grad_d = normalize_backward(docs, grad_d_hat, docs.dtype)
+        return grad_q, grad_d, None, None
+
+
+def _loss(queries: torch.Tensor, docs: torch.Tensor, scale: float, symmetric: bool) -> torch.Tensor:
+    """The loss without gathering, on the Triton or the reference path."""
     if use_triton(queries, docs):
-        raise NotImplementedError("Triton contrastive_loss is not written yet")
+        return _InfoNCE.apply(queries.contiguous(), docs.contiguous(), float(scale), symmetric)
     return reference.contrastive_loss(queries, docs, scale=scale, symmetric=symmetric)
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-shaped ``(n, D)`` tensors of all ranks; the backward sums every rank's
+    gradient of the gathered tensor and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank = dist.get_rank()
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _gathered_loss(queries: torch.Tensor, docs: torch.Tensor, scale: float, symmetric: bool) -> torch.Tensor:
+    """This rank's share of the loss over the batch concatenated across ranks.
+
+    All docs are laid out as [this rank's positives, the other ranks' positives, every rank's
+    hard negatives]: cross-entropy does not depend on the column order, so this equals the
+    layout [all positives, all negatives] with targets offset by this rank's query offset, and
+    the first ``B`` columns stay the positives of this rank's queries.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gather_across_ranks=True needs an initialised torch.distributed process group")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    batch, n_docs = queries.shape[0], docs.shape[0]
+    sizes = [torch.zeros(2, dtype=torch.int64, device=queries.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([batch, n_docs], device=queries.device))
+    sizes = [tuple(s.tolist()) for s in sizes]
+    if any(s != (batch, n_docs) for s in sizes):
+        raise ValueError(f"gather_across_ranks needs equal batch sizes on every rank; (queries, docs) per rank: {sizes}")
+    all_queries = _AllGather.apply(queries)  # (R*B, D)
+    all_docs = _AllGather.apply(docs)  # (R*N, D), rank k's rows at k*N
+    ranks = torch.tensor([rank] + [k for k in range(world) if k != rank], device=docs.device)
+    doc_index = torch.arange(world * n_docs, device=docs.device).view(world, n_docs)
+    doc_order = torch.cat([doc_index[ranks, :batch].flatten(), doc_index[:, batch:].flatten()])
+    laid_out_docs = all_docs[doc_order]
+    own_queries = all_queries[rank * batch : (rank + 1) * batch]
+    loss = _loss(own_queries, laid_out_docs, scale, symmetric=False)
+    if symmetric:
+        query_order = torch.arange(world * batch, device=queries.device).view(world, batch)[ranks].flatten()
+        loss = 0.5 * (loss + _loss(laid_out_docs[:batch], all_queries[query_order], scale, symmetric=False))
+    return loss
+
+
+def _check_inputs(queries, docs, scale) -> None:
+    for name, x in (("queries", queries), ("docs", docs)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if queries.shape[1] != docs.shape[1]:
+        raise ValueError(f"queries and docs must have the same width D: {queries.shape[1]} vs {docs.shape[1]}")
+    if queries.shape[1] == 0:
+        raise ValueError("queries and docs must have a width D >= 1")
+    if queries.shape[0] == 0:
+        raise ValueError("need at least one query")
+    if docs.shape[0] < queries.shape[0]:
+        raise ValueError(
+            f"need at least one doc per query: {queries.shape[0]} queries, {docs.shape[0]} docs "
+            "(docs[:B] are the positives)"
+        )
+    if queries.dtype != docs.dtype:
+        raise TypeError(f"queries and docs must share a dtype: {queries.dtype} vs {docs.dtype}")
+    if queries.device != docs.device:
+        raise ValueError(f"queries and docs must be on the same device: {queries.device} vs {docs.device}")
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
+
+
+def contrastive_loss(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    *,
+    scale: float = 20.0,
+    symmetric: bool = False,
+    gather_across_ranks: bool = False,
+) -> torch.Tensor:
+    """In-batch InfoNCE over cosine similarities; scalar fp32 loss.
+
+    queries ``(B, D)``, docs ``(N, D)`` with ``N >= B``: ``docs[i]`` is the positive of
+    ``queries[i]`` and rows ``B..N-1`` are hard negatives of every query. The loss is the mean
+    cross-entropy of ``scale * cos(q_i, d_j)`` over all ``j`` with target ``i``; ``symmetric``
+    averages it with the positives-to-queries direction (``scale * cos(d_i, q_j)``, ``j < B``).
+    ``gather_across_ranks`` contrasts against the queries and docs of every torch.distributed
+    rank (equal ``B`` and ``N`` per rank); the loss is over this rank's queries, so the
+    DDP-averaged gradient equals that of the loss over the concatenated batch.
+    """
+    _check_inputs(queries, docs, scale)
+    if gather_across_ranks:
+        return _gathered_loss(queries, docs, scale, symmetric)
+    return _loss(queries, docs, scale, symmetric)

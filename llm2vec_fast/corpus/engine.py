@@ -1,0 +1,177 @@
+"""The small interface the corpus job needs from an encoder, and its two implementations.
+
+The job only ever calls ``tokenize``, ``embed`` and ``describe``, so it can be tested with
+:class:`HashEngine` (deterministic, no model, instant) and run with :class:`LLM2VecEngine`
+(the real encoder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+Text = str | tuple[str, str]  # a text, or an (instruction, text) pair
+
+
+@dataclass
+class Item:
+    """One tokenized text: the ids the model sees and which of them are pooled."""
+
+    input_ids: list[int]
+    pool_mask: list[bool]
+    truncated: bool = False
+
+
+class Engine(Protocol):
+    def tokenize(self, texts: list[Text]) -> list[Item]: ...
+
+    def embed(self, items: list[Item]) -> np.ndarray:
+        """(n, dim) float32 embeddings of ``items``, in their order."""
+        ...
+
+    def describe(self) -> dict:
+        """What decides the numbers: model, adapters (with file hashes), pooling, max_length,
+        dtype, normalize, dim. Two runs with equal descriptions give the same embeddings."""
+        ...
+
+
+FAKE_PREFIX = "fake:"
+
+
+class HashEngine:
+    """A deterministic stand-in for a model, for tests and dry runs (``--model fake:dim=16``).
+
+    Tokens are the UTF-8 bytes of the text (the instruction's bytes are not pooled); an embedding
+    is a pseudo-random vector seeded by a hash of the pooled ids, so equal texts get equal
+    embeddings in any batch. ``delay`` seconds per ``embed`` call simulate compute.
+    """
+
+    def __init__(self, dim: int = 16, max_length: int = 512, normalize: bool = False, delay: float = 0.0):
+        if dim < 1 or max_length < 1:
+            raise ValueError(f"HashEngine needs dim >= 1 and max_length >= 1, got dim={dim}, max_length={max_length}")
+        self.dim = dim
+        self.max_length = max_length
+        self.normalize = normalize
+        self.delay = delay
+
+    @classmethod
+    def from_spec(cls, spec: str, max_length: int = 512, normalize: bool = False) -> "HashEngine":
+        """``fake:`` or ``fake:dim=16,delay=0.01``."""
+        options: dict[str, float] = {}
+        body = spec[len(FAKE_PREFIX):]
+        for part in filter(None, body.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("dim", "delay"):
+                raise ValueError(f"bad fake model spec {spec!r}: expected fake:dim=N,delay=SECONDS")
+            options[key] = float(value)
+        return cls(int(options.get("dim", 16)), max_length, normalize, options.get("delay", 0.0))
+
+    def tokenize(self, texts: list[Text]) -> list[Item]:
+        items = []
+        for text in texts:
+            instruction, body = text if isinstance(text, tuple) else ("", text)
+            prefix = list(instruction.encode("utf-8"))
+            ids = (prefix + list(body.encode("utf-8")))[: self.max_length]
+            items.append(Item(ids, [i >= len(prefix) for i in range(len(ids))], len(prefix) + len(body.encode("utf-8")) > self.max_length))
+        return items
+
+    def embed(self, items: list[Item]) -> np.ndarray:
+        if self.delay:
+            time.sleep(self.delay)
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        for row, item in enumerate(items):
+            pooled = bytes(i % 256 for i, keep in zip(item.input_ids, item.pool_mask) if keep)
+            seed = int.from_bytes(hashlib.blake2b(pooled, digest_size=8).digest(), "little")
+            out[row] = np.random.default_rng(seed).standard_normal(self.dim, dtype=np.float32)
+        if self.normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def describe(self) -> dict:
+        return {"model": "fake", "adapters": [], "pooling": "hash", "max_length": self.max_length,
+                "dtype": "float32", "normalize": self.normalize, "dim": self.dim}
+
+
+def sha256_of_path(path: str | Path) -> str:
+    """sha256 over a file, or over the sorted files of a folder (relative names included)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LLM2VecEngine:
+    """The real engine: ``llm2vec_fast.LLM2Vec`` behind the job's interface."""
+
+    model_path: str
+    adapters: Sequence[str] = ()
+    pooling: str = "mean"
+    max_length: int = 512
+    device: str | None = None
+    dtype: str | None = None
+    max_batch_tokens: int = 16384
+    normalize: bool = False
+    model: object = field(init=False, repr=False)
+    _description: dict | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from llm2vec_fast.encoder import LLM2Vec
+
+        if self.device in (None, "cuda") and torch.cuda.is_available():
+            self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # torchrun: one GPU per process
+        self.model = LLM2Vec.from_pretrained(
+            self.model_path,
+            adapters=list(self.adapters),
+            pooling_mode=self.pooling,
+            max_length=self.max_length,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+
+    def tokenize(self, texts: list[Text]) -> list[Item]:
+        return self.model.tokenize(texts)  # TokenizedText: input_ids, pool_mask, truncated
+
+    def embed(self, items: list[Item]) -> np.ndarray:
+        return self.model.embed_tokenized(items, normalize=self.normalize).numpy()  # (n, dim) fp32
+
+    def describe(self) -> dict:
+        """Computed once: it hashes the model and adapter files."""
+        if self._description is None:
+            description = dict(self.model.describe())
+            description["adapters"] = [{"path": str(a), "sha256": sha256_of_path(a)} for a in self.adapters]
+            description["pooling"] = description.get("pooling_mode", self.pooling)
+            description["normalize"] = self.normalize
+            self._description = description
+        return dict(self._description)
+
+
+def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str = "mean", max_length: int = 512,
+                device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
+                normalize: bool = False) -> Engine:
+    """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model."""
+    if model is not None and str(model).startswith(FAKE_PREFIX):
+        if adapters:
+            raise ValueError("the fake model takes no adapters")
+        return HashEngine.from_spec(str(model), max_length=max_length, normalize=normalize)
+    if model is None:
+        from llm2vec_fast.default_model import default_model_path
+
+        model = str(default_model_path())
+    return LLM2VecEngine(str(model), tuple(str(a) for a in adapters), pooling, max_length, device, dtype,
+                         max_batch_tokens, normalize)

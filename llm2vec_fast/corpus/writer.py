@@ -1,0 +1,108 @@
+"""Writes one finished shard (Parquet + its error records) and records it in the manifest.
+
+Order, so that a kill at any point loses at most this shard: errors file and Parquet file are
+each written to a temporary name, fsynced and renamed; only then is the manifest rewritten
+(atomically) to list the shard. A shard whose files exist but that no manifest lists is simply
+written again on resume, with the same content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llm2vec_fast.corpus.manifest import (SHARDS_DIR, atomic_write_bytes, atomic_write_json, crash_point, fsync_dir,
+                                          temporary_name, with_shards)
+
+ROW_GROUP_ROWS = 4096
+
+
+@dataclass
+class ShardResult:
+    index: int
+    start: int  # first global row of the shard
+    stop: int  # one past its last row
+    ids: list[str]
+    embeddings: np.ndarray  # (len(ids), dim) float32
+    errors: list[dict]
+    truncated: int
+    tokens: int
+
+
+def shard_file(index: int) -> str:
+    return f"{SHARDS_DIR}/shard-{index:06d}.parquet"
+
+
+def errors_file(index: int) -> str:
+    return f"{SHARDS_DIR}/shard-{index:06d}.errors.jsonl"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_parquet(path: Path, ids: list[str], embeddings: np.ndarray, dtype: str) -> None:
+    """``id`` string and ``embedding`` fixed_size_list<dtype>[dim], fsynced at a temporary name
+    and renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = embeddings.shape[1]
+    values = pa.array(np.ascontiguousarray(embeddings, dtype=dtype).reshape(-1))
+    table = pa.table({"id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(values, dim)})
+    tmp = temporary_name(path)
+    with open(tmp, "wb") as sink:
+        with pq.ParquetWriter(sink, table.schema) as writer:
+            for start in range(0, max(table.num_rows, 1), ROW_GROUP_ROWS):
+                writer.write_table(table.slice(start, ROW_GROUP_ROWS))
+                crash_point("mid-write")
+        sink.flush()
+        os.fsync(sink.fileno())
+    crash_point("before-rename")
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass
+class ShardWriter:
+    """Writes shards of one process and keeps its manifest (``manifest.json`` when it is the
+    only process, its rank's part otherwise) listing every shard known to be done."""
+
+    folder: Path
+    manifest_path: Path
+    header: dict
+    output_dtype: str
+    shards: dict[int, dict] = field(default_factory=dict)
+
+    def write(self, shard: ShardResult) -> dict:
+        crash_point("before-write")
+        shards_dir = self.folder / SHARDS_DIR
+        shards_dir.mkdir(exist_ok=True)
+        errors_path = self.folder / errors_file(shard.index)
+        lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in shard.errors).encode()
+        atomic_write_bytes(errors_path, lines)
+        parquet_path = self.folder / shard_file(shard.index)
+        write_parquet(parquet_path, shard.ids, shard.embeddings, self.output_dtype)
+        entry = {
+            "index": shard.index, "rows": [shard.start, shard.stop], "file": shard_file(shard.index),
+            "bytes": parquet_path.stat().st_size, "sha256": _sha256(parquet_path),
+            "errors_file": errors_file(shard.index), "errors_sha256": hashlib.sha256(lines).hexdigest(),
+            "embedded": len(shard.ids), "errors": len(shard.errors), "truncated": shard.truncated,
+            "tokens": shard.tokens,
+        }
+        crash_point("before-manifest")
+        self.shards[shard.index] = entry
+        self.save()
+        return entry
+
+    def save(self, **changes) -> None:
+        atomic_write_json(self.manifest_path, with_shards(self.header, self.shards, **changes))

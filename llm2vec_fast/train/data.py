@@ -1,0 +1,241 @@
+"""Training data from local files: reading, validation, tokenization, and a resumable batch order.
+
+- MNTP and SimCSE read plain text, one text per line (``wiki1m_for_simcse.txt``, WikiText raw).
+- Supervised training reads JSONL records ``{"query", "positive", "negative", "instruction"}``
+  from a file or from every ``*.jsonl`` file of a folder (the layout of llm2vec's E5 data).
+
+Bad data never disappears silently: an unreadable file, invalid JSON or a record missing a
+field raises with the file and line; empty lines are skipped and counted; texts longer than
+``max_seq_length`` are truncated (as llm2vec does) and counted. ``DataReport`` carries the counts
+that the training log prints.
+
+The batch order depends only on the seed and the position in the run: epoch ``e`` visits the
+examples in ``randperm(N)`` drawn from ``seed + e``, so a resumed or a distributed run sees the
+same batches as an uninterrupted single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPERVISED_FIELDS = ("query", "positive", "negative")
+
+
+@dataclass
+class DataReport:
+    """What reading and tokenizing the data skipped or changed, for the log."""
+
+    path: Path
+    records: int = 0
+    empty_lines: int = 0
+    truncated_texts: int = 0
+    dropped_tail_examples: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.records} record(s) from {self.path}", f"{self.empty_lines} empty line(s) skipped",
+                 f"{self.truncated_texts} text(s) truncated to max_seq_length"]
+        if self.dropped_tail_examples:
+            parts.append(f"{self.dropped_tail_examples} example(s) past the last full batch of each epoch unused")
+        return "; ".join(parts + self.notes)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized text: its ids and which of them are pooled (the instruction is not)."""
+
+    input_ids: list[int]
+    pool_mask: list[bool]
+
+
+def _data_files(path: Path, suffix: str | None) -> list[Path]:
+    if not path.exists():
+        raise FileNotFoundError(f"training data not found: {path} (dataset_file_path in the config)")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and (suffix is None or p.suffix == suffix))
+    if not files:
+        raise FileNotFoundError(f"no {suffix or ''} files in the data folder {path}")
+    return files
+
+
+def _lines(path: Path):
+    """``(line number, text without the newline)``; undecodable bytes raise with the line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid UTF-8 ({error})") from error
+
+
+def read_text_lines(path: str | Path) -> tuple[list[str], DataReport]:
+    """Non-empty lines of a text file (or of every file in a folder); empty lines are counted."""
+    path = Path(path)
+    report = DataReport(path)
+    texts = []
+    for file in _data_files(path, None):
+        for _, line in _lines(file):
+            if not line.strip():
+                report.empty_lines += 1
+                continue
+            texts.append(line)
+    report.records = len(texts)
+    if not texts:
+        raise ValueError(f"{path}: no text (every line is empty)")
+    return texts, report
+
+
+def read_supervised_records(path: str | Path) -> tuple[list[dict[str, str]], DataReport]:
+    """Records ``{query, positive, negative, instruction}`` from a JSONL file or folder of them."""
+    path = Path(path)
+    report = DataReport(path)
+    records = []
+    for file in _data_files(path, ".jsonl"):
+        for number, line in _lines(file):
+            if not line.strip():
+                report.empty_lines += 1
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}:{number}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{file}:{number}: a record must be a JSON object, got {type(record).__name__}")
+            missing = [name for name in SUPERVISED_FIELDS if name not in record]
+            if missing:
+                raise ValueError(f"{file}:{number}: record lacks field(s) {', '.join(missing)} (needs {', '.join(SUPERVISED_FIELDS)}, optional instruction)")
+            for name in (*SUPERVISED_FIELDS, "instruction"):
+                value = record.get(name, "")
+                if not isinstance(value, str):
+                    raise ValueError(f"{file}:{number}: field {name} must be a string, got {type(value).__name__}")
+            for name in SUPERVISED_FIELDS:
+                if not record[name].strip():
+                    raise ValueError(f"{file}:{number}: field {name} is empty")
+            records.append({name: record.get(name, "") for name in (*SUPERVISED_FIELDS, "instruction")})
+    report.records = len(records)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records, report
+
+
+def encode_texts(
+    tokenizer: Any, pairs: list[tuple[str, str]], max_length: int, report: DataReport | None = None
+) -> list[Encoded]:
+    """Tokenize ``(instruction, text)`` pairs the way llm2vec's trainers do.
+
+    The model sees ``instruction + " " + text`` (just ``text`` without instruction), with the
+    tokenizer's special tokens, truncated to ``max_length``; the pooled tokens are the last ``n``,
+    ``n`` being the token count of the text alone, so the instruction is never pooled.
+    """
+    full = [f"{instruction.strip()} {text}" if instruction else text for instruction, text in pairs]
+    ids = tokenizer(full, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    text_ids = tokenizer([text for _, text in pairs], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    encoded = []
+    for seq, alone in zip(ids, text_ids):
+        if len(seq) > max_length:
+            if report is not None:
+                report.truncated_texts += 1
+            seq = seq[:max_length]
+        pooled = min(len(alone), len(seq))
+        encoded.append(Encoded(list(seq), [False] * (len(seq) - pooled) + [True] * pooled))
+    return encoded
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    return {int(i) for i in tokenizer.all_special_ids}
+
+
+def mntp_chunks(
+    tokenizer: Any, texts: list[str], max_length: int, line_by_line: bool, report: DataReport
+) -> list[list[int]]:
+    """Token blocks for MNTP, as transformers' ``run_mlm`` (which llm2vec's ``run_mntp`` adapts) builds them.
+
+    ``line_by_line=False``: all lines tokenized (with special tokens), concatenated and cut into
+    blocks of ``max_length`` tokens; the last, shorter block is kept. ``True``: one block per
+    line, truncated to ``max_length`` (counted in the report).
+    """
+    ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    if line_by_line:
+        blocks = []
+        for seq in ids:
+            if len(seq) > max_length:
+                report.truncated_texts += 1
+            blocks.append(list(seq[:max_length]))
+        return blocks
+    stream = [token for seq in ids for token in seq]
+    return [stream[start : start + max_length] for start in range(0, len(stream), max_length)]
+
+
+class BatchOrder:
+    """Which examples micro-batch ``m`` of the run holds, on this rank.
+
+    A micro-batch is ``per_device * world`` examples of the epoch's permutation; rank ``r``
+    takes the ``r``-th slice of ``per_device``. Examples past the last full micro-batch of an
+    epoch are unused in that epoch (another permutation uses them in the next).
+    """
+
+    def __init__(self, num_examples: int, per_device: int, world: int, seed: int) -> None:
+        self.num_examples = num_examples
+        self.per_device = per_device
+        self.world = world
+        self.seed = seed
+        self.global_batch = per_device * world
+        self.batches_per_epoch = num_examples // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the data has {num_examples} example(s), fewer than one batch of {self.global_batch} "
+                f"(per_device_train_batch_size={per_device} x {world} process(es))"
+            )
+        self._epoch = -1
+        self._permutation = torch.empty(0, dtype=torch.long)
+
+    @property
+    def unused_per_epoch(self) -> int:
+        return self.num_examples - self.batches_per_epoch * self.global_batch
+
+    def epoch_of(self, micro_batch: int) -> int:
+        return micro_batch // self.batches_per_epoch
+
+    def indices(self, micro_batch: int, rank: int) -> list[int]:
+        epoch = self.epoch_of(micro_batch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._permutation = torch.randperm(self.num_examples, generator=generator)
+            self._epoch = epoch
+        start = (micro_batch % self.batches_per_epoch) * self.global_batch + rank * self.per_device
+        return self._permutation[start : start + self.per_device].tolist()
+
+
+def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator private to one example in one epoch: its random masking never depends on
+    which rank or batch it lands in, nor on what ran before."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Sequences packed as the runtime takes them."""
+
+    input_ids: torch.Tensor  # (T,)
+    cu_seqlens: torch.Tensor  # (B + 1,) int32
+    position_ids: torch.Tensor  # (T,)
+    max_seqlen: int
+
+
+def pack_sequences(sequences: list[list[int]], device: torch.device) -> PackedBatch:
+    """Concatenate token lists into one packed batch (no padding) on ``device``."""
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
+    cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    position_ids = torch.arange(int(lengths.sum())) - starts  # (T,) restarting at 0
+    input_ids = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
+    return PackedBatch(
+        input_ids.to(device), cu_seqlens.to(device), position_ids.to(device), max(lengths.tolist(), default=0)
+    )

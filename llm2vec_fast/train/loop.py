@@ -1,0 +1,321 @@
+"""The training loop shared by MNTP, SimCSE and supervised training: LoRA, AdamW, a warmup
+schedule, gradient accumulation, data parallelism, atomic checkpoints and exact resumption.
+
+A checkpoint (``output_dir/checkpoint-N``) holds the adapter in peft's format plus
+``training_state.pt`` (optimizer, scheduler, RNG states, step). It is written to a temporary
+folder and renamed into place, so a run killed at any moment (SIGKILL included) leaves only
+complete checkpoints; ``resume=True`` continues from the newest one with the same data order
+and RNG stream, so the loss curve is the one of an uninterrupted run.
+
+``output_dir/train_log.jsonl`` gets one line per optimizer step: step, loss, learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..loading import load_model
+from . import distributed
+from .config import TrainConfig, config_from_dict, load_config
+from .data import BatchOrder
+from .lora import add_lora, load_lora_state_dict, save_adapter, write_atomically
+from .mntp import MNTPObjective
+from .simcse import SimCSEObjective
+from .supervised import SupervisedObjective
+
+logger = logging.getLogger("llm2vec_fast.train")
+
+OBJECTIVES = {"mntp": MNTPObjective, "simcse": SimCSEObjective, "supervised": SupervisedObjective}
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.jsonl"
+LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # the steps run by this call
+
+
+def run(
+    objective: str,
+    config: TrainConfig | dict | str | Path,
+    *,
+    resume: bool = False,
+    step_callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train one stage (``mntp``, ``simcse`` or ``supervised``) from a config file, dict or object.
+
+    ``step_callback(step, loss)`` runs after every optimizer step (progress bars, tests).
+    Under ``torchrun`` every process calls this; rank 0 writes the files.
+    """
+    if isinstance(config, (str, Path)):
+        config = load_config(objective, config)
+    elif isinstance(config, dict):
+        config = config_from_dict(objective, config)
+    elif config.objective != objective:
+        raise ValueError(f"the config is for {config.objective!r}, not {objective!r}")
+    context = distributed.setup()
+    try:
+        return Trainer(config, context).train(resume=resume, step_callback=step_callback)
+    finally:
+        distributed.teardown(context)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16/fp16 only on a GPU; a CPU always trains in fp32 (its bf16 matmuls are slow)."""
+    if device.type != "cuda":
+        if name not in ("auto", "float32"):
+            logger.info("torch_dtype=%s applies on a GPU; training on the CPU in float32", name)
+        return torch.float32
+    return {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def lr_lambda(kind: str, warmup: int, horizon: int) -> Callable[[int], float]:
+    """transformers' schedules: linear warmup, then linear / cosine decay to 0 at ``horizon``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, horizon - warmup)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, context: distributed.DistContext) -> None:
+        self.config = config
+        self.context = context
+        self.output_dir = Path(config.output_dir)
+        self.dtype = resolve_dtype(config.torch_dtype, context.device)
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        config = self.config
+        torch.manual_seed(config.seed)
+        adapters = [config.peft_model_name_or_path] if config.peft_model_name_or_path else []
+        self.model, self.tokenizer = load_model(
+            config.model_name_or_path, adapters=adapters, dtype=self.dtype, device=self.context.device
+        )
+        add_lora(self.model, r=config.lora_r, alpha=float(config.lora_alpha), dropout=config.lora_dropout)
+        if config.gradient_checkpointing:
+            self.model.set_gradient_checkpointing(True)
+        self.model.train()
+        self.objective = OBJECTIVES[config.objective](config, self.tokenizer, self.model, self.context)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.broadcast_parameters(self.params, self.context)
+        self.order = BatchOrder(len(self.objective), config.per_device_train_batch_size, self.context.world, config.seed)
+        self.objective.data_report.dropped_tail_examples = self.order.unused_per_epoch
+        steps_per_epoch = max(1, self.order.batches_per_epoch // config.gradient_accumulation_steps)
+        self.horizon = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+        self.total_steps = min(self.horizon, config.stop_after_n_steps or self.horizon)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.weight_decay,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.lr_scheduler_type, config.warmup_steps, self.horizon)
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, *, resume: bool, step_callback: Callable[[int, float], None] | None) -> TrainResult:
+        config = self.config
+        if self.context.is_main:
+            self._check_output_dir(resume)
+        distributed.barrier(self.context)
+        self._build()
+        self._log_start()
+        step = self._restore() if resume else 0
+        if self.context.is_main:
+            self._truncate_log(step)
+        result = TrainResult(self.output_dir, step)
+        accumulation = config.gradient_accumulation_steps
+        while step < self.total_steps:
+            started = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=self.context.device)
+            for micro in range(accumulation):
+                micro_batch = step * accumulation + micro
+                indices = self.order.indices(micro_batch, self.context.rank)
+                loss = self.objective.loss(self.model, indices, self.order.epoch_of(micro_batch)) / accumulation
+                loss.backward()
+                step_loss += loss.detach()
+            distributed.average_gradients(self.params, self.context)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            step += 1
+            loss_value = float(distributed.all_reduce_mean(step_loss, self.context))
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower learning_rate or check the data")
+            result.losses.append(loss_value)
+            if self.context.is_main:
+                self._append_log({"step": step, "loss": loss_value, "lr": lr, "seconds": time.perf_counter() - started})
+                if step % config.logging_steps == 0 or step == 1:
+                    logger.info("step %d/%d loss %.4f lr %.3g", step, self.total_steps, loss_value, lr)
+            if step % config.save_steps == 0 and step < self.total_steps:
+                self._save_checkpoint(step)
+            if step_callback is not None:
+                step_callback(step, loss_value)
+        self._save_checkpoint(step)
+        if self.context.is_main:
+            self._save_final()
+        distributed.barrier(self.context)
+        result.steps = step
+        return result
+
+    # ------------------------------------------------------------------ files
+
+    def _check_output_dir(self, resume: bool) -> None:
+        if not resume and self.output_dir.is_dir() and any(_checkpoints(self.output_dir)):
+            raise FileExistsError(
+                f"{self.output_dir} already holds checkpoints; pass --resume (resume=True) to continue that run, "
+                "or choose another output_dir"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _log_start(self) -> None:
+        if not self.context.is_main:
+            return
+        config = self.config
+        logger.info("data: %s", self.objective.data_report.summary())
+        logger.info(
+            "%s on %s (%s, %d process(es)): %d step(s) of %d x %d x %d example(s), lr %g, LoRA r=%d alpha=%g",
+            config.objective, config.model_name_or_path, str(self.dtype).removeprefix("torch."), self.context.world,
+            self.total_steps, config.per_device_train_batch_size, self.context.world,
+            config.gradient_accumulation_steps, config.learning_rate, config.lora_r, config.lora_alpha,
+        )  # fmt: skip
+
+    def _base_path(self) -> str:
+        return str(Path(self.config.model_name_or_path).expanduser().resolve())
+
+    def _save_checkpoint(self, step: int) -> None:
+        """Write ``checkpoint-<step>`` atomically (temporary folder renamed into place)."""
+        if not self.context.is_main:
+            distributed.barrier(self.context)
+            return
+        state = {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world": self.context.world,
+        }
+        tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"))
+        save_adapter(self.model, tmp, self._base_path())
+        torch.save(state, tmp / STATE_FILE)
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        target = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        if target.exists():
+            stale = target.with_name(f".{target.name}.stale")
+            os.replace(target, stale)
+            os.replace(tmp, target)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(self.output_dir)
+        distributed.barrier(self.context)
+
+    def _restore(self) -> int:
+        """Load the newest complete checkpoint; returns its step (0 when there is none)."""
+        checkpoints = _checkpoints(self.output_dir)
+        if not checkpoints:
+            logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
+            return 0
+        step, folder = checkpoints[-1]
+        from safetensors.torch import load_file
+
+        load_lora_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["world"] != self.context.world:
+            raise ValueError(
+                f"{folder} was written by {state['world']} process(es); resume with the same number (now {self.context.world})"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["cpu_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.context.is_main:
+            logger.info("resumed from %s (step %d)", folder, step)
+        return int(state["step"])
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        with open(self.output_dir / LOG_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _truncate_log(self, step: int) -> None:
+        """Keep the log lines up to ``step``: the steps after it are run again."""
+        path = self.output_dir / LOG_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and _complete_step(line, step)]
+        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+    def _save_final(self) -> None:
+        """The trained adapter in ``output_dir``, with the tokenizer and encoder settings beside it."""
+        save_adapter(self.model, self.output_dir, self._base_path())
+        self.tokenizer.save_pretrained(str(self.output_dir))
+        settings = {
+            "pooling_mode": self.config.pooling_mode,
+            "max_length": self.config.max_seq_length,
+            "bidirectional": self.config.bidirectional,
+            "objective": self.config.objective,
+            "steps": self.total_steps,
+        }
+        write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+        write_atomically(self.output_dir / "train_config.json", lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+        logger.info("saved the adapter to %s", self.output_dir)
+
+
+def _complete_step(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] <= step
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False  # a line cut by a kill
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are not)."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,121 @@
+"""Masked next-token prediction (MNTP), LLM2Vec's first training stage.
+
+Tokens of packed blocks are masked as BERT's masked-LM does (never special tokens); the model
+runs bidirectionally, and each masked token ``i`` is predicted from the hidden state at ``i - 1``
+of the same sequence (a masked first token has no predecessor and is not predicted). Only those
+rows reach ``mntp_loss``, so the full ``T x vocab`` logits never exist.
+
+Masking modes (llm2vec's ``data_collator_type``): ``default`` replaces 80% of the masked tokens
+by the mask token, 10% by a random token and keeps 10%; ``all_mask`` replaces all of them.
+The mask token (``mask_token_type``) is ``_`` (``blank``), the EOS token (``eos``) or the
+tokenizer's own mask token (``mask``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..model import DecoderModel
+from .config import TrainConfig
+from .data import DataReport, example_generator, mntp_chunks, pack_sequences, read_text_lines, special_token_ids
+from .distributed import DistContext, all_reduce_sum
+
+IGNORE_INDEX = -100
+
+
+def mask_token_id(tokenizer: Any, mask_token_type: str) -> int:
+    """The id that replaces masked tokens, or a clear error when the tokenizer lacks it."""
+    if mask_token_type == "eos":
+        token_id = tokenizer.eos_token_id
+        if token_id is None:
+            raise ValueError("mask_token_type='eos' but the tokenizer has no EOS token")
+        return int(token_id)
+    if mask_token_type == "mask":
+        if tokenizer.mask_token_id is None:
+            raise ValueError("mask_token_type='mask' but the tokenizer has no mask token; use 'blank' or 'eos'")
+        return int(tokenizer.mask_token_id)
+    token_id = tokenizer.convert_tokens_to_ids("_")
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        ids = tokenizer("_", add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise ValueError("mask_token_type='blank' needs '_' as one token of the vocabulary; use 'eos' instead")
+        token_id = ids[0]
+    return int(token_id)
+
+
+def mask_block(
+    ids: list[int],
+    special: set[int],
+    probability: float,
+    all_mask: bool,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> tuple[list[int], list[int]]:
+    """``(inputs, labels)`` of one block: labels hold the original id where masked, else -100."""
+    original = torch.tensor(ids, dtype=torch.long)  # (L,)
+    maskable = torch.tensor([token not in special for token in ids], dtype=torch.bool)
+    masked = (torch.rand(len(ids), generator=generator) < probability) & maskable
+    labels = torch.where(masked, original, torch.full_like(original, IGNORE_INDEX))
+    inputs = original.clone()
+    if all_mask:
+        inputs[masked] = mask_id
+    else:
+        draw = torch.rand(len(ids), generator=generator)
+        random_ids = torch.randint(vocab_size, (len(ids),), generator=generator)
+        inputs = torch.where(masked & (draw < 0.8), torch.full_like(inputs, mask_id), inputs)
+        inputs = torch.where(masked & (draw >= 0.8) & (draw < 0.9), random_ids, inputs)
+    return inputs.tolist(), labels.tolist()
+
+
+def predecessor_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``i - 1`` whose hidden state predicts masked token ``i``, and those tokens' labels.
+
+    A masked token at the start of a sequence is dropped: its predecessor is another sequence.
+    """
+    starts = torch.zeros_like(labels, dtype=torch.bool)
+    starts[cu_seqlens[:-1].long().clamp_max(max(labels.numel() - 1, 0))] = True
+    targets = torch.nonzero((labels != IGNORE_INDEX) & ~starts).squeeze(1)  # (N,)
+    return targets - 1, labels[targets]
+
+
+class MNTPObjective:
+    def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
+        texts, self.report = read_text_lines(config.data_path)
+        self.blocks = mntp_chunks(tokenizer, texts, config.max_seq_length, config.line_by_line, self.report)
+        self.special = special_token_ids(tokenizer)
+        self.mask_id = mask_token_id(tokenizer, config.mask_token_type)
+        self.vocab_size = min(len(tokenizer), model.config.vocab_size)
+        self.config = config
+        self.context = context
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def loss(self, model: DecoderModel, indices: list[int], epoch: int) -> torch.Tensor:
+        """This rank's share: the sum of its token losses / the masked count of all ranks x world,
+        so that the mean over ranks is the mean loss over every masked token of the batch."""
+        inputs, labels = [], []
+        for index in indices:
+            masked, target = mask_block(
+                self.blocks[index], self.special, self.config.mlm_probability,
+                self.config.data_collator_type == "all_mask", self.mask_id, self.vocab_size,
+                example_generator(self.config.seed, epoch, index),
+            )  # fmt: skip
+            inputs.append(masked)
+            labels.append(target)
+        batch = pack_sequences(inputs, self.context.device)
+        flat_labels = torch.tensor([t for seq in labels for t in seq], dtype=torch.long, device=batch.input_ids.device)
+        rows, targets = predecessor_rows(flat_labels, batch.cu_seqlens)
+        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids)  # (T, hidden)
+        local = torch.tensor(float(targets.numel()), device=hidden.device)
+        total = all_reduce_sum(local, self.context)
+        mean = kernels.mntp_loss(hidden[rows], model.lm_head_weight, targets)
+        return mean * local * self.context.world / total.clamp_min(1.0)
+
+    @property
+    def data_report(self) -> DataReport:
+        return self.report

@@ -1,0 +1,49 @@
+"""Supervised contrastive training on (query, positive, hard negative) records.
+
+The instruction goes on queries only and is not pooled. Queries, positives and negatives of a
+batch run through ONE packed forward pass; each query is contrasted with every positive and
+every hard negative of the batch, gathered across ranks under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..model import DecoderModel
+from .config import TrainConfig
+from .data import DataReport, encode_texts, pack_sequences, read_supervised_records
+from .distributed import DistContext
+
+
+class SupervisedObjective:
+    def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
+        records, self.report = read_supervised_records(config.data_path)
+        limit = config.max_seq_length
+        self.queries = encode_texts(tokenizer, [(r["instruction"], r["query"]) for r in records], limit, self.report)
+        self.positives = encode_texts(tokenizer, [("", r["positive"]) for r in records], limit, self.report)
+        self.negatives = encode_texts(tokenizer, [("", r["negative"]) for r in records], limit, self.report)
+        model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
+        self.config = config
+        self.context = context
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def loss(self, model: DecoderModel, indices: list[int], epoch: int) -> torch.Tensor:
+        items = [self.queries[i] for i in indices] + [self.positives[i] for i in indices] + [self.negatives[i] for i in indices]
+        batch = pack_sequences([item.input_ids for item in items], self.context.device)
+        pool_mask = torch.tensor([m for item in items for m in item.pool_mask], device=batch.input_ids.device)
+        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids,
+                       causal=not self.config.bidirectional)  # (T, hidden)  # fmt: skip
+        pooled = kernels.masked_pool(hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask).float()  # (3B, hidden)
+        size = len(indices)
+        return kernels.contrastive_loss(
+            pooled[:size], pooled[size:], scale=float(self.config.loss_scale), gather_across_ranks=self.context.distributed
+        )
+
+    @property
+    def data_report(self) -> DataReport:
+        return self.report

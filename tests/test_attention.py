@@ -1,0 +1,415 @@
+"""varlen_attention: the Triton kernels against the PyTorch reference, forward and backward.
+
+On a CPU the Triton path runs under the interpreter (conftest sets TRITON_INTERPRET=1) in fp32 and
+fp16; `gpu` tests repeat the cases in fp16 and bf16 on CUDA, plus large shapes.
+
+Tolerance (DESIGN.md): the kernel's max error against a float64 reference must be at most 2x
+(output) / 3x (gradients) the max error of the reference computed by PyTorch in the input dtype,
+plus an atol of one epsilon of the input dtype: outputs and gradients are O(1), so that is one
+unit in the last place, the rounding of the final store that PyTorch's result may happen to dodge.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import attention, reference
+from llm2vec_fast.kernels.attention import dropout_keep_mask, varlen_attention
+
+# Interpreter blocks: 64 queries x 32 keys (32 x 64 in the dK/dV kernel). One packed batch hits
+# empty sequences, a single token, both block sizes -1/+1 and a multi-block sequence.
+CPU_LENGTHS = [0, 1, 31, 33, 0, 63, 65, 113]
+# GPU blocks are 16 to 128 wide.
+GPU_LENGTHS = [0, 1, 31, 33, 63, 65, 127, 129, 113, 0, 1023, 257]
+GQA = [
+    pytest.param(2, 2, id="Hq2-Hkv2"),
+    pytest.param(3, 1, id="Hq3-Hkv1"),
+    pytest.param(4, 1, id="Hq4-Hkv1"),
+]
+GRAD_NAMES = ("out", "dq", "dk", "dv")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton path and fill every kernel output with NaN before the kernel runs."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+
+    def nan_empty(shape, *, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention, "_empty", nan_empty)
+
+
+def cu_seqlens_of(lengths: list[int], device: str) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
+    """Random q, k, v and an upstream gradient dO, on ``device`` in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    shapes = [(total, num_q_heads, head_dim), (total, num_kv_heads, head_dim), (total, num_kv_heads, head_dim)]
+    shapes.append(shapes[0])
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for shape in shapes]
+
+
+def forward_backward(fn, q, k, v, grad_out) -> list[torch.Tensor]:
+    """[out, dq, dk, dv] of ``fn(q, k, v)`` for the upstream gradient ``grad_out``."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+
+
+def assert_within_tolerance(ours, exact, torch_in_dtype, dtype, label=""):
+    atol = torch.finfo(dtype).eps
+    for name, mine, truth, theirs in zip(GRAD_NAMES, ours, exact, torch_in_dtype):
+        assert mine.shape == truth.shape and mine.dtype == dtype, name
+        assert torch.isfinite(mine).all(), f"{label} {name}: non-finite values"
+        our_error = (mine.double() - truth.double()).abs().max().item() if mine.numel() else 0.0
+        torch_error = (theirs.double() - truth.double()).abs().max().item() if mine.numel() else 0.0
+        factor = 2.0 if name == "out" else 3.0
+        assert our_error <= factor * torch_error + atol, (
+            f"{label} {name}: error {our_error:.3g} > {factor} x PyTorch's {torch_error:.3g} + {atol:.3g}"
+        )
+
+
+def check_against_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal,
+                            softmax_scale=None, exact_dtype=torch.float64):  # fmt: skip
+    cu_seqlens = cu_seqlens_of(lengths, device)
+    max_seqlen = max(lengths)
+    q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    options = dict(causal=causal, softmax_scale=softmax_scale)
+
+    def ours(q_, k_, v_):
+        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, **options)
+
+    def ref(q_, k_, v_):
+        return reference.varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, **options)
+
+    mine = forward_backward(ours, q, k, v, grad_out)
+    exact = forward_backward(ref, *(x.to(exact_dtype) for x in (q, k, v, grad_out)))
+    in_dtype = forward_backward(ref, q, k, v, grad_out)
+    assert_within_tolerance(mine, exact, in_dtype, dtype, label=f"lengths={lengths}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the Triton kernels under the interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+# Every pair of (dtype, causal, GQA ratio) values appears in one of these six cases.
+@pytest.mark.parametrize(
+    "dtype, causal, num_q_heads, num_kv_heads",
+    [
+        pytest.param(torch.float32, False, 3, 1, id="fp32-bidirectional-Hq3-Hkv1"),
+        pytest.param(torch.float16, True, 3, 1, id="fp16-causal-Hq3-Hkv1"),
+        pytest.param(torch.float32, True, 4, 1, id="fp32-causal-Hq4-Hkv1"),
+        pytest.param(torch.float16, False, 4, 1, id="fp16-bidirectional-Hq4-Hkv1"),
+        pytest.param(torch.float32, False, 2, 2, id="fp32-bidirectional-Hq2-Hkv2"),
+        pytest.param(torch.float16, True, 2, 2, id="fp16-causal-Hq2-Hkv2"),
+    ],
+)
+def test_matches_reference(triton_backend, dtype, causal, num_q_heads, num_kv_heads):
+    check_against_reference(CPU_LENGTHS, num_q_heads, num_kv_heads, 64, dtype, "cpu", causal=causal)
+
+
+@pytest.mark.parametrize(
+    "head_dim, dtype, causal",
+    [
+        pytest.param(80, torch.float16, True, id="D80-fp16-causal"),
+        pytest.param(96, torch.float32, False, id="D96-fp32-bidirectional"),
+        pytest.param(128, torch.float16, False, id="D128-fp16-bidirectional"),
+        pytest.param(256, torch.float32, True, id="D256-fp32-causal"),
+    ],
+)
+def test_head_dims(triton_backend, head_dim, dtype, causal):
+    check_against_reference([33, 0, 1, 65], 2, 1, head_dim, dtype, "cpu", causal=causal)
+
+
+def test_long_sequence_and_custom_scale(triton_backend):
+    check_against_reference([1023, 2], 1, 1, 64, torch.float32, "cpu", causal=True, softmax_scale=0.3)
+
+
+def test_strided_views_of_fused_qkv(triton_backend):
+    """q, k, v as views into one fused projection output (token stride != heads * head_dim)."""
+    lengths = [5, 40]
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(sum(lengths), 4 + 2 + 2, 32, generator=gen)  # (T, Hq + 2 Hkv, D)
+    grad_out = torch.randn(sum(lengths), 4, 32, generator=gen)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+
+    def run(fn, q_, k_, v_):
+        return forward_backward(lambda *x: fn(*x, cu_seqlens, max(lengths)), q_, k_, v_, grad_out)
+
+    mine = run(varlen_attention, q, k, v)
+    exact = run(reference.varlen_attention, *(x.double() for x in (q, k, v)))
+    in_dtype = run(reference.varlen_attention, q.contiguous(), k.contiguous(), v.contiguous())
+    assert_within_tolerance(mine, exact, in_dtype, torch.float32)
+
+
+def test_all_sequences_empty(triton_backend):
+    q, k, v, grad_out = make_inputs([0, 0], 2, 1, 64, torch.float32, "cpu")
+    out, dq, dk, dv = forward_backward(
+        lambda *x: varlen_attention(*x, cu_seqlens_of([0, 0], "cpu"), 0), q, k, v, grad_out
+    )  # fmt: skip
+    assert out.shape == (0, 2, 64) and dq.shape == (0, 2, 64) and dk.shape == dv.shape == (0, 1, 64)
+
+
+def test_backward_is_deterministic(triton_backend):
+    lengths = [70, 33]
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    q, k, v, grad_out = make_inputs(lengths, 4, 1, 64, torch.float16, "cpu")
+
+    def run():
+        return forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, 70, causal=True), q, k, v, grad_out)
+
+    first, second = run(), run()
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dtype):
+    """Attention with an explicit dropout keep-mask ``(Hq, T, T)``, in ``compute_dtype``; softmax in
+    at least fp32 (what PyTorch's SDPA math path does)."""
+    group = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1).to(compute_dtype)  # (Hq, L, D)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(group, 0).to(compute_dtype)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(group, 0).to(compute_dtype)
+        scores = (qs @ ks.transpose(1, 2)) * scale  # (Hq, L, L)
+        if causal:
+            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.softmax(scores.to(torch.promote_types(compute_dtype, torch.float32)), -1).to(compute_dtype)
+        probs = probs * keep[:, start:end, start:end] / (1.0 - dropout_p)
+        outputs.append((probs @ vs).transpose(0, 1))
+    return torch.cat(outputs).to(q.dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype, causal",
+    [
+        pytest.param(torch.float32, False, id="fp32-bidirectional"),
+        pytest.param(torch.float16, True, id="fp16-causal"),
+    ],
+)
+def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal):
+    lengths = [0, 33, 1, 70]
+    dropout_p, seed = 0.25, 1234
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    q, k, v, grad_out = make_inputs(lengths, 3, 1, 64, dtype, "cpu")
+    keep = dropout_keep_mask(3, sum(lengths), dropout_p, seed, "cpu")
+
+    def ours(q_, k_, v_):
+        return varlen_attention(q_, k_, v_, cu_seqlens, 70, causal=causal, dropout_p=dropout_p, dropout_seed=seed)
+
+    def ref(compute_dtype):
+        return lambda q_, k_, v_: masked_attention(
+            q_, k_, v_, cu_seqlens, keep, dropout_p, causal=causal, compute_dtype=compute_dtype
+        )  # fmt: skip
+
+    mine = forward_backward(ours, q, k, v, grad_out)
+    exact = forward_backward(ref(torch.float64), *(x.double() for x in (q, k, v)), grad_out.double())
+    in_dtype = forward_backward(ref(dtype), q, k, v, grad_out)
+    assert_within_tolerance(mine, exact, in_dtype, dtype)
+    without_dropout = varlen_attention(q, k, v, cu_seqlens, 70, causal=causal)
+    assert not torch.allclose(mine[0], without_dropout), "dropout changed nothing"
+
+
+def test_dropout_keep_rate_and_independence():
+    dropout_p = 0.3
+    keep = dropout_keep_mask(2, 256, dropout_p, 7, "cpu")  # 131k draws: the rate's std is 1.3e-3
+    assert keep.shape == (2, 256, 256)
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - dropout_p)) < 0.006, rate
+    expected_agreement = dropout_p**2 + (1 - dropout_p) ** 2  # of two independent masks; std 1.9e-3 here
+    assert abs((keep[0] == keep[1]).float().mean().item() - expected_agreement) < 0.01, "heads share a mask"
+    other_seed = dropout_keep_mask(1, 256, dropout_p, 8, "cpu")
+    assert abs((keep[0] == other_seed[0]).float().mean().item() - expected_agreement) < 0.01, "seeds share a mask"
+    assert torch.equal(dropout_keep_mask(1, 64, dropout_p, 7, "cpu")[0], keep[0, :64, :64])
+
+
+def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
+    monkeypatch.delenv("LLM2VEC_FAST_BACKEND", raising=False)
+    lengths = [3, 0, 5]
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    q, k, v, _ = make_inputs(lengths, 2, 2, 16, torch.float32, "cpu")
+    expected = reference.varlen_attention(q, k, v, cu_seqlens, 5, causal=True)
+    assert torch.equal(varlen_attention(q, k, v, cu_seqlens, 5, causal=True), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid_inputs():
+    q, k, v, _ = make_inputs([3, 5], 4, 2, 16, torch.float32, "cpu")
+    return q, k, v, cu_seqlens_of([3, 5], "cpu"), 5
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        pytest.param(lambda q, k, v, cu, m: (q[0], k, v, cu, m), ValueError, "3-D", id="q-not-3d"),
+        pytest.param(lambda q, k, v, cu, m: (q, k, v[:, :1], cu, m), ValueError, "same shape", id="k-v-shapes"),
+        pytest.param(lambda q, k, v, cu, m: (q[:, :, :8], k, v, cu, m), ValueError, "head_dim", id="head-dim-mismatch"),
+        pytest.param(lambda q, k, v, cu, m: (q[:, :3], k, v, cu, m), ValueError, "multiple", id="heads-not-multiple"),
+        pytest.param(lambda q, k, v, cu, m: (q.half(), k, v, cu, m), TypeError, "dtype", id="mixed-dtypes"),
+        pytest.param(lambda q, k, v, cu, m: (q.int(), k.int(), v.int(), cu, m), TypeError, "dtype", id="int-dtype"),
+        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu.long(), m), ValueError, "int32", id="cu-seqlens-int64"),
+        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu[:1], m), ValueError, "B \\+ 1", id="cu-seqlens-too-short"),
+        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu + 1, m), ValueError, "start at 0", id="cu-seqlens-offset"),
+        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu[:2], m), ValueError, "end at the token count", id="tokens-uncovered"),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, torch.tensor([0, 6, 5, 8], dtype=torch.int32), 6),
+            ValueError, "non-decreasing", id="cu-seqlens-decreasing",
+        ),  # fmt: skip
+        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu, 4), ValueError, "longest sequence", id="max-seqlen-too-small"),
+        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu, 5.0), ValueError, "max_seqlen", id="max-seqlen-float"),
+    ],
+)
+def test_rejects_bad_inputs(change, error, message):
+    q, k, v, cu_seqlens, max_seqlen = change(*_valid_inputs())
+    with pytest.raises(error, match=message):
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+
+
+def test_rejects_bad_dropout():
+    q, k, v, cu_seqlens, max_seqlen = _valid_inputs()
+    with pytest.raises(ValueError, match="dropout_p"):
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=1.0)
+
+
+def test_triton_path_rejects_what_the_kernel_cannot_run(triton_backend):
+    q, k, v, cu_seqlens, max_seqlen = _valid_inputs()
+    with pytest.raises(ValueError, match="head_dim 320"):
+        big = torch.randn(8, 2, 320)
+        varlen_attention(big, big, big, cu_seqlens, max_seqlen)
+    with pytest.raises(ValueError, match="contiguous along head_dim"):
+        varlen_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu_seqlens, max_seqlen)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (pytest -m gpu): fp16 and bf16, against the reference on the same device in fp64/fp32
+# ---------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+CAUSAL = [pytest.param(False, id="bidirectional"), pytest.param(True, id="causal")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", GQA)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_matches_reference(triton_backend, dtype, causal, num_q_heads, num_kv_heads):
+    check_against_reference(GPU_LENGTHS, num_q_heads, num_kv_heads, 128, dtype, "cuda", causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "head_dim, causal",
+    [
+        pytest.param(64, True, id="D64-causal"),
+        pytest.param(80, False, id="D80-bidirectional"),
+        pytest.param(96, True, id="D96-causal"),
+        pytest.param(256, False, id="D256-bidirectional"),
+    ],
+)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_head_dims(triton_backend, dtype, head_dim, causal):
+    check_against_reference(GPU_LENGTHS, 4, 1, head_dim, dtype, "cuda", causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [pytest.param(128, id="D128"), pytest.param(256, id="D256")])
+def test_gpu_fp32(triton_backend, head_dim):
+    check_against_reference(GPU_LENGTHS, 3, 1, head_dim, torch.float32, "cuda", causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_dropout_matches_reference_with_same_mask(triton_backend, dtype):
+    lengths = [0, 1, 129, 257, 65]
+    dropout_p, seed = 0.1, 99
+    cu_seqlens = cu_seqlens_of(lengths, "cuda")
+    q, k, v, grad_out = make_inputs(lengths, 4, 2, 128, dtype, "cuda")
+    keep = dropout_keep_mask(4, sum(lengths), dropout_p, seed, "cuda")
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.01
+
+    def ours(q_, k_, v_):
+        return varlen_attention(q_, k_, v_, cu_seqlens, 257, causal=True, dropout_p=dropout_p, dropout_seed=seed)
+
+    def ref(compute_dtype):
+        return lambda q_, k_, v_: masked_attention(
+            q_, k_, v_, cu_seqlens, keep, dropout_p, causal=True, compute_dtype=compute_dtype
+        )  # fmt: skip
+
+    mine = forward_backward(ours, q, k, v, grad_out)
+    exact = forward_backward(ref(torch.float64), *(x.double() for x in (q, k, v)), grad_out.double())
+    in_dtype = forward_backward(ref(dtype), q, k, v, grad_out)
+    assert_within_tolerance(mine, exact, in_dtype, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_gpu_16k_token_batch(triton_backend, causal):
+    lengths = [4096, 3000, 2048, 1500, 1024, 1024, 1000, 777, 513, 511, 300, 200, 129, 47, 1, 0, 214]  # 16384 tokens
+    check_against_reference(lengths, 8, 2, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_gpu_32k_single_sequence(triton_backend, causal):
+    check_against_reference([32768], 2, 1, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic(triton_backend):
+    lengths = [4096, 1000, 1]
+    cu_seqlens = cu_seqlens_of(lengths, "cuda")
+    q, k, v, grad_out = make_inputs(lengths, 8, 2, 128, torch.bfloat16, "cuda")
+
+    def run():
+        return forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, 4096), q, k, v, grad_out)
+
+    first, second = run(), run()
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements(triton_backend):
+    """T x Hq x D > 2^31: only int64 addressing reaches the last sequences (about 25 GB in all)."""
+    num_q_heads, num_kv_heads, head_dim = 16, 2, 128
+    seq_len = 1025
+    batch = 2**31 // (num_q_heads * head_dim * seq_len) + 2
+    lengths = [seq_len] * batch
+    total = seq_len * batch
+    assert total * num_q_heads * head_dim > 2**31
+    cu_seqlens = cu_seqlens_of(lengths, "cuda")
+    q, k, v, grad_out = (
+        torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        for heads in (num_q_heads, num_kv_heads, num_kv_heads, num_q_heads)
+    )
+    mine = forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, seq_len, causal=True), q, k, v, grad_out)
+    for start in (0, total - seq_len):  # the first sequence and the last one, past 2^31 elements
+        window = slice(start, start + seq_len)
+        parts = [x[window] for x in (q, k, v, grad_out)]
+        one = cu_seqlens_of([seq_len], "cuda")
+
+        def ref(q_, k_, v_):
+            return reference.varlen_attention(q_, k_, v_, one, seq_len, causal=True)
+
+        exact = forward_backward(ref, *(x.float() for x in parts))
+        in_dtype = forward_backward(ref, *parts)
+        assert_within_tolerance([x[window] for x in mine], exact, in_dtype, torch.bfloat16, label=f"start={start}")

@@ -1,0 +1,136 @@
+"""The installation: the console command, the optional extension, the build switches."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm2vec_fast._ext import extension_status
+from llm2vec_fast.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_setup_module():
+    """setup.py as a module, without running setup() (it only runs as __main__)."""
+    spec = importlib.util.spec_from_file_location("llm2vec_fast_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_extension_line() -> str:
+    status = extension_status()
+    if not status.loaded:
+        return "not loaded"
+    return "loaded, with CUDA ops" if status.has_cuda_ops else "loaded, without CUDA ops"
+
+
+def test_info_console_script_reports_extension():
+    script = Path(sys.executable).with_name("llm2vec-fast")
+    assert script.exists(), f"{script} missing: reinstall with `make venv`"
+    result = subprocess.run(
+        [str(script), "info"], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert expected_extension_line() in lines["extension"]
+    for key in ("llm2vec-fast", "torch", "triton", "cuda devices", "kernel backend", "model cache"):
+        assert key in lines, result.stdout
+
+
+def test_info_json(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path / "models"))
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extension"].startswith(expected_extension_line())
+    assert info["model cache"] == str(tmp_path / "models")
+    assert info["cpu count"] == os.cpu_count()
+
+
+def test_everything_works_without_extension():
+    code = """
+import sys, torch
+from llm2vec_fast.info import describe_extension
+from llm2vec_fast.batching import plan_batches
+from llm2vec_fast.varlen import varlen_metadata
+print(describe_extension())
+print([p.indices.tolist() for p in plan_batches([2, 5, 1], max_batch_tokens=6)])
+print(varlen_metadata(torch.tensor([0, 2, 3], dtype=torch.int32), 3)[0].tolist())
+print("llm2vec_fast._C" in sys.modules)
+"""
+    env = dict(os.environ, LLM2VEC_FAST_NO_EXTENSION="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    assert result.stdout.splitlines() == [
+        "not loaded: disabled by LLM2VEC_FAST_NO_EXTENSION=1",
+        "[[1], [0, 2]]",
+        "[0, 0, 1]",
+        "False",
+    ]
+
+
+def test_no_top_level_kernels_module_installed():
+    distribution = importlib.metadata.distribution("llm2vec-fast")
+    top_level = (distribution.read_text("top_level.txt") or "").split()
+    assert top_level == ["llm2vec_fast"]
+    for file in distribution.files or []:
+        assert file.parts[0] != "kernels", f"installed a top-level kernels file: {file}"
+        if file.suffix in (".py", ".pth") and len(file.parts) == 1:  # editable-install hooks
+            text = Path(file.locate()).read_text()
+            assert not re.search(r"['\"]kernels['\"]\s*:", text), f"{file} maps a top-level kernels"
+
+
+def test_setup_cuda_switch_and_archs(monkeypatch):
+    setup_module = load_setup_module()
+    assert setup_module.package_version() == importlib.metadata.version("llm2vec-fast")
+    assert setup_module.nvcc_arch_flags("8.0;9.0a") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_80,code=compute_80",
+    ]
+    with pytest.raises(SystemExit, match="'sm90' is not an architecture"):
+        setup_module.nvcc_arch_flags("8.0;sm90")
+    for value, mode in (("", "auto"), ("0", "off"), ("1", "on")):
+        monkeypatch.setenv("LLM2VEC_FAST_CUDA", value)
+        assert setup_module.cuda_mode() == mode
+
+
+def test_setup_rejects_bad_cuda_switch():
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, LLM2VEC_FAST_CUDA="yes please"),
+    )
+    assert result.returncode != 0
+    assert "LLM2VEC_FAST_CUDA must be 0, 1 or unset, got 'yes please'" in result.stderr
+
+
+def test_setup_without_cuda_toolkit(monkeypatch):
+    """Auto mode warns and builds the C++ part only; forced mode stops with the reason."""
+    setup_module = load_setup_module()
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    monkeypatch.setattr(setup_module, "cuda_unavailable_reason", lambda torch: "no nvcc here")
+    monkeypatch.delenv("LLM2VEC_FAST_NO_EXTENSION", raising=False)
+    monkeypatch.delenv("LLM2VEC_FAST_CUDA", raising=False)
+    with pytest.warns(UserWarning, match="without its CUDA part: no nvcc here"):
+        extensions, cmdclass = setup_module.plan_extension()
+    assert [ext.name for ext in extensions] == ["llm2vec_fast._C"]
+    assert ("LLM2VEC_FAST_WITH_CUDA", "0") in extensions[0].define_macros
+    assert not any(source.endswith(".cu") for source in extensions[0].sources)
+    assert "build_ext" in cmdclass
+
+    monkeypatch.setenv("LLM2VEC_FAST_CUDA", "1")
+    with pytest.raises(SystemExit, match="LLM2VEC_FAST_CUDA=1 but the CUDA part cannot be built: no nvcc"):
+        setup_module.plan_extension()
+
+    monkeypatch.setenv("LLM2VEC_FAST_NO_EXTENSION", "1")
+    assert setup_module.plan_extension() == ([], {})

@@ -1,0 +1,122 @@
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from llm2vec_fast.config import Llama3RopeScaling, ModelConfig, rope_inv_freq
+from model_helpers import FAMILIES, tiny_hf_config
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def hf_dict(family: str, **overrides) -> dict:
+    return tiny_hf_config(family, **overrides).to_dict()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reads_transformers_config(family):
+    config = ModelConfig.from_hf_dict(hf_dict(family))
+    assert config.model_type == family
+    assert (config.vocab_size, config.hidden_size, config.num_layers) == (96, 64, 2)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
+    assert config.intermediate_size == 80
+    assert config.rms_norm_eps == 1e-5
+    assert config.rope_theta == 10000.0 and config.rope_scaling is None
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    assert config.max_position_embeddings == 256
+
+
+def test_bias_flags_per_family():
+    qwen2 = ModelConfig.from_hf_dict(hf_dict("qwen2"))
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.mlp_bias) == (True, False, False)
+    llama = ModelConfig.from_hf_dict(hf_dict("llama"))
+    assert (llama.qkv_bias, llama.o_bias, llama.mlp_bias) == (False, False, False)
+    biased = ModelConfig.from_hf_dict(hf_dict("llama", attention_bias=True, mlp_bias=True))
+    assert (biased.qkv_bias, biased.o_bias, biased.mlp_bias) == (True, True, True)
+
+
+def test_head_dim_explicit_or_derived():
+    derived = {k: v for k, v in hf_dict("qwen2").items() if k != "head_dim"}
+    assert ModelConfig.from_hf_dict(derived).head_dim == 64 // 4
+    explicit = ModelConfig.from_hf_dict(hf_dict("llama", head_dim=32))
+    assert explicit.head_dim == 32
+
+
+def test_sliding_window_recorded():
+    assert ModelConfig.from_hf_dict(hf_dict("mistral", sliding_window=128)).sliding_window == 128
+    assert ModelConfig.from_hf_dict(hf_dict("qwen2", sliding_window=128)).sliding_window is None
+    assert ModelConfig.from_hf_dict(hf_dict("qwen2", sliding_window=128, use_sliding_window=True)).sliding_window == 128
+
+
+def test_tie_word_embeddings():
+    assert ModelConfig.from_hf_dict(hf_dict("llama", tie_word_embeddings=True)).tie_word_embeddings
+    assert not ModelConfig.from_hf_dict(hf_dict("llama", tie_word_embeddings=False)).tie_word_embeddings
+
+
+def test_old_style_rope_keys():
+    raw = {k: v for k, v in hf_dict("llama").items() if k != "rope_parameters"}
+    raw.update(rope_theta=500000.0, rope_scaling={"type": "llama3", **LLAMA3})
+    config = ModelConfig.from_hf_dict(raw)
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "theta", "scaling"),
+    [
+        (16, 10000.0, None),
+        (128, 500000.0, LLAMA3),
+        (64, 10000.0, {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0, "original_max_position_embeddings": 64}),
+    ],
+    ids=["default", "llama3.1-8b", "llama3-short-context"],
+)
+def test_inv_freq_matches_transformers(head_dim, theta, scaling):
+    rope = {"rope_type": "llama3" if scaling else "default", "rope_theta": theta, **(scaling or {})}
+    hf_config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope)
+    hf_rotary = LlamaRotaryEmbedding(hf_config)
+    expected, attention_scaling = hf_rotary.inv_freq, hf_rotary.attention_scaling
+    config = ModelConfig.from_hf_dict(hf_config.to_dict())
+    ours = config.rope_inv_freq()
+    assert attention_scaling == 1.0
+    assert ours.dtype == torch.float32 and ours.shape == (head_dim // 2,)
+    torch.testing.assert_close(ours, expected, rtol=4e-7, atol=0.0)  # a few fp32 ulps: we compute in fp64
+
+
+def test_llama3_scaling_changes_only_low_frequencies():
+    plain = rope_inv_freq(128, 500000.0)
+    scaled = rope_inv_freq(128, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
+    assert torch.equal(scaled[:8], plain[:8])  # short wavelengths kept
+    torch.testing.assert_close(scaled[-8:], plain[-8:] / 8.0)  # long wavelengths divided by factor
+    assert ((scaled <= plain) & (scaled >= plain / 8.0)).all()
+
+
+def test_unsupported_model_type_names_supported_ones():
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'.*llama, mistral, qwen2"):
+        ModelConfig.from_hf_dict({**hf_dict("llama"), "model_type": "gpt2"})
+
+
+def test_unsupported_rope_type():
+    raw = hf_dict("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="unsupported rope type 'linear'"):
+        ModelConfig.from_hf_dict(raw)
+
+
+def test_missing_keys_and_bad_values_are_named():
+    raw = hf_dict("llama")
+    del raw["intermediate_size"]
+    with pytest.raises(ValueError, match="missing intermediate_size"):
+        ModelConfig.from_hf_dict(raw)
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        ModelConfig.from_hf_dict({**hf_dict("llama"), "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_hf_dict({**hf_dict("llama"), "num_key_value_heads": 3})
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    with pytest.raises(ValueError, match="llama3 rope scaling is missing low_freq_factor, high_freq_factor"):
+        ModelConfig.from_hf_dict({**hf_dict("llama"), "rope_parameters": rope})
+
+
+def test_from_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_file(tmp_path)
+    tiny_hf_config("qwen2").save_pretrained(tmp_path)
+    assert ModelConfig.from_file(tmp_path) == ModelConfig.from_hf_dict(hf_dict("qwen2"))

@@ -1,0 +1,140 @@
+"""contrastive_loss: the Triton kernels (interpreter on CPU) against the fp64 reference.
+
+Tolerance (DESIGN.md): the kernel's max error against the fp64 oracle is at most 2x (loss) /
+3x (gradients) the error of the PyTorch reference run in the input dtype, plus an atol of a few
+fp32 ulps of the value's scale: the reference computes in fp32 too, in another order, and can
+be exact by luck (e.g. one query), which must not fail a correct kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import contrastive_loss, reference
+from llm2vec_fast.kernels import contrastive
+
+TILE = contrastive.BLOCK_M
+
+
+@pytest.fixture
+def nan_allocations(monkeypatch):
+    """torch.empty / empty_like return NaN-filled floating tensors, so an unwritten element shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def _max_err(x, oracle):
+    return (x.double() - oracle).abs().max().item()
+
+
+def _atol(oracle):
+    return 8 * torch.finfo(torch.float32).eps * max(oracle.abs().max().item(), 1.0)
+
+
+def _loss_and_grads(fn, queries, docs, **kwargs):
+    q = queries.detach().clone().requires_grad_()
+    d = docs.detach().clone().requires_grad_()
+    loss = fn(q, d, **kwargs)
+    grad_q, grad_d = torch.autograd.grad(loss, (q, d))
+    return loss.detach(), grad_q, grad_d
+
+
+def _check_against_oracle(queries, docs, scale, symmetric):
+    kwargs = {"scale": scale, "symmetric": symmetric}
+    ours = _loss_and_grads(contrastive_loss, queries, docs, **kwargs)
+    ref = _loss_and_grads(reference.contrastive_loss, queries, docs, **kwargs)
+    oracle = _loss_and_grads(reference.contrastive_loss, queries.double(), docs.double(), **kwargs)
+
+    assert ours[0].dtype == torch.float32 and ours[0].shape == ()
+    assert ours[1].dtype == queries.dtype and ours[2].dtype == docs.dtype
+    for name, value, ref_value, oracle_value, factor in zip(("loss", "grad_q", "grad_d"), ours, ref, oracle, (2, 3, 3)):
+        assert torch.isfinite(value).all(), name
+        err, ref_err = _max_err(value, oracle_value), _max_err(ref_value, oracle_value)
+        assert err <= factor * ref_err + _atol(oracle_value), f"{name}: error {err:.3g}, reference's {ref_err:.3g}"
+
+
+CASES = [
+    # (B, N, D, scale, symmetric)
+    pytest.param(1, 1, 16, 20.0, False, id="one-query"),
+    pytest.param(70, 70, 80, 20.0, False, id="no-negatives"),
+    pytest.param(70, 150, 80, 20.0, False, id="hard-negatives-2-chunks"),
+    pytest.param(70, 150, 80, 20.0, True, id="symmetric-2-chunks"),
+    pytest.param(TILE, TILE + 1, 64, 1.0, True, id="tile-edges-scale1"),
+    pytest.param(TILE - 1, 2 * TILE + 3, 48, 50.0, False, id="scale50"),
+    pytest.param(5, 9, 200, 5.0, True, id="D200"),
+]
+
+
+@pytest.mark.parametrize("batch, n_docs, dim, scale, symmetric", CASES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+def test_triton_matches_reference(monkeypatch, nan_allocations, dtype, batch, n_docs, dim, scale, symmetric):
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    # backward chunks of round_up(D, BLOCK_N) docs, so N = 150 takes two chunks
+    monkeypatch.setattr(contrastive, "MIN_GRAD_CHUNK_COLS", 1)
+    generator = torch.Generator().manual_seed(batch * 1000 + n_docs)
+    queries = torch.randn(batch, dim, generator=generator).to(dtype)
+    # positives correlated with their queries, as in training, so the losses are not all log(N)
+    docs = torch.randn(n_docs, dim, generator=generator)
+    docs[:batch] += 2 * queries.float()
+    _check_against_oracle(queries, docs.to(dtype), scale, symmetric)
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    generator = torch.Generator().manual_seed(5)
+    queries, docs = torch.randn(20, 32, generator=generator), torch.randn(200, 32, generator=generator)
+    one_chunk = _loss_and_grads(contrastive_loss, queries, docs)
+    monkeypatch.setattr(contrastive, "MIN_GRAD_CHUNK_COLS", 1)
+    assert contrastive.grad_chunk_cols(200, 32) == contrastive.BLOCK_N  # four chunks
+    for a, b in zip(one_chunk, _loss_and_grads(contrastive_loss, queries, docs)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "queries, docs, error, match",
+    [
+        pytest.param(torch.randn(4, 8), torch.randn(4, 9), ValueError, "same width", id="D-mismatch"),
+        pytest.param(torch.randn(4, 8), torch.randn(3, 8), ValueError, "at least one doc per query", id="N<B"),
+        pytest.param(torch.randn(4, 8, 1), torch.randn(4, 8), ValueError, "2-D", id="queries-3d"),
+        pytest.param(torch.randn(4, 8), torch.randn(8), ValueError, "2-D", id="docs-1d"),
+        pytest.param(torch.randn(0, 8), torch.randn(2, 8), ValueError, "at least one query", id="no-queries"),
+        pytest.param(torch.randn(4, 8), torch.randn(4, 8).half(), TypeError, "share a dtype", id="dtype-mismatch"),
+        pytest.param(torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8), TypeError, "floating", id="int"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_input_validation(monkeypatch, backend, queries, docs, error, match):
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", backend)
+    with pytest.raises(error, match=match):
+        contrastive_loss(queries, docs)
+
+
+def test_gather_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        contrastive_loss(torch.randn(2, 8), torch.randn(2, 8), gather_across_ranks=True)
+
+
+# ---------------------------------------------------------------- GPU (pytest -m gpu)
+
+GPU_CASES = CASES + [
+    pytest.param(1000, 2000, 1024, 20.0, False, id="B1000-D1024"),
+    pytest.param(515, 1030, 4096, 20.0, True, id="B515-D4096-symmetric"),
+    pytest.param(3000, 6001, 768, 20.0, False, id="B3000-D768-3-chunks"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, n_docs, dim, scale, symmetric", GPU_CASES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_gpu_matches_reference(nan_allocations, dtype, batch, n_docs, dim, scale, symmetric):
+    generator = torch.Generator().manual_seed(batch * 1000 + n_docs)
+    queries = torch.randn(batch, dim, generator=generator)
+    docs = torch.randn(n_docs, dim, generator=generator)
+    docs[:batch] += 2 * queries
+    _check_against_oracle(queries.to(dtype).cuda(), docs.to(dtype).cuda(), scale, symmetric)

@@ -1,0 +1,178 @@
+"""The corpus job in-process with the hash engine: outputs, bad input, settings, reading, search."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from llm2vec_fast.corpus import embed_corpus, read_embeddings, read_errors, search, verify
+from llm2vec_fast.corpus.engine import HashEngine
+from llm2vec_fast.corpus.job import token_budget_batches
+from llm2vec_fast.corpus.manifest import JobMismatchError, load_manifest
+from llm2vec_fast.corpus.readers import InputError
+
+
+def _jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _embed(inputs, out, engine=None, **options):
+    options.setdefault("progress", False)
+    return embed_corpus(inputs, out, engine=engine or HashEngine(dim=8, max_length=64), **options)
+
+
+def _expected(engine, texts):
+    return engine.embed(engine.tokenize(texts))
+
+
+def test_embeddings_are_the_engines_in_input_order_across_shards(tmp_path):
+    texts = [f"document number {i} " + "x" * (i * 7 % 40) for i in range(53)]
+    _jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    engine = HashEngine(dim=8, max_length=64)
+    summary = _embed(tmp_path / "in.jsonl", tmp_path / "out", engine, id_field="id", shard_rows=10, batch_tokens=100)
+    assert (summary.rows_in, summary.embedded, summary.errors, summary.shards_total) == (53, 53, 0, 6)
+    assert summary.complete
+    ids, matrix = read_embeddings(tmp_path / "out")
+    assert ids == [f"d{i}" for i in range(53)]
+    assert matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, _expected(engine, texts))
+    table = pq.read_table(tmp_path / "out" / "shards" / "shard-000000.parquet")
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[8]"
+    manifest = load_manifest(tmp_path / "out")
+    assert [s["rows"] for s in manifest["shards"]][-1] == [50, 53]
+    assert manifest["inputs"][0]["bytes"] == (tmp_path / "in.jsonl").stat().st_size
+    verify(tmp_path / "out")
+
+
+def test_every_bad_row_is_an_error_record_and_counts_add_up(tmp_path):
+    _jsonl(tmp_path / "in.jsonl", [
+        {"id": "a", "text": "fine"},
+        {"id": "b", "text": ""},
+        {"id": "c", "text": " \t "},
+        '{"id": "d", "text": ',
+        {"id": "e"},
+        {"text": "no id"},
+        {"id": "a", "text": "same id again"},
+        {"id": "f", "text": "y" * 100},
+        {"id": "", "text": "empty id"},
+    ])
+    (tmp_path / "bytes.jsonl").write_bytes(b'{"id": "g", "text": "bad \xfe"}\n')
+    summary = _embed(tmp_path, tmp_path / "out", id_field="id", shard_rows=4)
+    reasons = {(e["file"], e["line"]): e["reason"] for e in read_errors(tmp_path / "out")}
+    assert reasons == {
+        ("bytes.jsonl", 1): "invalid UTF-8",
+        ("in.jsonl", 2): "empty or whitespace-only text",
+        ("in.jsonl", 3): "empty or whitespace-only text",
+        ("in.jsonl", 4): reasons[("in.jsonl", 4)],
+        ("in.jsonl", 5): "missing field 'text'",
+        ("in.jsonl", 6): "missing field 'id'",
+        ("in.jsonl", 7): "duplicate id (first at in.jsonl:1)",
+        ("in.jsonl", 9): "empty id",
+    }
+    assert reasons[("in.jsonl", 4)].startswith("malformed JSON")
+    ids, _ = read_embeddings(tmp_path / "out")
+    assert ids == ["a", "f"]
+    assert (summary.rows_in, summary.embedded, summary.errors, summary.truncated) == (10, 2, 8, 1)
+    assert "rows in 10 = embedded 2 + errors 8" in str(summary)
+
+
+def test_on_long_error_stops_naming_file_and_line(tmp_path):
+    (tmp_path / "in.txt").write_text("short\n" + "z" * 65 + "\n")
+    with pytest.raises(InputError, match=r"in\.txt:2: text is longer than max_length=64"):
+        _embed(tmp_path / "in.txt", tmp_path / "out", on_long="error")
+
+
+def test_instruction_is_given_to_the_engine_but_not_pooled(tmp_path):
+    _jsonl(tmp_path / "in.jsonl", [{"text": "t1", "q": "find this:"}, {"text": "t2", "q": ""}])
+    engine = HashEngine(dim=8, max_length=64)
+    _embed(tmp_path / "in.jsonl", tmp_path / "field", engine, instruction_field="q")
+    _embed(tmp_path / "in.jsonl", tmp_path / "fixed", engine, instruction="find this:")
+    _, by_field = read_embeddings(tmp_path / "field")
+    _, fixed = read_embeddings(tmp_path / "fixed")
+    np.testing.assert_array_equal(by_field, _expected(engine, [("find this:", "t1"), "t2"]))
+    np.testing.assert_array_equal(fixed, _expected(engine, [("find this:", "t1"), ("find this:", "t2")]))
+
+
+def test_float16_output_limit_and_default_ids(tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+    engine = HashEngine(dim=8, max_length=64, normalize=True)
+    summary = _embed(tmp_path / "in.txt", tmp_path / "out", engine, output_dtype="float16", limit=12, shard_rows=5)
+    ids, matrix = read_embeddings(tmp_path / "out")
+    assert summary.rows_in == 12
+    assert ids == [f"in.txt:{i}" for i in range(1, 13)]
+    assert matrix.dtype == np.float16
+    expected = _expected(engine, [f"line {i}" for i in range(12)])
+    np.testing.assert_array_equal(matrix, expected.astype(np.float16))
+    np.testing.assert_allclose(np.linalg.norm(matrix.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_other_settings_or_changed_input_refuse_to_resume_unless_overwrite(tmp_path):
+    path = _jsonl(tmp_path / "in.jsonl", [{"text": f"t{i}"} for i in range(6)])
+    _embed(path, tmp_path / "out", shard_rows=3)
+    with pytest.raises(JobMismatchError, match="settings.shard_rows: 3 -> 2"):
+        _embed(path, tmp_path / "out", shard_rows=2)
+    with pytest.raises(JobMismatchError, match=r"engine.dim: 8 -> 4"):
+        _embed(path, tmp_path / "out", HashEngine(dim=4, max_length=64), shard_rows=3)
+    _jsonl(path, [{"text": f"T{i}"} for i in range(6)])
+    with pytest.raises(JobMismatchError, match="inputs"):
+        _embed(path, tmp_path / "out", shard_rows=3)
+    summary = _embed(path, tmp_path / "out", shard_rows=3, overwrite=True)
+    assert summary.complete and summary.shards_written == 2
+    again = _embed(path, tmp_path / "out", shard_rows=3, resume=True)
+    assert again.shards_written == 0 and again.embedded == 6
+    with pytest.raises(FileNotFoundError, match="no embedding job to resume"):
+        _embed(path, tmp_path / "new", resume=True)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(JobMismatchError, match="not empty"):
+        _embed(path, tmp_path / "busy")
+
+
+def test_read_embeddings_memory_mapped_and_search(tmp_path):
+    texts = [f"sentence {i}" for i in range(40)]
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts))
+    _embed(tmp_path / "in.txt", tmp_path / "out", shard_rows=7)
+    ids, in_memory = read_embeddings(tmp_path / "out")
+    mapped_ids, mapped = read_embeddings(tmp_path / "out", mmap=True)
+    assert isinstance(mapped, np.memmap) and mapped_ids == ids
+    np.testing.assert_array_equal(mapped, in_memory)
+    assert read_embeddings(tmp_path / "out", mmap=True)[1].filename == mapped.filename
+    hits = search(tmp_path / "out", "sentence 17", k=3)
+    assert hits[0][0] == "in.txt:18" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    normalized = in_memory / np.linalg.norm(in_memory, axis=1, keepdims=True)
+    expected = np.argsort(-(normalized @ normalized[17]), kind="stable")[:3]
+    assert [h[0] for h in hits] == [ids[i] for i in expected]
+
+
+@pytest.mark.parametrize("lengths,budget", [([5, 1, 9, 3, 3, 7], 10), ([20, 1, 1], 8), ([], 4), ([0, 0], 1)])
+def test_token_budget_batches_cover_each_index_once_within_budget(lengths, budget):
+    batches = token_budget_batches(lengths, budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or sum(max(lengths[i], 1) for i in batch) <= budget
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat, reverse=True)
+
+
+def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys):
+    from llm2vec_fast.corpus.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ["--model", "--adapter", "--input", "--output", "--id-field", "--text-field", "--instruction",
+                   "--instruction-field", "--pooling", "--max-length", "--batch-tokens", "--normalize", "--dtype",
+                   "--output-dtype", "--device", "--limit", "--resume", "--overwrite", "--on-long", "--shard-rows"]:
+        assert option in help_text
+    (tmp_path / "in.txt").write_text("alpha\nbeta\ngamma\n")
+    assert main(["embed", "--model", "fake:dim=4", "--input", str(tmp_path / "in.txt"), "--output",
+                 str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "rows in 3 = embedded 3 + errors 0" in capsys.readouterr().err
+    assert main(["embed", "--model", "fake:dim=5", "--input", str(tmp_path / "in.txt"), "--output",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "engine.dim: 4 -> 5" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "out"), "--query", "beta", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].split() == ["1", "1.0000", "in.txt:2"]

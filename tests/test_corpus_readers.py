@@ -1,0 +1,124 @@
+"""The corpus readers: every input format streamed with line numbers, bad rows as error records."""
+
+import csv
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm2vec_fast.corpus.readers import Fields, InputError, discover_inputs, estimate_rows, read_rows
+
+DOCS = [("a1", "first document"), ("a2", "second, with a comma"), ("a3", 'third "quoted"')]
+
+
+def _write(path, fmt):
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in DOCS))
+    elif fmt == "csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "text"])
+            writer.writerows(DOCS)
+    elif fmt == "tsv":  # plain tab-separated lines, quotes kept as they are
+        path.write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in DOCS))
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"id": [i for i, _ in DOCS], "text": [t for _, t in DOCS]}), path)
+    elif fmt == "text":
+        path.write_text("".join(t + "\n" for _, t in DOCS))
+
+
+@pytest.mark.parametrize("suffix,fmt", [(".jsonl", "jsonl"), (".csv", "csv"), (".tsv", "tsv"),
+                                        (".parquet", "parquet"), (".txt", "text")])
+def test_each_format_yields_every_row_with_its_line(tmp_path, suffix, fmt):
+    path = tmp_path / f"docs{suffix}"
+    _write(path, fmt)
+    [file] = discover_inputs(path)
+    assert file.format == fmt
+    fields = Fields(id=None if fmt == "text" else "id")
+    rows = list(read_rows(file, fields))
+    assert [r.text for r in rows] == [t for _, t in DOCS]
+    assert all(r.error is None for r in rows)
+    if fmt != "text":
+        assert [r.id for r in rows] == [i for i, _ in DOCS]
+    first_line = 2 if fmt in ("csv", "tsv") else 1
+    assert [r.line for r in rows] == list(range(first_line, first_line + len(DOCS)))
+    assert estimate_rows(file) == len(DOCS)
+
+
+def test_gzip_jsonl_and_csv_record_spanning_lines(tmp_path):
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as handle:
+        handle.write('{"text": "zipped"}\n')
+    (tmp_path / "b.csv").write_text('text\n"two\nlines"\nafter\n')
+    files = discover_inputs(tmp_path)
+    assert [f.name for f in files] == ["a.jsonl.gz", "b.csv"]
+    assert [r.text for r in read_rows(files[0], Fields())] == ["zipped"]
+    rows = list(read_rows(files[1], Fields()))
+    assert [(r.line, r.text) for r in rows] == [(2, "two\nlines"), (4, "after")]
+
+
+def test_discovery_sorts_folders_and_globs_and_skips_unknown_and_hidden(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ["b.txt", "a.jsonl", "sub/c.txt", ".hidden/d.txt", "notes.md"]:
+        (tmp_path / name).write_text("x\n")
+    assert [f.name for f in discover_inputs(tmp_path)] == ["a.jsonl", "b.txt", "sub/c.txt"]
+    assert [f.name for f in discover_inputs(str(tmp_path / "*.txt"))] == ["b.txt"]
+    with pytest.raises(InputError, match="unknown input format"):
+        discover_inputs(tmp_path / "notes.md")
+    with pytest.raises(InputError, match="no such file"):
+        discover_inputs(tmp_path / "missing-*.jsonl")
+
+
+def test_bad_jsonl_rows_become_error_rows(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "ok"}\n'
+                     b'{"id": 2, "text": "broken\n'
+                     b'\n'
+                     b'{"id": 3, "text": "caf\xe9"}\n'
+                     b'{"id": 4}\n'
+                     b'{"text": "no id"}\n'
+                     b'{"id": 6, "text": ["a list"]}\n'
+                     b'[1, 2]\n')
+    rows = list(read_rows(discover_inputs(path)[0], Fields(id="id")))
+    assert [(r.line, r.error is None) for r in rows] == [(1, True), (2, False), (4, False), (5, False), (6, False),
+                                                         (7, False), (8, False)]
+    reasons = [r.error for r in rows[1:]]
+    assert reasons[0].startswith("malformed JSON")
+    assert reasons[1] == "invalid UTF-8"
+    assert reasons[2] == "missing field 'text'"
+    assert reasons[3] == "missing field 'id'"
+    assert reasons[4] == "field 'text' is a list, not a string"
+    assert reasons[5] == "not a JSON object but a list"
+
+
+def test_invalid_utf8_in_text_and_csv(tmp_path):
+    (tmp_path / "t.txt").write_bytes(b"good\nbad \xff byte\r\nlast")
+    (tmp_path / "c.csv").write_bytes(b"text\nfine\n\xc3\x28 broken\n")
+    text_rows = list(read_rows(discover_inputs(tmp_path / "t.txt")[0], Fields()))
+    assert [(r.text, r.error) for r in text_rows] == [("good", None), (None, "invalid UTF-8"), ("last", None)]
+    csv_rows = list(read_rows(discover_inputs(tmp_path / "c.csv")[0], Fields()))
+    assert [(r.line, r.error) for r in csv_rows] == [(2, None), (3, "invalid UTF-8")]
+
+
+def test_missing_column_stops_naming_the_file(tmp_path):
+    (tmp_path / "c.csv").write_text("body\nhello\n")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"c\.csv:1: the header has no column 'text'"):
+        list(read_rows(discover_inputs(tmp_path / "c.csv")[0], Fields()))
+    with pytest.raises(InputError, match=r"p\.parquet: no column 'text'"):
+        list(read_rows(discover_inputs(tmp_path / "p.parquet")[0], Fields()))
+    (tmp_path / "t.txt").write_text("x\n")
+    with pytest.raises(InputError, match="plain text has no fields"):
+        read_rows(discover_inputs(tmp_path / "t.txt")[0], Fields(id="id"))
+
+
+def test_byte_order_mark_is_dropped_and_json_arrays_are_refused(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufefftext\nhello\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "hi"}\n'.encode())
+    (tmp_path / "array.json").write_text('[\n{"text": "a"}\n]\n')
+    assert [r.text for r in read_rows(discover_inputs(tmp_path / "bom.csv")[0], Fields())] == ["hello"]
+    assert [r.text for r in read_rows(discover_inputs(tmp_path / "bom.jsonl")[0], Fields())] == ["hi"]
+    with pytest.raises(InputError, match=r"array\.json:1: a JSON array is not JSON Lines"):
+        list(read_rows(discover_inputs(tmp_path / "array.json")[0], Fields()))

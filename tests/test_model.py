@@ -1,0 +1,212 @@
+"""The packed runtime against transformers (fp32, tiny random GQA models of every family).
+
+Tolerance: each sequence's states are compared with an fp64 transformers run; our fp32 error must
+be at most twice transformers' own fp32 error plus 1e-6 (``assert_matches_oracle``). Fused
+projections and a different attention kernel round differently, never by more than that; a wrong
+rope, bias, norm or mask is off by orders of magnitude more.
+"""
+
+import pytest
+import torch
+
+from llm2vec_fast.model import DecoderModel
+from model_helpers import (
+    FAMILIES,
+    assert_matches_oracle,
+    hf_hidden_states,
+    pack,
+    random_sequences,
+    runtime_from_hf,
+    runtime_hidden_states,
+    tiny_hf_model,
+)
+
+LENGTHS = [7, 1, 13]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Per family: (transformers fp32, transformers fp64, our runtime), same weights."""
+    built = {}
+    for seed, family in enumerate(FAMILIES):
+        hf32 = tiny_hf_model(family, seed=seed)
+        built[family] = (hf32, tiny_hf_model(family, seed=seed).double(), runtime_from_hf(hf32))
+    return built
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_transformers(models, family, causal):
+    hf32, hf64, ours = models[family]
+    sequences = random_sequences(LENGTHS, seed=1)
+    for ids, states in zip(sequences, runtime_hidden_states(ours, sequences, causal=causal)):
+        expected64 = hf_hidden_states(hf64, ids, causal=causal)
+        assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=causal), expected64, f"{family} len {len(ids)}")
+
+
+def test_bidirectional_differs_from_causal(models):
+    _, _, ours = models["llama"]
+    sequences = random_sequences([9, 1], seed=2)
+    bidirectional = runtime_hidden_states(ours, sequences, causal=False)
+    causal = runtime_hidden_states(ours, sequences, causal=True)
+    assert (bidirectional[0] - causal[0]).abs().amax(dim=-1).min() > 1e-2  # every token, even the last
+    torch.testing.assert_close(bidirectional[1], causal[1], rtol=0, atol=0)  # one token: nothing to mask
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    hf32 = tiny_hf_model("llama", seed=5, rope_parameters=rope)
+    hf64 = tiny_hf_model("llama", seed=5, rope_parameters=rope).double()
+    ours = runtime_from_hf(hf32)
+    assert ours.config.rope_scaling is not None
+    sequences = random_sequences([40, 5], seed=3)
+    for ids, states in zip(sequences, runtime_hidden_states(ours, sequences, causal=False)):
+        assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=False), hf_hidden_states(hf64, ids, causal=False), "llama3")
+
+
+def test_same_text_same_states_whatever_the_packing(models):
+    _, _, ours = models["qwen2"]
+    text, *others = random_sequences([11, 3, 17, 1, 6], seed=4)
+    alone = runtime_hidden_states(ours, [text], causal=False)[0]
+    packings = [[text, *others], [*others[:2], text], [others[3], [], text, others[2]], [text, text]]
+    for sequences in packings:
+        states = runtime_hidden_states(ours, sequences, causal=False)
+        position = next(i for i, seq in enumerate(sequences) if seq is text)
+        torch.testing.assert_close(states[position], alone)
+
+
+def test_empty_sequences_are_legal(models):
+    _, _, ours = models["llama"]
+    input_ids, cu_seqlens, _ = pack([[], [5, 6], []])
+    with torch.no_grad():
+        states = ours(input_ids, cu_seqlens, 2)
+    assert states.shape == (2, 64) and torch.isfinite(states).all()
+    torch.testing.assert_close(states, runtime_hidden_states(ours, [[5, 6]], causal=False)[0])
+
+
+def test_default_position_ids_restart_per_sequence(models):
+    _, _, ours = models["mistral"]
+    input_ids, cu_seqlens, max_seqlen = pack(random_sequences([4, 6], seed=5))
+    explicit = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5])
+    with torch.no_grad():
+        default = ours(input_ids, cu_seqlens, max_seqlen)
+        torch.testing.assert_close(default, ours(input_ids, cu_seqlens, max_seqlen, explicit), rtol=0, atol=0)
+        shifted = ours(input_ids, cu_seqlens, max_seqlen, explicit + 3)
+    torch.testing.assert_close(shifted, default)  # RoPE is relative: a common shift changes nothing
+
+
+def test_qwen2_projection_biases(models):
+    hf32, _, ours = models["qwen2"]
+    attention = ours.layers[0].self_attn
+    assert attention.qkv_proj.bias is not None and attention.o_proj.bias is None
+    assert ours.layers[0].mlp.gate_up_proj.bias is None
+    hf_attention = hf32.model.layers[0].self_attn
+    expected = torch.cat([hf_attention.q_proj.bias, hf_attention.k_proj.bias, hf_attention.v_proj.bias])
+    assert torch.equal(attention.qkv_proj.bias, expected)
+    assert attention.qkv_split == (64, 32, 32)
+
+
+def test_llama_attention_and_mlp_bias_match_transformers():
+    hf32 = tiny_hf_model("llama", seed=6, attention_bias=True, mlp_bias=True)
+    hf64 = tiny_hf_model("llama", seed=6, attention_bias=True, mlp_bias=True).double()
+    ours = runtime_from_hf(hf32)
+    assert ours.layers[0].self_attn.o_proj.bias is not None and ours.layers[0].mlp.down_proj.bias is not None
+    ids = random_sequences([9], seed=6)[0]
+    states = runtime_hidden_states(ours, [ids], causal=True)[0]
+    assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=True), hf_hidden_states(hf64, ids, causal=True), "biased llama")
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lm_head_weight(tied):
+    hf32 = tiny_hf_model("qwen2", seed=7, tie_word_embeddings=tied)
+    ours = runtime_from_hf(hf32)
+    assert (ours.lm_head is None) == tied
+    assert (ours.lm_head_weight is ours.embed_tokens.weight) == tied
+    assert torch.equal(ours.lm_head_weight, hf32.lm_head.weight)
+    ids = random_sequences([8], seed=7)[0]
+    with torch.no_grad():
+        expected = hf32(input_ids=torch.tensor([ids])).logits[0]
+    logits = runtime_hidden_states(ours, [ids], causal=True)[0] @ ours.lm_head_weight.T
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_only_in_train_mode(models):
+    _, _, ours = models["llama"]
+    input_ids, cu_seqlens, max_seqlen = pack(random_sequences([10, 5], seed=8))
+    with torch.no_grad():
+        plain = ours(input_ids, cu_seqlens, max_seqlen)
+        for attention, hidden in [(0.2, 0.0), (0.0, 0.2)]:
+            ours.set_dropout(attention=attention, hidden=hidden)
+            try:
+                torch.testing.assert_close(ours(input_ids, cu_seqlens, max_seqlen), plain, rtol=0, atol=0)
+                ours.train()
+                first = ours(input_ids, cu_seqlens, max_seqlen)
+                second = ours(input_ids, cu_seqlens, max_seqlen)
+            finally:
+                ours.eval()
+                ours.set_dropout(attention=0.0, hidden=0.0)
+            assert (first - plain).abs().max() > 1e-3, (attention, hidden)
+            assert (first - second).abs().max() > 1e-3, (attention, hidden)
+    with pytest.raises(ValueError, match="hidden dropout must be in"):
+        ours.set_dropout(attention=0.1, hidden=1.0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ours = runtime_from_hf(tiny_hf_model("mistral", seed=9)).train()
+    input_ids, cu_seqlens, max_seqlen = pack(random_sequences([6, 9], seed=9))
+
+    def loss_and_grads(checkpointing: bool):
+        ours.set_gradient_checkpointing(checkpointing)
+        ours.zero_grad()
+        loss = ours(input_ids, cu_seqlens, max_seqlen).square().mean()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_ckpt.keys() == {name for name, _ in ours.named_parameters()} - {"lm_head.weight"}
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
+    assert grads["layers.0.self_attn.qkv_proj.weight"].abs().max() > 0
+
+
+def test_bf16_model_keeps_fp32_rope(models):
+    hf32, _, ours32 = models["llama"]
+    ours = runtime_from_hf(hf32).to(torch.bfloat16)
+    assert ours._inv_freq.dtype == torch.float32
+    sequences = random_sequences([12], seed=10)
+    states = runtime_hidden_states(ours, sequences, causal=False)[0]
+    assert states.dtype == torch.bfloat16
+    reference = runtime_hidden_states(ours32, sequences, causal=False)[0]
+    assert (states.float() - reference).abs().max() < 0.25  # bf16 keeps ~3 significant digits over 2 layers
+
+
+def test_bad_inputs_are_explained(models):
+    _, _, ours = models["llama"]
+    ids = torch.tensor([3, 4, 5])
+    good = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32"):
+        ours(ids, torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32"):
+        ours(ids[:0], torch.zeros(1, dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match="input_ids must be a 1-D integer"):
+        ours(ids[None], good, 3)
+    with pytest.raises(ValueError, match="end at T=3"):
+        ours(ids, torch.tensor([0, 2], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ours(ids, torch.tensor([0, 2, 1, 3], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="max_seqlen=2 is smaller than the longest sequence"):
+        ours(ids, good, 2)
+    with pytest.raises(ValueError, match="position_ids shape"):
+        ours(ids, good, 3, torch.arange(4))
+
+
+def test_causal_beyond_sliding_window_is_refused():
+    ours = DecoderModel(runtime_from_hf(tiny_hf_model("mistral", seed=11, sliding_window=4)).config)
+    ids = torch.tensor([3, 4, 5, 6, 7])
+    cu_seqlens = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sliding window"):
+        ours(ids, cu_seqlens, 5, causal=True)
+    assert ours(ids, cu_seqlens, 5).shape == (5, 64)  # bidirectional encoding ignores the window
