@@ -29,7 +29,7 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsup_corpus
 
 def _extra(parser) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
-    parser.add_argument("--docs", type=int, default=None, help="documents to embed (default 2000, quick 256)")
+    parser.add_argument("--docs", type=int, default=None, help="documents to embed (default 1000, quick 64)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=32, help="texts per padded batch in the baseline")
@@ -79,7 +79,7 @@ def padded_loop(model_path: str, texts: list[str], max_length: int, batch_size: 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _extra)
-    docs = args.docs or (256 if args.quick else 2000)
+    docs = args.docs or (64 if args.quick else 1000)
     if not args.corpus.is_file():
         raise SystemExit(f"{args.corpus} is missing: pass --corpus FILE (one document per line)")
     from llm2vec_fast.corpus.engine import load_engine

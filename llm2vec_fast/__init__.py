@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM2Vec", "__version__"]
+__all__ = ["LLM2Vec", "__version__", "read_embeddings"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from .encoder import LLM2Vec
 
         return LLM2Vec
+    if name == "read_embeddings":
+        from .corpus.read import read_embeddings
+
+        return read_embeddings
     raise AttributeError(f"module 'llm2vec_fast' has no attribute {name!r}")

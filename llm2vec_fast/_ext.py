@@ -9,12 +9,15 @@ the extension at run time as it does at build time.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
+EXTENSION_MODULE = "llm2vec_fast._C"
 NO_EXTENSION_ENV = "LLM2VEC_FAST_NO_EXTENSION"
 
 
@@ -28,19 +31,21 @@ def extension_disabled() -> bool:
     return os.environ.get(NO_EXTENSION_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def import_extension(name: str = EXTENSION_MODULE) -> tuple[ModuleType | None, str | None]:
+    """(module, None) when it imports, else (None, why not)."""
+    if importlib.util.find_spec(name) is None:
+        return None, "not built (reinstall with torch and a C++ compiler present; see setup.py)"
+    try:
+        return importlib.import_module(name), None
+    except (ImportError, OSError, RuntimeError) as error:
+        return None, f"failed to load (built against another torch?): {error}"
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ModuleType | None, str | None]:
     if extension_disabled():
         return None, f"disabled by {NO_EXTENSION_ENV}=1"
-    try:
-        from llm2vec_fast import _C
-    except ModuleNotFoundError as error:
-        if error.name != "llm2vec_fast._C":
-            return None, f"failed to import: {error}"
-        return None, "not built (reinstall with torch and a C++ compiler present; see setup.py)"
-    except (ImportError, OSError, RuntimeError) as error:
-        return None, f"failed to load (built against another torch?): {error}"
-    return _C, None
+    return import_extension()
 
 
 def extension_status() -> ExtensionStatus:

@@ -156,19 +156,19 @@ def split_flat_plan(flat: FlatPlan, lengths: torch.Tensor) -> list[BatchPlan]:
     num_batches = batch_offsets.numel() - 1
     if num_batches == 0:
         return []
-    starts = batch_offsets[:-1].numpy()
     ordered_lengths = lengths[order].numpy()  # (N,)
-    max_seqlens = np.maximum.reduceat(ordered_lengths, starts)  # every batch is non-empty
+    max_seqlens = np.maximum.reduceat(ordered_lengths, batch_offsets[:-1].numpy()).tolist()
+    seq_bounds, token_bounds = batch_offsets.tolist(), token_offsets.tolist()
     plans = []
     for b in range(num_batches):
-        start, end = int(batch_offsets[b]), int(batch_offsets[b + 1])
-        token_start, token_end = int(token_offsets[b]), int(token_offsets[b + 1])
+        start, end = seq_bounds[b], seq_bounds[b + 1]
+        token_start, token_end = token_bounds[b], token_bounds[b + 1]
         plans.append(
             BatchPlan(
                 indices=order[start:end],
                 cu_seqlens=cu_seqlens[start + b : end + b + 1],
                 position_ids=position_ids[token_start:token_end],
-                max_seqlen=int(max_seqlens[b]),
+                max_seqlen=max_seqlens[b],
                 num_tokens=token_end - token_start,
             )
         )

@@ -18,6 +18,9 @@ from llm2vec_fast import __version__
 
 SUBCOMMAND_MODULES = [
     "llm2vec_fast.info",
+    "llm2vec_fast.corpus.cli",
+    "llm2vec_fast.train.cli",
+    "llm2vec_fast.evaluation",
 ]
 
 

@@ -1,4 +1,7 @@
-"""``llm2vec-fast info``: what this installation has (extension, torch, Triton, devices)."""
+"""``llm2vec-fast info``: what this installation has (extension, torch, Triton, devices).
+
+torch is imported only when the command runs, so that ``llm2vec-fast --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import importlib.metadata
 import json
 import os
 from pathlib import Path
-
-import torch
 
 CACHE_ENV = "LLM2VEC_FAST_CACHE"
 
@@ -31,6 +32,8 @@ def describe_extension() -> str:
 
 
 def describe_torch() -> str:
+    import torch
+
     if torch.version.cuda is not None:
         return f"{torch.__version__} (CUDA {torch.version.cuda} build)"
     if getattr(torch.version, "hip", None):
@@ -46,6 +49,8 @@ def describe_triton() -> str:
 
 
 def describe_cuda_devices() -> list[str]:
+    import torch
+
     if not torch.cuda.is_available():
         return []
     devices = []

@@ -78,6 +78,17 @@ print("llm2vec_fast._C" in sys.modules)
     ]
 
 
+def test_missing_extension_is_reported_as_not_built():
+    from llm2vec_fast._ext import import_extension
+
+    assert import_extension("llm2vec_fast._C_never_built") == (
+        None,
+        "not built (reinstall with torch and a C++ compiler present; see setup.py)",
+    )
+    module, reason = import_extension()
+    assert (module is not None, reason is None) == (extension_status().loaded,) * 2
+
+
 def test_no_top_level_kernels_module_installed():
     distribution = importlib.metadata.distribution("llm2vec-fast")
     top_level = (distribution.read_text("top_level.txt") or "").split()
@@ -134,3 +145,23 @@ def test_setup_without_cuda_toolkit(monkeypatch):
 
     monkeypatch.setenv("LLM2VEC_FAST_NO_EXTENSION", "1")
     assert setup_module.plan_extension() == ([], {})
+
+
+def test_every_registered_subcommand_has_a_run_function():
+    """Every leaf command (nested ones like ``eval sts`` included) sets ``run``."""
+    import argparse
+
+    from llm2vec_fast.cli import build_parser
+
+    def leaves(parser: argparse.ArgumentParser, path: str):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not nested:
+            yield path, parser
+        for action in nested:
+            for name, subparser in action.choices.items():
+                yield from leaves(subparser, f"{path} {name}".strip())
+
+    commands = dict(leaves(build_parser(), ""))
+    assert "info" in commands
+    for name, parser in commands.items():
+        assert callable(parser.get_default("run")), f"{name!r} sets no run function"

@@ -1,12 +1,12 @@
 """The embedded default model (real SmolLM2-135M-Instruct weights) against transformers.
 
-The GGUF is converted once per test session into a temporary cache (``converted`` fixture).
+The GGUF is converted once per test session into a temporary cache (the ``default_model_folder``
+fixture in conftest.py).
 Tolerance as in test_model.py: our fp32 error against an fp64 transformers run is at most twice
 transformers' own fp32 error plus 1e-6.
 """
 
 import copy
-import os
 
 import pytest
 import torch
@@ -24,25 +24,11 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """The default model folder, converted once into a session-wide temporary cache."""
-    previous = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("llm2vec_fast_cache"))
-    try:
-        yield default_model_path()
-    finally:
-        if previous is None:
-            del os.environ[CACHE_ENV]
-        else:
-            os.environ[CACHE_ENV] = previous
-
-
-def test_runtime_matches_transformers_on_real_weights(converted):
-    assert default_model_path() == converted  # second call: the cached folder, no conversion
-    model, tokenizer = load_model(converted)
+def test_runtime_matches_transformers_on_real_weights(default_model_folder):
+    assert default_model_path() == default_model_folder  # second call: the cached folder, no conversion
+    model, tokenizer = load_model(default_model_folder)
     assert model.config.model_type == "llama" and model.config.tie_word_embeddings
-    hf32 = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32, attn_implementation="eager").eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32, attn_implementation="eager").eval()
     hf64 = copy.deepcopy(hf32).double()
     sequences = [tokenizer(text)["input_ids"] for text in TEXTS]
     assert len({len(ids) for ids in sequences}) > 2

@@ -30,7 +30,7 @@ import numpy as np
 from llm2vec_fast.corpus.engine import Engine, Item, Text, load_engine
 from llm2vec_fast.corpus.manifest import (ERRORS, MANIFEST, SHARDS_DIR, JobMismatchError, atomic_write_bytes,
                                           atomic_write_json, identity_differences, is_temporary, load_manifest,
-                                          new_manifest, part_name, read_json, recorded_shards, with_shards)
+                                          new_manifest, part_name, recorded_shards, with_shards)
 from llm2vec_fast.corpus.read import MATRIX_CACHE
 from llm2vec_fast.corpus.readers import (Fields, InputError, InputFile, discover_inputs, estimate_rows, fingerprint,
                                          read_rows)

@@ -210,7 +210,10 @@ class Trainer:
         )  # fmt: skip
 
     def _base_path(self) -> str:
-        return str(Path(self.config.model_name_or_path).expanduser().resolve())
+        """What the adapter applies to: the previous stage's adapter folder when there is one
+        (it names its own base, so ``load_model(adapter)`` rebuilds the whole chain), else the base."""
+        previous = self.config.peft_model_name_or_path or self.config.model_name_or_path
+        return str(Path(previous).expanduser().resolve())
 
     def _save_checkpoint(self, step: int) -> None:
         """Write ``checkpoint-<step>`` atomically (temporary folder renamed into place)."""

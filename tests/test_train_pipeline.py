@@ -1,0 +1,61 @@
+"""Base -> MNTP adapter -> SimCSE adapter through the ``train`` command, loaded back by LLM2Vec."""
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+from model_helpers import save_tiny_folder, tiny_hf_model
+
+from llm2vec_fast import LLM2Vec
+from llm2vec_fast.loading import load_model
+from llm2vec_fast.train import run
+from llm2vec_fast.train.cli import add_parser
+
+
+def _train_command(objective: str, config_path) -> int:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", objective, str(config_path)])
+    return args.run(args)
+
+
+def test_mntp_then_simcse_adapters_load_as_an_encoder(tmp_path, caplog):
+    base = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "base")
+    rng = random.Random(0)
+    lines = [" ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 9))) for _ in range(16)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    common = {"model_name_or_path": str(base), "dataset_file_path": "corpus.txt", "per_device_train_batch_size": 4,
+              "max_seq_length": 8, "stop_after_n_steps": 2, "lora_r": 4, "learning_rate": 1e-2,
+              "attn_implementation": "flash_attention_2", "torch_dtype": "bfloat16"}  # fmt: skip
+    mntp_config = tmp_path / "mntp.json"
+    mntp_config.write_text(json.dumps(dict(common, output_dir=str(tmp_path / "mntp"), mask_token_type="eos")))
+    assert _train_command("mntp", mntp_config) == 0
+    simcse_config = tmp_path / "simcse.json"
+    simcse_config.write_text(json.dumps(dict(common, output_dir=str(tmp_path / "simcse"), peft_model_name_or_path=str(tmp_path / "mntp"))))
+    assert _train_command("simcse", simcse_config) == 0
+
+    adapter = json.loads((tmp_path / "simcse" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "mntp").resolve()) and adapter["r"] == 4
+
+    # the llm2vec way of loading the chain, and the adapter folder alone (it names the MNTP folder)
+    encoder = LLM2Vec.from_pretrained(tmp_path / "mntp", peft_model_name_or_path=tmp_path / "simcse", pooling_mode="mean")
+    chained, _ = load_model(tmp_path / "simcse")
+    base_model, _ = load_model(base)
+    ids = torch.tensor([5, 9, 13, 40])
+    cu_seqlens = torch.tensor([0, 4], dtype=torch.int32)
+    with torch.no_grad():
+        merged = encoder.model(ids, cu_seqlens, 4)
+        torch.testing.assert_close(chained(ids, cu_seqlens, 4), merged, rtol=1e-5, atol=1e-5)
+        assert (base_model(ids, cu_seqlens, 4) - merged).abs().max() > 1e-4  # training moved the weights
+    assert encoder.encode(lines[:3], show_progress_bar=False).shape == (3, 64)
+
+
+def test_hub_dataset_without_local_file_is_a_clear_error(tmp_path):
+    base = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "base")
+    config = {"model_name_or_path": str(base), "output_dir": str(tmp_path / "out"), "dataset_name": "Wiki1M"}
+    with pytest.raises(ValueError, match="set dataset_file_path"):
+        run("simcse", config)
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        run("simcse", dict(config, dataset_file_path=str(tmp_path / "nowhere.txt")))

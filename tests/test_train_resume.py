@@ -1,0 +1,81 @@
+"""A training run killed by SIGKILL and resumed reproduces the uninterrupted run's loss curve."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from model_helpers import save_tiny_folder, tiny_hf_model
+
+from llm2vec_fast.train import run
+from llm2vec_fast.train.loop import LOG_FILE
+
+TESTS_DIR = Path(__file__).parent
+STEPS = 7
+# The child trains slowly (a pause after each step) so that the test can kill it mid-run.
+CHILD = """
+import json, sys, time
+from llm2vec_fast.train import run
+run("mntp", json.loads(sys.argv[1]), step_callback=lambda step, loss: time.sleep(0.4))
+"""
+
+
+def _setup(tmp_path: Path) -> dict:
+    base = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "base")
+    rng = random.Random(0)
+    lines = [" ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(3, 12))) for _ in range(40)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    return {
+        "model_name_or_path": str(base), "dataset_file_path": str(tmp_path / "corpus.txt"),
+        "per_device_train_batch_size": 4, "max_seq_length": 10, "mask_token_type": "eos", "mlm_probability": 0.3,
+        "learning_rate": 3e-3, "warmup_steps": 2, "stop_after_n_steps": STEPS, "save_steps": 2, "lora_r": 4,
+        "lora_dropout": 0.1, "seed": 7,
+    }  # fmt: skip
+
+
+def _losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / LOG_FILE).read_text().splitlines()]
+
+
+def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
+    config = _setup(tmp_path)
+    torch.set_num_threads(1)  # the child runs with one thread too: same reductions, same numbers
+    expected = run("mntp", dict(config, output_dir=str(tmp_path / "straight"))).losses
+    assert len(expected) == STEPS
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS_DIR))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dict(config, output_dir=str(killed)))], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((killed / LOG_FILE).is_file() and len(_losses(killed)) >= 5):
+            assert child.poll() is None, "the child ended before it could be killed"
+            assert time.monotonic() < deadline, "the child made no progress"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (killed / "adapter_model.safetensors").exists()  # it did not finish
+    assert (killed / "checkpoint-4").is_dir()
+
+    resumed = run("mntp", dict(config, output_dir=str(killed)), resume=True)
+    assert resumed.steps == STEPS and len(resumed.losses) == STEPS - 4  # continued from checkpoint-4
+    torch.testing.assert_close(_losses(killed), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(resumed.losses, expected[4:], rtol=1e-6, atol=1e-7)
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    config = dict(_setup(tmp_path), stop_after_n_steps=2, output_dir=str(tmp_path / "out"))
+    run("mntp", config)
+    try:
+        run("mntp", config)
+    except FileExistsError as error:
+        assert "--resume" in str(error)
+    else:
+        raise AssertionError("a second run over checkpoints must not start silently")
