@@ -56,6 +56,33 @@ def measure_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: 
     return statistics.median(samples)
 
 
+def time_calls_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall time in milliseconds of whole calls of a long ``fn()`` (an end-to-end encode,
+    host work included), synchronizing the device around each call, after ``warmup`` calls.
+
+    ``measure_ms`` suits kernels; for calls of seconds, ``do_bench``'s own estimate runs would
+    multiply the cost, so this runs exactly ``warmup + repeats`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(max(repeats, 1)):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: int) -> float:
+    """The achieved dense matmul rate (TFLOP/s) of a ``size`` cube ``torch.matmul`` in ``dtype``,
+    measured now: the denominator of MFU, taken on the same card in the same run."""
+    generator = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+    ms = measure_ms(lambda: torch.matmul(a, b), device=device, warmup=2, repeats=5)
+    return 2 * size**3 / ms / 1e9
+
+
 def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device | str) -> int | None:
     """Peak CUDA memory allocated during ``fn()`` above what was allocated before; None on a CPU."""
     if torch.device(device).type != "cuda":
@@ -116,6 +143,12 @@ class Results:
         self.device = device
         self.out_dir = Path(out_dir)
         self.records: list[dict] = []
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """A line for the reader (e.g. a configuration skipped and why): printed now, saved."""
+        print(text, flush=True)
+        self.notes.append(text)
 
     def add(
         self,
@@ -160,7 +193,7 @@ class Results:
         day = env["date"][:10]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{day}-{_slug(env['device'])}-{self.name}.json"
-        path.write_text(json.dumps({"benchmark": self.name, "environment": env, "records": self.records}, indent=2) + "\n")
+        path.write_text(json.dumps({"benchmark": self.name, "environment": env, "records": self.records, "notes": self.notes}, indent=2) + "\n")
         print(f"\n{self.name} on {env['device']} (torch {env['torch']}, triton {env['triton']})")
         print(self.table())
         print(f"saved {path}")

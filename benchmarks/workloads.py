@@ -45,12 +45,35 @@ def token_lengths(count: int, *, median: int = 48, max_tokens: int = 512, seed: 
 
 def mixed_length_texts(tokenizer, count: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0) -> list[str]:
     """``count`` documents whose token counts follow ``token_lengths`` under ``tokenizer``."""
-    ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"]
+    lengths = token_lengths(count, median=median, max_tokens=max_tokens, seed=seed)
+    ids = tokenizer(stdlib_text(max_chars=max(200_000, 8 * int(lengths.sum()))), add_special_tokens=False)["input_ids"]
     texts = []
     start = 0
-    for length in token_lengths(count, median=median, max_tokens=max_tokens, seed=seed):
+    for length in lengths:
         if start + length > len(ids):
             start = 0
         texts.append(tokenizer.decode(ids[start : start + length]))
         start += length
     return texts
+
+
+def lengths_for_tokens(total_tokens: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0) -> list[int]:
+    """The shortest prefix of a ``token_lengths`` draw that holds at least ``total_tokens`` tokens."""
+    lengths = token_lengths(max(1, 4 * total_tokens // median), median=median, max_tokens=max_tokens, seed=seed)
+    needed = int(np.searchsorted(np.cumsum(lengths), total_tokens)) + 1
+    return lengths[:needed].tolist()
+
+
+def write_corpus(path: Path, documents: int, *, seed: int = 0) -> Path:
+    """A text file of ``documents`` lines (about 10 to 120 words each) cut from the stdlib text:
+    a corpus for the embedding job on machines that lack ../shared/data."""
+    words = stdlib_text(max_chars=max(200_000, 100 * documents * 8)).split()
+    rng = np.random.default_rng(seed)
+    lines, start = [], 0
+    for count in rng.integers(10, 120, size=documents):
+        if start + count > len(words):
+            start = 0
+        lines.append(" ".join(words[start : start + count]))
+        start += count
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -7,7 +7,6 @@ results do not depend on how texts are batched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import text as text_layer
 from .batching import plan_batches
+from .files import sha256_file
 from .kernels import POOLING_MODES, masked_pool
 from .loading import load_model
 from .model import DecoderModel
@@ -51,14 +51,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LLM2Vec:
@@ -179,7 +171,7 @@ class LLM2Vec:
     def describe(self) -> dict:
         """What produced these embeddings: model files with their sha256, settings, dimension."""
         loaded = getattr(self.model, "loaded_from", None)
-        files = [] if loaded is None else [{"path": str(p), "sha256": _file_sha256(p)} for p in loaded.files]
+        files = [] if loaded is None else [{"path": str(p), "sha256": sha256_file(p)} for p in loaded.files]
         adapters = [] if loaded is None else [str(p) for p in loaded.adapters]
         return {
             "model": None if loaded is None else str(loaded.source),

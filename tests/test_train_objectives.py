@@ -3,6 +3,7 @@
 import json
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 from model_helpers import runtime_from_hf, tiny_hf_model, tiny_tokenizer
@@ -11,7 +12,7 @@ from llm2vec_fast.kernels import reference
 from llm2vec_fast.train.config import config_from_dict
 from llm2vec_fast.train.data import example_generator
 from llm2vec_fast.train.distributed import DistContext
-from llm2vec_fast.train.mntp import IGNORE_INDEX, MNTPObjective, mask_block, predecessor_rows
+from llm2vec_fast.train.mntp import IGNORE_INDEX, MNTPObjective, mask_block, mask_token_id, predecessor_rows
 from llm2vec_fast.train.simcse import SimCSEObjective
 from llm2vec_fast.train.supervised import SupervisedObjective
 
@@ -41,6 +42,17 @@ def test_mask_block_rules():
     assert inputs[1:-1] == [3] * 4000 and labels[1:-1] == [7] * 4000
     again = mask_block(ids, special, 0.5, False, 3, 96, torch.Generator().manual_seed(0))
     assert again == mask_block(ids, special, 0.5, False, 3, 96, torch.Generator().manual_seed(0))
+
+
+def test_mask_token_choice():
+    tokenizer = tiny_tokenizer()
+    assert mask_token_id(tokenizer, "eos") == 2
+    with pytest.raises(ValueError, match="'_' as one token"):
+        mask_token_id(tokenizer, "blank")  # the tiny vocabulary has no '_'
+    with pytest.raises(ValueError, match="no mask token"):
+        mask_token_id(tokenizer, "mask")
+    tokenizer.add_tokens(["_"])
+    assert mask_token_id(tokenizer, "blank") == tokenizer.convert_tokens_to_ids("_")
 
 
 def test_predecessor_rows_stay_inside_each_sequence():

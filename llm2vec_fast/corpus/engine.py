@@ -16,6 +16,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from llm2vec_fast.files import sha256_of_path
+
 Text = str | tuple[str, str]  # a text, or an (instruction, text) pair
 
 
@@ -96,20 +98,6 @@ class HashEngine:
     def describe(self) -> dict:
         return {"model": "fake", "adapters": [], "pooling": "hash", "max_length": self.max_length,
                 "dtype": "float32", "normalize": self.normalize, "dim": self.dim}
-
-
-def sha256_of_path(path: str | Path) -> str:
-    """sha256 over a file, or over the sorted files of a folder (relative names included)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from llm2vec_fast.files import fsync_dir
+
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 SHARDS_DIR = "shards"
@@ -27,14 +29,6 @@ class JobMismatchError(ValueError):
 
 def part_name(rank: int) -> str:
     return f"manifest.rank-{rank}.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def temporary_name(path: Path) -> Path:

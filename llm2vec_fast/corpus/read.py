@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -10,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from llm2vec_fast.corpus.manifest import ERRORS, load_manifest, recorded_shards
+from llm2vec_fast.files import sha256_file
 
 MATRIX_CACHE = "embeddings.npy"
 
@@ -46,7 +46,7 @@ def verify(folder: str | Path) -> None:
     folder = Path(folder)
     for shard in _shards(folder, allow_incomplete=True):
         for name, key in (("file", "sha256"), ("errors_file", "errors_sha256")):
-            if hashlib.sha256((folder / shard[name]).read_bytes()).hexdigest() != shard[key]:
+            if sha256_file(folder / shard[name]) != shard[key]:
                 raise ValueError(f"{folder / shard[name]}: checksum differs from the manifest's; the file is damaged")
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llm2vec_fast.corpus.manifest import (SHARDS_DIR, atomic_write_bytes, atomic_write_json, crash_point, fsync_dir,
-                                          temporary_name, with_shards)
+from llm2vec_fast.corpus.manifest import (SHARDS_DIR, atomic_write_bytes, atomic_write_json, crash_point, temporary_name,
+                                          with_shards)
+from llm2vec_fast.files import fsync_dir, sha256_file
 
 ROW_GROUP_ROWS = 4096
 
@@ -40,14 +41,6 @@ def shard_file(index: int) -> str:
 
 def errors_file(index: int) -> str:
     return f"{SHARDS_DIR}/shard-{index:06d}.errors.jsonl"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_parquet(path: Path, ids: list[str], embeddings: np.ndarray, dtype: str) -> None:
@@ -94,7 +87,7 @@ class ShardWriter:
         write_parquet(parquet_path, shard.ids, shard.embeddings, self.output_dtype)
         entry = {
             "index": shard.index, "rows": [shard.start, shard.stop], "file": shard_file(shard.index),
-            "bytes": parquet_path.stat().st_size, "sha256": _sha256(parquet_path),
+            "bytes": parquet_path.stat().st_size, "sha256": sha256_file(parquet_path),
             "errors_file": errors_file(shard.index), "errors_sha256": hashlib.sha256(lines).hexdigest(),
             "embedded": len(shard.ids), "errors": len(shard.errors), "truncated": shard.truncated,
             "tokens": shard.tokens,

@@ -37,12 +37,9 @@ def mask_token_id(tokenizer: Any, mask_token_type: str) -> int:
         if tokenizer.mask_token_id is None:
             raise ValueError("mask_token_type='mask' but the tokenizer has no mask token; use 'blank' or 'eos'")
         return int(tokenizer.mask_token_id)
-    token_id = tokenizer.convert_tokens_to_ids("_")
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        ids = tokenizer("_", add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            raise ValueError("mask_token_type='blank' needs '_' as one token of the vocabulary; use 'eos' instead")
-        token_id = ids[0]
+    token_id = tokenizer.get_vocab().get("_")  # llm2vec sets mask_token = "_", a vocabulary entry
+    if token_id is None:
+        raise ValueError("mask_token_type='blank' needs '_' as one token of the vocabulary, which this tokenizer lacks; use 'eos'")
     return int(token_id)
 
 
