@@ -211,28 +211,40 @@ class LLM2Vec:
         max_batch_size: int | None = None,
         progress: tqdm | None = None,
     ) -> torch.Tensor:
-        """Embeddings ``(n, hidden)`` fp32 on the CPU for tokenized items, in their order."""
+        """Embeddings ``(n, hidden)`` fp32 on the CPU for tokenized items, in their order.
+
+        On a GPU the packed batches travel from pinned memory asynchronously and the results stay
+        on the device until the end, so the host prepares batch i+1 while the GPU runs batch i.
+        """
         budget = int(max_batch_tokens or self.max_batch_tokens)
-        out = torch.empty(len(items), self.embedding_dim, dtype=torch.float32)
         device = self.device
+        out = torch.empty(len(items), self.embedding_dim, dtype=torch.float32, device=device)
+
+        def to_device(tensor: torch.Tensor) -> torch.Tensor:
+            if device.type != "cuda":
+                return tensor
+            return tensor.pin_memory().to(device, non_blocking=True)
+
         for plan in plan_batches([len(i.input_ids) for i in items], budget, max_batch_size):
             members = [items[j] for j in plan.indices.tolist()]
             input_ids = torch.tensor([t for item in members for t in item.input_ids], dtype=torch.long)  # (T,)
             pool_mask = torch.tensor([m for item in members for m in item.pool_mask], dtype=torch.bool)  # (T,)
+            cu_seqlens = to_device(plan.cu_seqlens)  # (B + 1,)
             hidden = self.model(
-                input_ids.to(device, non_blocking=True),
-                plan.cu_seqlens.to(device, non_blocking=True),
+                to_device(input_ids),
+                cu_seqlens,
                 plan.max_seqlen,
-                plan.position_ids.to(device, non_blocking=True),
+                to_device(plan.position_ids),
                 causal=not self.enable_bidirectional,
             )  # (T, hidden)
+            # the packer's cu_seqlens were checked by the model's forward
             pooled = masked_pool(
-                hidden, plan.cu_seqlens.to(device), self.pooling_mode, pool_mask.to(device), normalize
+                hidden, cu_seqlens, self.pooling_mode, to_device(pool_mask), normalize, check_cu_seqlens=False
             )  # (B, hidden)
-            out[plan.indices] = pooled.float().cpu()
+            out[to_device(plan.indices)] = pooled.float()
             if progress is not None:
                 progress.update(len(members))
-        return out
+        return out.cpu()
 
     def encode(
         self,
