@@ -51,6 +51,41 @@ def _dropout_keep(seed, head, q_tokens, k_tokens, dropout_p):
 
 
 @triton.jit
+def _load_rows(base, positions, stride, seqlen, MASK_LENGTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``positions`` of one head's ``(seqlen, HEAD_DIM)`` slice at ``base`` as a ``(len, BLOCK_D)``
+    tile; zeros past HEAD_DIM and, with MASK_LENGTH, at positions >= seqlen."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    mask = d_valid[None, :]
+    if MASK_LENGTH:
+        mask = (positions < seqlen)[:, None] & d_valid[None, :]
+    return tl.load(base + positions[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _visible_keys(rows, cols, seqlen, MASK_CAUSAL: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)`` mask of the keys ``cols`` that the queries ``rows`` attend to: keys
+    inside the sequence and, with MASK_CAUSAL, not after the query."""
+    valid = (cols < seqlen)[None, :]
+    if MASK_CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    return valid
+
+
+@triton.jit
+def _key_block_split(start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range ends for the query block at ``start_m``: the key blocks in [0, full_end) need no
+    mask, those in [full_end, masked_end) do (the diagonal block if causal, else the tail block)."""
+    if CAUSAL:
+        full_end = start_m  # keys before the query block: visible to every row
+        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        masked_end = seqlen
+    return full_end, masked_end
+
+
+@triton.jit
 def _fwd_key_blocks(
     acc,
     l_i,
@@ -79,20 +114,12 @@ def _fwd_key_blocks(
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi) of one sequence."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
-        kv_mask = d_valid[None, :]
-        if MASK_LENGTH:
-            kv_mask = (cols < seqlen)[:, None] & d_valid[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        k = _load_rows(k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASK_LENGTH:
-            valid = (cols < seqlen)[None, :]
-            if MASK_CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(_visible_keys(rows, cols, seqlen, MASK_CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         alpha = tl.exp2(m_i - m_new)
@@ -101,7 +128,7 @@ def _fwd_key_blocks(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -159,12 +186,7 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    if CAUSAL:
-        full_end = start_m  # keys before the query block: visible to every row
-        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
-    else:
-        full_end = (seqlen // BLOCK_N) * BLOCK_N
-        masked_end = seqlen
+    full_end, masked_end = _key_block_split(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_key_blocks(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, 0, full_end,
         head, qk_scale, dropout_p, seed,
@@ -243,21 +265,17 @@ def _dkdv_query_blocks(
 
     Works on transposed tiles (keys x queries) so the key block stays the left operand."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m  # (BLOCK_M,) query positions in the sequence
-        io_mask = d_valid[None, :]
         if MASK_LENGTH:
             row_valid = rows < seqlen
-            io_mask = row_valid[:, None] & d_valid[None, :]
             lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))  # padded rows get p = 0
             delta = tl.load(delta_base + rows, mask=row_valid, other=0.0)
         else:
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
-        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=io_mask, other=0.0)
+        q = _load_rows(q_base, rows, stride_qt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        do = _load_rows(do_base, rows, stride_dot, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASK_CAUSAL:
@@ -396,22 +414,14 @@ def _dq_key_blocks(
 ):
     """Accumulate dQ ``(BLOCK_M, BLOCK_D)`` of one query block over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
-        kv_mask = d_valid[None, :]
-        if MASK_LENGTH:
-            kv_mask = (cols < seqlen)[:, None] & d_valid[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
         if MASK_LENGTH:
-            valid = (cols < seqlen)[None, :]
-            if MASK_CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(_visible_keys(rows, cols, seqlen, MASK_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p)
@@ -479,12 +489,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        full_end = start_m
-        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
-    else:
-        full_end = (seqlen // BLOCK_N) * BLOCK_N
-        masked_end = seqlen
+    full_end, masked_end = _key_block_split(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_key_blocks(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, 0, full_end,
         head, qk_scale, dropout_p, keep_scale, seed,

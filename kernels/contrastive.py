@@ -64,6 +64,15 @@ def _dot_fp32_lhs(g, x, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _add_scaled_tile(grad_ptr, out_rows, out_row_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc):
+    """grad[out_rows, ds] += coef * scale * acc on an fp32 gradient buffer (read-modify-write)."""
+    coef = tl.load(coef_ptr) * scale
+    out = grad_ptr + out_rows[:, None] * stride_grad + ds[None, :]
+    out_ok = out_row_ok[:, None] & d_ok[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + coef * acc, mask=out_ok)
+
+
+@triton.jit
 def _forward_kernel(
     a_ptr,  # (M, D) rows: queries
     b_ptr,  # (N, D) columns: docs, b[i] is the positive of a[i]
@@ -149,10 +158,7 @@ def _row_grad_kernel(
         g = g * tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)[None, :]
         b = tl.load(b_ptr + cols[:, None] * stride_b + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc += _dot_fp32_lhs(g, b, IEEE)
-    coef = tl.load(coef_ptr) * scale
-    out = grad_a_hat_ptr + rows[:, None] * stride_grad + ds[None, :]
-    out_ok = row_ok[:, None] & d_ok[None, :]
-    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + coef * acc, mask=out_ok)
+    _add_scaled_tile(grad_a_hat_ptr, rows, row_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
 
 
 @triton.jit
@@ -177,10 +183,7 @@ def _col_grad_kernel(
         g = g * tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)[:, None]
         a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc += _dot_fp32_lhs(tl.trans(g), a, IEEE)
-    coef = tl.load(coef_ptr) * scale
-    out = grad_b_hat_ptr + (col_start + local)[:, None] * stride_grad + ds[None, :]
-    out_ok = col_ok[:, None] & d_ok[None, :]
-    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + coef * acc, mask=out_ok)
+    _add_scaled_tile(grad_b_hat_ptr, col_start + local, col_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
 
 
 def grad_chunk_cols(n_cols: int, dim: int) -> int:

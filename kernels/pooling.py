@@ -42,6 +42,17 @@ def _token_weights(mask_ptr, tokens, in_seq, rank_base, MODE: tl.constexpr, HAS_
 
 
 @triton.jit
+def _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H: tl.constexpr):
+    """This program's sequence, its ``[start, end)`` tokens (int64) and its block of hidden columns."""
+    seq = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_width = cols < width
+    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    return seq, start, end, cols, in_width
+
+
+@triton.jit
 def _pool_forward_kernel(
     hidden_ptr,  # (T, H)
     cu_seqlens_ptr,  # (B + 1,) int32
@@ -56,11 +67,7 @@ def _pool_forward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_width = cols < width
-    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-    end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H)
     out_row = out_ptr + seq.to(tl.int64) * stride_out + cols
     if MODE >= 2:
         if MODE == 2:
@@ -106,11 +113,7 @@ def _pool_backward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_width = cols < width
-    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-    end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H)
     grad = tl.load(grad_pooled_ptr + seq.to(tl.int64) * stride_grad_pooled + cols, mask=in_width, other=0.0)
     if MODE < 2:
         grad = grad / tl.maximum(tl.load(totals_ptr + seq), 1e-9)

@@ -1,10 +1,12 @@
-"""Shared checks of the fusion kernel tests (rms_norm, rope, swiglu, mntp_loss).
+"""Shared checks of the kernel tests (attention, pooling, contrastive, rms_norm, rope, swiglu,
+mntp_loss).
 
 Tolerance policy (DESIGN.md): the kernel's max error against a high-precision oracle must be at
 most ``factor`` times the error of the same op computed by PyTorch in the input dtype, plus a tiny
-atol. ``nan_allocations`` makes every ``torch.empty``/``torch.empty_like`` buffer start as NaN so
-an element a kernel forgets to write fails the check; ``fresh_tensor_shapes`` records the shapes of
-all newly allocated tensors (views and in-place results excluded), to prove what was never built.
+atol (``ulp_atol`` and ``fp32_ulps_atol`` give the usual ones). ``nan_allocations`` makes every
+``torch.empty``/``torch.empty_like`` buffer start as NaN so an element a kernel forgets to write
+fails the check; ``fresh_tensor_shapes`` records the shapes of all newly allocated tensors (views
+and in-place results excluded), to prove what was never built.
 """
 
 from __future__ import annotations
@@ -17,12 +19,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 FORWARD_FACTOR = 2.0
 GRADIENT_FACTOR = 3.0
+# One unit in the last place of each dtype, relative to 1.
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
 def max_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
     if value.numel() == 0:
         return 0.0
     return (value.double() - oracle.double()).abs().max().item()
+
+
+def ulp_atol(oracle: torch.Tensor, dtype: torch.dtype) -> float:
+    """One ULP of ``dtype`` at the oracle's scale: the rounding by which a kernel may differ from
+    PyTorch where PyTorch's own error happens to be 0 on a small case."""
+    scale = oracle.abs().max().item() if oracle.numel() else 0.0
+    return ULP[dtype] * scale
+
+
+def fp32_ulps_atol(oracle: torch.Tensor) -> float:
+    """A few fp32 ulps of the oracle's scale (at least 1): for kernels that compute in fp32, like the
+    PyTorch reference, but sum in another order, where the reference can be exact by luck."""
+    scale = oracle.abs().max().item() if oracle.numel() else 0.0
+    return 8 * torch.finfo(torch.float32).eps * max(scale, 1.0)
 
 
 def assert_close_to_oracle(

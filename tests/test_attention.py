@@ -15,6 +15,7 @@ import itertools
 
 import pytest
 import torch
+from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle
 
 from llm2vec_fast.kernels import attention, reference
 from llm2vec_fast.kernels.attention import dropout_keep_mask, varlen_attention
@@ -64,16 +65,10 @@ def forward_backward(fn, q, k, v, grad_out) -> list[torch.Tensor]:
 
 
 def assert_within_tolerance(ours, exact, torch_in_dtype, dtype, label=""):
-    atol = torch.finfo(dtype).eps
     for name, mine, truth, theirs in zip(GRAD_NAMES, ours, exact, torch_in_dtype):
-        assert mine.shape == truth.shape and mine.dtype == dtype, name
-        assert torch.isfinite(mine).all(), f"{label} {name}: non-finite values"
-        our_error = (mine.double() - truth.double()).abs().max().item() if mine.numel() else 0.0
-        torch_error = (theirs.double() - truth.double()).abs().max().item() if mine.numel() else 0.0
-        factor = 2.0 if name == "out" else 3.0
-        assert our_error <= factor * torch_error + atol, (
-            f"{label} {name}: error {our_error:.3g} > {factor} x PyTorch's {torch_error:.3g} + {atol:.3g}"
-        )
+        assert mine.dtype == dtype, f"{label} {name}: dtype {mine.dtype} != {dtype}"
+        factor = FORWARD_FACTOR if name == "out" else GRADIENT_FACTOR
+        assert_close_to_oracle(f"{label} {name}", mine, theirs, truth, factor=factor, atol=torch.finfo(dtype).eps)
 
 
 def check_against_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal,
@@ -93,6 +88,19 @@ def check_against_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype,
     exact = forward_backward(ref, *(x.to(exact_dtype) for x in (q, k, v, grad_out)))
     in_dtype = forward_backward(ref, q, k, v, grad_out)
     assert_within_tolerance(mine, exact, in_dtype, dtype, label=f"lengths={lengths}")
+
+
+def check_backward_is_deterministic(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal):
+    """Two forward+backward runs on the same inputs give bitwise equal results."""
+    cu_seqlens = cu_seqlens_of(lengths, device)
+    q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
+
+    def run():
+        return forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, max(lengths), causal=causal), q, k, v, grad_out)
+
+    first, second = run(), run()
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,16 +168,7 @@ def test_all_sequences_empty(triton_backend):
 
 
 def test_backward_is_deterministic(triton_backend):
-    lengths = [70, 33]
-    cu_seqlens = cu_seqlens_of(lengths, "cpu")
-    q, k, v, grad_out = make_inputs(lengths, 4, 1, 64, torch.float16, "cpu")
-
-    def run():
-        return forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, 70, causal=True), q, k, v, grad_out)
-
-    first, second = run(), run()
-    for name, a, b in zip(GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs"
+    check_backward_is_deterministic([70, 33], 4, 1, 64, torch.float16, "cpu", causal=True)
 
 
 def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dtype):
@@ -195,22 +194,16 @@ def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dt
     return torch.cat(outputs).to(q.dtype)
 
 
-@pytest.mark.parametrize(
-    "dtype, causal",
-    [
-        pytest.param(torch.float32, False, id="fp32-bidirectional"),
-        pytest.param(torch.float16, True, id="fp16-causal"),
-    ],
-)
-def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal):
-    lengths = [0, 33, 1, 70]
-    dropout_p, seed = 0.25, 1234
-    cu_seqlens = cu_seqlens_of(lengths, "cpu")
-    q, k, v, grad_out = make_inputs(lengths, 3, 1, 64, dtype, "cpu")
-    keep = dropout_keep_mask(3, sum(lengths), dropout_p, seed, "cpu")
+def check_dropout_against_masked_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *,
+                                           causal, dropout_p, seed) -> None:  # fmt: skip
+    """Triton dropout against ``masked_attention`` with the kernels' own keep-mask, and unlike no dropout."""
+    cu_seqlens = cu_seqlens_of(lengths, device)
+    max_seqlen = max(lengths)
+    q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    keep = dropout_keep_mask(num_q_heads, sum(lengths), dropout_p, seed, device)
 
     def ours(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_seqlens, 70, causal=causal, dropout_p=dropout_p, dropout_seed=seed)
+        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p, dropout_seed=seed)
 
     def ref(compute_dtype):
         return lambda q_, k_, v_: masked_attention(
@@ -221,8 +214,19 @@ def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal)
     exact = forward_backward(ref(torch.float64), *(x.double() for x in (q, k, v)), grad_out.double())
     in_dtype = forward_backward(ref(dtype), q, k, v, grad_out)
     assert_within_tolerance(mine, exact, in_dtype, dtype)
-    without_dropout = varlen_attention(q, k, v, cu_seqlens, 70, causal=causal)
+    without_dropout = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal)
     assert not torch.allclose(mine[0], without_dropout), "dropout changed nothing"
+
+
+@pytest.mark.parametrize(
+    "dtype, causal",
+    [
+        pytest.param(torch.float32, False, id="fp32-bidirectional"),
+        pytest.param(torch.float16, True, id="fp16-causal"),
+    ],
+)
+def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal):
+    check_dropout_against_masked_reference([0, 33, 1, 70], 3, 1, 64, dtype, "cpu", causal=causal, dropout_p=0.25, seed=1234)
 
 
 def test_dropout_keep_rate_and_independence():
@@ -341,23 +345,9 @@ def test_gpu_fp32(triton_backend, head_dim):
 def test_gpu_dropout_matches_reference_with_same_mask(triton_backend, dtype):
     lengths = [0, 1, 129, 257, 65]
     dropout_p, seed = 0.1, 99
-    cu_seqlens = cu_seqlens_of(lengths, "cuda")
-    q, k, v, grad_out = make_inputs(lengths, 4, 2, 128, dtype, "cuda")
     keep = dropout_keep_mask(4, sum(lengths), dropout_p, seed, "cuda")
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.01
-
-    def ours(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_seqlens, 257, causal=True, dropout_p=dropout_p, dropout_seed=seed)
-
-    def ref(compute_dtype):
-        return lambda q_, k_, v_: masked_attention(
-            q_, k_, v_, cu_seqlens, keep, dropout_p, causal=True, compute_dtype=compute_dtype
-        )  # fmt: skip
-
-    mine = forward_backward(ours, q, k, v, grad_out)
-    exact = forward_backward(ref(torch.float64), *(x.double() for x in (q, k, v)), grad_out.double())
-    in_dtype = forward_backward(ref(dtype), q, k, v, grad_out)
-    assert_within_tolerance(mine, exact, in_dtype, dtype)
+    check_dropout_against_masked_reference(lengths, 4, 2, 128, dtype, "cuda", causal=True, dropout_p=dropout_p, seed=seed)
 
 
 @pytest.mark.gpu
@@ -375,16 +365,7 @@ def test_gpu_32k_single_sequence(triton_backend, causal):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic(triton_backend):
-    lengths = [4096, 1000, 1]
-    cu_seqlens = cu_seqlens_of(lengths, "cuda")
-    q, k, v, grad_out = make_inputs(lengths, 8, 2, 128, torch.bfloat16, "cuda")
-
-    def run():
-        return forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, 4096), q, k, v, grad_out)
-
-    first, second = run(), run()
-    for name, a, b in zip(GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs"
+    check_backward_is_deterministic([4096, 1000, 1], 8, 2, 128, torch.bfloat16, "cuda", causal=False)
 
 
 @pytest.mark.gpu
