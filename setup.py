@@ -52,6 +52,7 @@ TEST_REQUIRES = [
     "peft>=0.15",
     "sentence-transformers>=3",
     "matplotlib>=3.7",
+    "scipy>=1.10",
 ]
 
 

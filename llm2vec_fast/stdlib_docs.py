@@ -21,10 +21,10 @@ def iter_stdlib_docstrings(min_chars: int = 40, max_chars: int = 600) -> Iterato
     """Yield ``{"id": "module.qualname", "text": first paragraph}`` for modules, classes and functions.
 
     Walks the standard library's ``.py`` files in sorted order (so the corpus is the same on every
-    run), skipping tests, private names and idle/tkinter demos.
+    run), skipping tests, private names, methods, codecs and idle/tkinter demos.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skipped_parts = {"test", "tests", "idlelib", "turtledemo", "site-packages", "lib2to3", "__pycache__"}
+    skipped_parts = {"test", "tests", "idlelib", "turtledemo", "site-packages", "lib2to3", "__pycache__", "encodings"}
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root)
         if skipped_parts & set(relative.parts) or any(part.startswith("_") for part in relative.parts):
@@ -46,6 +46,8 @@ def _docstrings_of(tree: ast.Module, module: str, min_chars: int, max_chars: int
             text = _first_paragraph(doc, max_chars)
             if len(text) >= min_chars:
                 yield {"id": name, "text": text}
+        # modules hold public classes and functions; classes only nested classes (no methods)
+        kinds = (ast.ClassDef,) if isinstance(node, ast.ClassDef) else (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not child.name.startswith("_"):
+            if isinstance(child, kinds) and not child.name.startswith("_"):
                 stack.append((child, f"{name}.{child.name}"))

@@ -41,7 +41,7 @@ IGNORED_KEYS = frozenset(
         "save_total_limit", "save_strategy", "logging_strategy", "bf16", "fp16", "tf32",
         "push_to_hub", "hub_model_id", "config_name", "tokenizer_name", "model_type",
         "config_overrides", "pad_to_max_length", "local_rank", "deepspeed", "optim",
-        "dataset_config_name", "lora_modules", "pad_to_multiple_of",
+        "dataset_config_name", "pad_to_multiple_of",
     }
 )  # fmt: skip
 

@@ -30,7 +30,7 @@ SUPERVISED_FIELDS = ("query", "positive", "negative")
 class DataReport:
     """What reading and tokenizing the data skipped or changed, for the log."""
 
-    path: Path
+    path: Path | None
     records: int = 0
     empty_lines: int = 0
     truncated_texts: int = 0
