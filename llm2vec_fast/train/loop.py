@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..files import fsync_dir
 from ..loading import load_model
 from . import distributed
 from .config import TrainConfig, config_from_dict, load_config
@@ -242,7 +243,7 @@ class Trainer:
             shutil.rmtree(stale)
         else:
             os.replace(tmp, target)
-        _fsync_dir(self.output_dir)
+        fsync_dir(self.output_dir)
         distributed.barrier(self.context)
 
     def _restore(self) -> int:
@@ -314,11 +315,3 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
         if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
             found.append((int(suffix), path))
     return sorted(found)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
