@@ -112,6 +112,7 @@ class LLM2VecEngine:
     dtype: str | None = None
     max_batch_tokens: int = 16384
     normalize: bool = False
+    causal: bool = False
     model: object = field(init=False, repr=False)
     _description: dict | None = field(init=False, default=None, repr=False)
 
@@ -130,6 +131,7 @@ class LLM2VecEngine:
             device=self.device,
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
+            enable_bidirectional=not self.causal,
         )
 
     def tokenize(self, texts: list[Text]) -> list[Item]:
@@ -151,8 +153,12 @@ class LLM2VecEngine:
 
 def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str = "mean", max_length: int = 512,
                 device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
-                normalize: bool = False) -> Engine:
-    """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model."""
+                normalize: bool = False, causal: bool = False) -> Engine:
+    """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
+
+    ``causal`` keeps the model's causal attention (llm2vec's ``enable_bidirectional=False``): the
+    better choice for a base model that has not been trained the LLM2Vec way.
+    """
     if model is not None and str(model).startswith(FAKE_PREFIX):
         if adapters:
             raise ValueError("the fake model takes no adapters")
@@ -162,4 +168,4 @@ def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str
 
         model = str(default_model_path())
     return LLM2VecEngine(str(model), tuple(str(a) for a in adapters), pooling, max_length, device, dtype,
-                         max_batch_tokens, normalize)
+                         max_batch_tokens, normalize, causal)
