@@ -15,7 +15,7 @@ adapters with hashes, settings, inputs, shards with checksums, counts) and error
 file, line, reason for every row not embedded). Read it with llm2vec_fast.read_embeddings(DIR).
 
 Killed at any moment, the same command continues where it stopped. Under
-`torchrun --nproc-per-node N llm2vec-fast embed ...` each process takes every N-th shard.
+`torchrun --nproc-per-node N -m llm2vec_fast.cli embed ...` each process takes every N-th shard.
 """
 
 
