@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+from .kernels.reference import POOLING_MODES
 
 # llm2vec joins instruction and text with this marker, then splits on it again before tokenizing.
 SEPARATOR = "!@#$%^&*()"

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..kernels.reference import POOLING_MODES
+
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("mntp", "simcse", "supervised")
 MASK_TOKEN_TYPES = ("blank", "eos", "mask")
 DATA_COLLATOR_TYPES = ("default", "all_mask")
-POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 LR_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 
 # Keys of the llm2vec configs (and of transformers' TrainingArguments) that steer features this
