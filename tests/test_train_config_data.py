@@ -2,6 +2,7 @@
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,7 +121,10 @@ def test_supervised_records_errors_name_file_and_line(tmp_path):
 def test_encoding_pools_the_text_only_and_counts_truncation():
     tokenizer = tiny_tokenizer()
     report = DataReport(path=None)
-    encoded = encode_texts(tokenizer, [("w3 w4", "w5 w6 w7"), ("", "w8"), ("", " ".join(["w9"] * 10))], 6, report)
+    settings = SimpleNamespace(max_seq_length=6, pooling_mode="mean")  # the TrainConfig fields it reads
+    encoded = encode_texts(
+        tokenizer, [("w3 w4", "w5 w6 w7"), ("", "w8"), ("", " ".join(["w9"] * 10))], settings, "llama", report
+    )
     assert encoded[0].input_ids == tokenizer("w3 w4 w5 w6 w7")["input_ids"]
     assert encoded[0].pool_mask == [False, False, True, True, True]
     assert encoded[1].pool_mask == [True]

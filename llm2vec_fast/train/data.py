@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from ..text import TokenizedText, tokenize
+from .config import TrainConfig
+
 SUPERVISED_FIELDS = ("query", "positive", "negative")
 
 
@@ -43,14 +46,6 @@ class DataReport:
         if self.dropped_tail_examples:
             parts.append(f"{self.dropped_tail_examples} example(s) past the last full batch of each epoch unused")
         return "; ".join(parts + self.notes)
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One tokenized text: its ids and which of them are pooled (the instruction is not)."""
-
-    input_ids: list[int]
-    pool_mask: list[bool]
 
 
 def _data_files(path: Path, suffix: str | None) -> list[Path]:
@@ -125,26 +120,31 @@ def read_supervised_records(path: str | Path) -> tuple[list[dict[str, str]], Dat
 
 
 def encode_texts(
-    tokenizer: Any, pairs: list[tuple[str, str]], max_length: int, report: DataReport | None = None
-) -> list[Encoded]:
-    """Tokenize ``(instruction, text)`` pairs the way llm2vec's trainers do.
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    config: TrainConfig,
+    model_type: str,
+    report: DataReport | None = None,
+) -> list[TokenizedText]:
+    """Tokenize ``(instruction, text)`` pairs exactly as the encoder will at inference time.
 
-    The model sees ``instruction + " " + text`` (just ``text`` without instruction), with the
-    tokenizer's special tokens, truncated to ``max_length``; the pooled tokens are the last ``n``,
-    ``n`` being the token count of the text alone, so the instruction is never pooled.
+    ``text.tokenize`` (llm2vec's rules): the model reads ``instruction + " " + text`` and pools
+    only the text's own tokens. Texts longer than ``max_seq_length`` tokens are cut the way the
+    encoder cuts them (whole words first, ``doc_max_length = max_seq_length``); each cut is
+    counted in ``report``.
     """
-    full = [f"{instruction.strip()} {text}" if instruction else text for instruction, text in pairs]
-    ids = tokenizer(full, add_special_tokens=True, return_attention_mask=False)["input_ids"]
-    text_ids = tokenizer([text for _, text in pairs], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    encoded = []
-    for seq, alone in zip(ids, text_ids):
-        if len(seq) > max_length:
-            if report is not None:
-                report.truncated_texts += 1
-            seq = seq[:max_length]
-        pooled = min(len(alone), len(seq))
-        encoded.append(Encoded(list(seq), [False] * (len(seq) - pooled) + [True] * pooled))
-    return encoded
+    items = tokenize(
+        tokenizer,
+        pairs,
+        max_length=config.max_seq_length,
+        doc_max_length=config.max_seq_length,
+        skip_instruction=True,
+        pooling_mode=config.pooling_mode,
+        model_type=model_type,
+    )
+    if report is not None:
+        report.truncated_texts += sum(item.truncated for item in items)
+    return items
 
 
 def special_token_ids(tokenizer: Any) -> set[int]:

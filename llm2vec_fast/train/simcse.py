@@ -21,7 +21,7 @@ from .distributed import DistContext
 class SimCSEObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
         texts, self.report = read_text_lines(config.data_path)
-        self.encoded = encode_texts(tokenizer, [("", text) for text in texts], config.max_seq_length, self.report)
+        self.encoded = encode_texts(tokenizer, [("", text) for text in texts], config, model.config.model_type, self.report)
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context

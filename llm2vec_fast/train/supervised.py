@@ -21,10 +21,10 @@ from .distributed import DistContext
 class SupervisedObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
         records, self.report = read_supervised_records(config.data_path)
-        limit = config.max_seq_length
-        self.queries = encode_texts(tokenizer, [(r["instruction"], r["query"]) for r in records], limit, self.report)
-        self.positives = encode_texts(tokenizer, [("", r["positive"]) for r in records], limit, self.report)
-        self.negatives = encode_texts(tokenizer, [("", r["negative"]) for r in records], limit, self.report)
+        kind = model.config.model_type
+        self.queries = encode_texts(tokenizer, [(r["instruction"], r["query"]) for r in records], config, kind, self.report)
+        self.positives = encode_texts(tokenizer, [("", r["positive"]) for r in records], config, kind, self.report)
+        self.negatives = encode_texts(tokenizer, [("", r["negative"]) for r in records], config, kind, self.report)
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context
