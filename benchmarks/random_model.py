@@ -23,7 +23,7 @@ _COMMON = {"hidden_act": "silu", "attention_dropout": 0.0, "bos_token_id": 1, "e
 
 MODEL_CONFIGS: dict[str, dict] = {
     "tiny": {
-        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8192,
+        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 2048,
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "tie_word_embeddings": True,
@@ -107,7 +107,7 @@ def bpe_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = stdlib_text(max_chars=400_000)
+    text = stdlib_text(max_chars=50 * vocab_size)
     backend.train_from_iterator((text[i : i + 2000] for i in range(0, len(text), 2000)), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 

@@ -67,7 +67,7 @@ def lengths_for_tokens(total_tokens: int, *, median: int = 48, max_tokens: int =
 def write_corpus(path: Path, documents: int, *, seed: int = 0) -> Path:
     """A text file of ``documents`` lines (about 10 to 120 words each) cut from the stdlib text:
     a corpus for the embedding job on machines that lack ../shared/data."""
-    words = stdlib_text(max_chars=max(200_000, 100 * documents * 8)).split()
+    words = stdlib_text(max_chars=max(50_000, 200 * documents)).split()
     rng = np.random.default_rng(seed)
     lines, start = [], 0
     for count in rng.integers(10, 120, size=documents):

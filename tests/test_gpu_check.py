@@ -29,7 +29,7 @@ EXPECTED_BENCHMARKS = {
 def rehearsal(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu_check_out")
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-    done = subprocess.run(["bash", str(SCRIPT), "--rehearsal"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(["bash", str(SCRIPT), "--rehearsal"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     return done, out
 
 
