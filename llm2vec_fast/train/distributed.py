@@ -9,6 +9,7 @@ keeps the order of collectives identical on every rank). gloo on a CPU, nccl on 
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,13 +44,12 @@ def setup(device: str | None = None) -> DistContext:
     if use_cuda:
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
+        # Joined once per process and kept for its lifetime: a second group made after destroying
+        # the first can read the first one's stale keys from torchrun's store and hang, which
+        # happened when one process ran two stages (mntp, then supervised).
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=target)
-
-
-def teardown(context: DistContext) -> None:
-    if context.distributed and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def all_reduce_sum(value: torch.Tensor, context: DistContext) -> torch.Tensor:

@@ -71,10 +71,7 @@ def run(
     elif config.objective != objective:
         raise ValueError(f"the config is for {config.objective!r}, not {objective!r}")
     context = distributed.setup()
-    try:
-        return Trainer(config, context).train(resume=resume, step_callback=step_callback)
-    finally:
-        distributed.teardown(context)
+    return Trainer(config, context).train(resume=resume, step_callback=step_callback)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
