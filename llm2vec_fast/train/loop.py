@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..encoder import resolve_dtype as resolve_compute_dtype
 from ..files import fsync_dir
 from ..loading import load_model
 from . import distributed
@@ -80,7 +81,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if name not in ("auto", "float32"):
             logger.info("torch_dtype=%s applies on a GPU; training on the CPU in float32", name)
         return torch.float32
-    return {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return resolve_compute_dtype(name, device)
 
 
 def lr_lambda(kind: str, warmup: int, horizon: int) -> Callable[[int], float]:
