@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import Results, measure_ms, parse_args, peak_memory_bytes
+from harness import Results, default_dtype, measure_ms, parse_args, peak_memory_bytes
 from llm2vec_fast.kernels import contrastive_loss, reference
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     device = args.device
     on_gpu = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = default_dtype(device)
     if on_gpu:
         batches = [1024, 4096, 8192] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
         dims = [1024, 4096]

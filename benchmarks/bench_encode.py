@@ -136,7 +136,7 @@ def random_ids(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]
 
 
 def bench_random(args, device: torch.device, results: harness.Results) -> None:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = harness.default_dtype(device)
     peak = harness.matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
     results.note(f"dense {dtype} matmul rate measured on this device: {peak:.4g} TFLOP/s (the MFU denominator)")
     on_gpu = device.type == "cuda"

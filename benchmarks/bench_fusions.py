@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Results, measure_ms, parse_args  # noqa: E402
+from harness import Results, default_dtype, measure_ms, parse_args  # noqa: E402
 
 from llm2vec_fast.kernels import apply_rotary, reference, rms_norm, swiglu  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     device = args.device
     on_gpu = device == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = default_dtype(device)
     tokens = (4096 if args.quick else 16384) if on_gpu else 64
     repeats = 3 if args.quick or not on_gpu else 10
     results = Results("fusions", device, args.out)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Results, measure_ms, parse_args, peak_memory_bytes  # noqa: E402
+from harness import Results, default_dtype, measure_ms, parse_args, peak_memory_bytes  # noqa: E402
 
 from llm2vec_fast.kernels import mntp_loss  # noqa: E402
 
@@ -38,7 +38,7 @@ def configs(quick: bool, device: str) -> list[tuple[int, int, int]]:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = default_dtype(device)
     results = Results("mntp_loss", device, args.out)
     repeats = 3 if args.quick else 10
     for rows, vocab, hidden_size in configs(args.quick, device):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import Results, measure_ms, parse_args
+from harness import Results, default_dtype, measure_ms, parse_args
 from llm2vec_fast.kernels import masked_pool, reference
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     device = args.device
     on_gpu = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = default_dtype(device)
     if on_gpu:
         shapes = [(64, 256, 2048), (128, 512, 4096)] if args.quick else [(64, 256, 2048), (128, 512, 4096), (256, 512, 4096), (32, 2048, 8192)]
     else:

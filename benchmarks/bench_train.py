@@ -190,7 +190,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         _release_freed_memory_to_the_os()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = harness.default_dtype(device)
     batch, max_len = (4, 64) if args.quick else (args.batch, args.max_len)
     repeats = 2 if args.quick else 5
     path = args.model or default_model_path()

@@ -35,6 +35,11 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     return parser.parse_args()
 
 
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The compute dtype the benchmarks use: bf16 on a GPU, fp32 on a CPU (whose bf16 may be emulated)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

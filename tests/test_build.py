@@ -165,3 +165,10 @@ def test_every_registered_subcommand_has_a_run_function():
     assert "info" in commands
     for name, parser in commands.items():
         assert callable(parser.get_default("run")), f"{name!r} sets no run function"
+
+
+def test_help_does_not_import_torch():
+    """Building the command's parser (what ``llm2vec-fast --help`` does) stays free of torch."""
+    code = "import sys; from llm2vec_fast.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

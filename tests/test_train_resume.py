@@ -62,7 +62,9 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # it did not finish
-    assert (killed / "checkpoint-4").is_dir()
+    assert sorted(p.name for p in (killed / "checkpoint-4").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "training_state.json", "training_state.safetensors"
+    ]  # no pickle: the optimizer state is safetensors + JSON
 
     resumed = run("mntp", dict(config, output_dir=str(killed)), resume=True)
     assert resumed.steps == STEPS and len(resumed.losses) == STEPS - 4  # continued from checkpoint-4

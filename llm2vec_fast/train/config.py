@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..kernels.reference import POOLING_MODES
-
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("mntp", "simcse", "supervised")
@@ -111,6 +109,8 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
+        from ..kernels.reference import POOLING_MODES  # here, not at the top: `llm2vec-fast --help` must not import torch
+
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"config: {message}")

@@ -35,13 +35,14 @@ from .data import BatchOrder
 from .lora import add_lora, load_lora_state_dict, save_adapter, write_atomically
 from .mntp import MNTPObjective
 from .simcse import SimCSEObjective
+from .state import JSON_FILE as STATE_JSON_FILE
+from .state import load_training_state, save_training_state
 from .supervised import SupervisedObjective
 
 logger = logging.getLogger("llm2vec_fast.train")
 
 OBJECTIVES = {"mntp": MNTPObjective, "simcse": SimCSEObjective, "supervised": SupervisedObjective}
 CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
 LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
 
@@ -219,17 +220,9 @@ class Trainer:
         if not self.context.is_main:
             distributed.barrier(self.context)
             return
-        state = {
-            "step": step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "world": self.context.world,
-        }
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"))
         save_adapter(self.model, tmp, self._base_path())
-        torch.save(state, tmp / STATE_FILE)
+        save_training_state(tmp, step, self.context.world, self.optimizer, self.scheduler)
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -254,19 +247,14 @@ class Trainer:
         from safetensors.torch import load_file
 
         load_lora_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        if state["world"] != self.context.world:
+        step, world = load_training_state(folder, self.optimizer, self.scheduler)
+        if world != self.context.world:
             raise ValueError(
-                f"{folder} was written by {state['world']} process(es); resume with the same number (now {self.context.world})"
+                f"{folder} was written by {world} process(es); resume with the same number (now {self.context.world})"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["cpu_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.context.is_main:
             logger.info("resumed from %s (step %d)", folder, step)
-        return int(state["step"])
+        return step
 
     def _append_log(self, record: dict[str, Any]) -> None:
         with open(self.output_dir / LOG_FILE, "a") as handle:
@@ -310,6 +298,6 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+        if path.is_dir() and suffix.isdigit() and (path / STATE_JSON_FILE).is_file():
             found.append((int(suffix), path))
     return sorted(found)
