@@ -31,18 +31,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 from llm2vec_fast import kernels  # noqa: E402
 from llm2vec_fast.kernels.attention import dropout_keep_mask  # noqa: E402
 
 # Largest dynamic shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
-_TRITON_TYPES = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
-    torch.bool: "i1",
-}  # fmt: skip
 _OPTION_KEYS = ("num_warps", "num_stages")
 
 
@@ -61,19 +56,9 @@ class Launch:
 
     def describe(self) -> str:
         constants = ", ".join(f"{k}={v}" for k, v in self.constexprs)
-        types = sorted({t for _, t in self.signature if t.startswith("*") and t not in ("*i32", "*i64", "*i1", "*u8")})
+        types = sorted({t for _, t in self.signature if t.startswith("*") and t not in ("*i32", "*i64", "*u1", "*u8")})
         options = ", ".join(f"{k}={v}" for k, v in self.options)
         return f"{self.name}[{'/'.join(types)}] {constants} {options}".strip()
-
-
-def _scalar_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {value!r}")
 
 
 def _launch_of(kernel: JITFunction, args: tuple, kwargs: dict) -> Launch:
@@ -86,10 +71,8 @@ def _launch_of(kernel: JITFunction, args: tuple, kwargs: dict) -> Launch:
         if param.is_constexpr or value is None:
             signature.append((param.name, "constexpr"))
             constexprs.append((param.name, value))
-        elif isinstance(value, torch.Tensor):
-            signature.append((param.name, "*" + _TRITON_TYPES[value.dtype]))
         else:
-            signature.append((param.name, _scalar_type(value)))
+            signature.append((param.name, mangle_type(value)))  # the type Triton's JIT gives this value
     return Launch(kernel, tuple(signature), tuple(constexprs), tuple(sorted(options.items())))
 
 
