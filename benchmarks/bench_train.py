@@ -150,6 +150,14 @@ def bidirectional_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return blocked.masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
 
 
+def set_hf_attention_dropout(hf_model, p: float) -> None:
+    """transformers' attention modules copy ``config.attention_dropout`` when built, so changing the
+    config afterwards does nothing: set it on each module."""
+    for module in hf_model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+
+
 def hf_steps(hf_model, sequences, device, mask_id: int):
     from peft import LoraConfig, get_peft_model
 
@@ -165,7 +173,7 @@ def hf_steps(hf_model, sequences, device, mask_id: int):
     dtype = next(hf_model.parameters()).dtype
 
     def mntp() -> None:
-        hf_model.config.attention_dropout = 0.0
+        set_hf_attention_dropout(hf_model, 0.0)
         logits = model(input_ids=mntp_ids, attention_mask=bidirectional_mask(mntp_valid, dtype)).logits  # (B, L, V)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), label_ids[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
@@ -173,7 +181,7 @@ def hf_steps(hf_model, sequences, device, mask_id: int):
         optimizer.zero_grad(set_to_none=True)
 
     def simcse() -> None:
-        hf_model.config.attention_dropout = 0.3
+        set_hf_attention_dropout(hf_model, 0.3)
         hidden = model.base_model.model.model(input_ids=simcse_ids, attention_mask=bidirectional_mask(simcse_valid, dtype)).last_hidden_state
         weights = simcse_valid[..., None].to(hidden.dtype)
         pooled = ((hidden * weights).sum(1) / weights.sum(1)).float()
