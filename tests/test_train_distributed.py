@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU processes (gloo) gives the loss curve of one process on the whole batch."""
+"""torchrun with 2 CPU processes (gloo, DDP) gives the loss curve of one process on the whole batch."""
 
 import json
 import os
@@ -40,7 +40,10 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
               "lora_dropout": 0.0, "learning_rate": 1e-2, "warmup_steps": 0, "seed": 3}  # fmt: skip
     jobs = {
         "mntp": dict(common, dataset_file_path=str(tmp_path / "corpus.txt"), mask_token_type="eos", mlm_probability=0.3),
-        "supervised": dict(common, dataset_file_path=str(tmp_path / "pairs.jsonl"), loss_scale=20.0),
+        "supervised": dict(common, dataset_file_path=str(tmp_path / "pairs.jsonl"), loss_scale=20.0, gradient_checkpointing=True),
+        # two micro-batches per step, the first under DDP.no_sync
+        "simcse": dict(common, dataset_file_path=str(tmp_path / "corpus.txt"), simcse_dropout=0.0, loss_scale=1.0,
+                       gradient_accumulation_steps=2),
     }
     per_process = [(name, dict(job, per_device_train_batch_size=2, output_dir=str(tmp_path / f"{name}-ddp"))) for name, job in jobs.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS_DIR))

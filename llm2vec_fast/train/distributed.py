@@ -1,21 +1,20 @@
-"""Data parallelism under ``torchrun``: process group, gradient averaging, collective helpers.
+"""Data parallelism under ``torchrun``: process group, the DDP wrapper, collective helpers.
 
-Each rank runs the same model on its slice of the global batch; after the backward pass the
-LoRA gradients are averaged across ranks (what ``DistributedDataParallel`` does, done
-explicitly: the trainable parameters are a few small LoRA matrices, and the contrastive loss
-already runs its own collectives inside the backward pass, so one explicit reduction after it
-keeps the order of collectives identical on every rank). gloo on a CPU, nccl on GPUs.
+Each rank runs the same model on its slice of the global batch under ``DistributedDataParallel``,
+which averages the LoRA gradients across ranks. The contrastive loss's own collectives (the
+all-gather of embeddings and its backward) run before any parameter gradient is ready, so every
+rank issues the collectives in the same order. gloo on a CPU, nccl on GPUs.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -63,29 +62,20 @@ def all_reduce_mean(value: torch.Tensor, context: DistContext) -> torch.Tensor:
     return all_reduce_sum(value, context) / context.world
 
 
-def average_gradients(parameters: Iterable[torch.nn.Parameter], context: DistContext) -> None:
-    """Replace each gradient by its mean over the ranks (one flat all-reduce)."""
-    if not context.distributed:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= context.world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+def data_parallel(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
+    """The model wrapped in ``DistributedDataParallel`` under torchrun, the model itself otherwise.
 
-
-def broadcast_parameters(parameters: Iterable[torch.nn.Parameter], context: DistContext) -> None:
-    """Give every rank rank 0's values (the LoRA initialisation)."""
+    Only the trainable (LoRA) parameters take part: DDP gives every rank rank 0's initial values
+    and averages their gradients during the backward pass. The frozen base weights and buffers are
+    excluded, so a 7B base model is neither broadcast at start-up nor checked for gradients.
+    """
     if not context.distributed:
-        return
-    with torch.no_grad():
-        for p in parameters:
-            dist.broadcast(p.data, src=0)
+        return model
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    frozen += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def barrier(context: DistContext) -> None:

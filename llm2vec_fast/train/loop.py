@@ -12,6 +12,7 @@ and RNG stream, so the loss curve is the one of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -123,7 +124,7 @@ class Trainer:
         self.model.train()
         self.objective = OBJECTIVES[config.objective](config, self.tokenizer, self.model, self.context)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        distributed.broadcast_parameters(self.params, self.context)
+        self.forward_model = distributed.data_parallel(self.model, self.context)
         self.order = BatchOrder(len(self.objective), config.per_device_train_batch_size, self.context.world, config.seed)
         self.objective.data_report.dropped_tail_examples = self.order.unused_per_epoch
         steps_per_epoch = max(1, self.order.batches_per_epoch // config.gradient_accumulation_steps)
@@ -158,10 +159,12 @@ class Trainer:
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
                 indices = self.order.indices(micro_batch, self.context.rank)
-                loss = self.objective.loss(self.model, indices, self.order.epoch_of(micro_batch)) / accumulation
-                loss.backward()
+                # DDP averages the gradients once, in the backward pass of the last micro-batch
+                sync = micro == accumulation - 1 or not self.context.distributed
+                with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+                    loss = self.objective.loss(self.forward_model, indices, self.order.epoch_of(micro_batch)) / accumulation
+                    loss.backward()
                 step_loss += loss.detach()
-            distributed.average_gradients(self.params, self.context)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]

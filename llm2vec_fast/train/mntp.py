@@ -86,13 +86,14 @@ class MNTPObjective:
         self.special = special_token_ids(tokenizer)
         self.mask_id = mask_token_id(tokenizer, config.mask_token_type)
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
+        self.lm_head_weight = model.lm_head_weight  # (vocab, hidden), frozen; the loss gets a DDP wrapper
         self.config = config
         self.context = context
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def loss(self, model: DecoderModel, indices: list[int], epoch: int) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, indices: list[int], epoch: int) -> torch.Tensor:
         """This rank's share: the sum of its token losses / the masked count of all ranks x world,
         so that the mean over ranks is the mean loss over every masked token of the batch."""
         inputs, labels = [], []
@@ -110,7 +111,7 @@ class MNTPObjective:
         hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids)  # (T, hidden)
         local = torch.tensor(float(targets.numel()), device=hidden.device)
         total = all_reduce_sum(local, self.context)
-        mean = kernels.mntp_loss(hidden[rows], model.lm_head_weight, targets)
+        mean = kernels.mntp_loss(hidden[rows], self.lm_head_weight, targets)
         return mean * local * self.context.world / total.clamp_min(1.0)
 
     @property

@@ -29,7 +29,7 @@ class SimCSEObjective:
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def loss(self, model: DecoderModel, indices: list[int], epoch: int) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, indices: list[int], epoch: int) -> torch.Tensor:
         items = [self.encoded[i] for i in indices] * 2
         batch = pack_sequences([item.input_ids for item in items], self.context.device)
         pool_mask = torch.tensor([m for item in items for m in item.pool_mask], device=batch.input_ids.device)

@@ -32,7 +32,7 @@ class SupervisedObjective:
     def __len__(self) -> int:
         return len(self.queries)
 
-    def loss(self, model: DecoderModel, indices: list[int], epoch: int) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, indices: list[int], epoch: int) -> torch.Tensor:
         items = [self.queries[i] for i in indices] + [self.positives[i] for i in indices] + [self.negatives[i] for i in indices]
         batch = pack_sequences([item.input_ids for item in items], self.context.device)
         pool_mask = torch.tensor([m for item in items for m in item.pool_mask], device=batch.input_ids.device)
