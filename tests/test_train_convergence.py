@@ -3,7 +3,8 @@
 On a CPU the kernels run in Triton's interpreter (about a minute per objective on a one-layer
 model); the ``gpu`` test runs the compiled kernels. Attention dropout is off: the attention kernel
 draws its own random numbers, so curves with it cannot match. LoRA dropout is on: it draws from
-PyTorch's generator in the same order on both paths, and it is what makes SimCSE's two copies differ.
+PyTorch's generator in the same order on both paths, and makes SimCSE's two copies differ once
+LoRA's B matrices have left zero (from step 2).
 """
 
 import json

@@ -75,7 +75,7 @@ def data_parallel(model: torch.nn.Module, context: DistContext) -> torch.nn.Modu
     frozen += [name for name, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def barrier(context: DistContext) -> None:
