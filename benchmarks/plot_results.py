@@ -59,6 +59,7 @@ def plot_run(run: dict, out_dir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
         ax.set_ylabel("tokens/s")
+        ax.set_ylim(bottom=0)  # ratios read true: no zoomed-in axis
         ax.set_title(f"encode {model}, {env['device']}\ntorch {env['torch']}, {env['date'][:10]}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
