@@ -19,6 +19,8 @@ Baselines, measured in the same run on the same inputs:
   see every non-pad token of its sequence (so ``is_causal=False``), mean pooling.
 - ``st-loop-32`` (random source): what a sentence-transformers-style loop does with the same
   model: fixed batches of 32 sequences in input order, padded to each batch's longest, no sorting.
+- ``ours-eager`` (random source, GPU, first config): our encoder with ``cuda_graphs=True``
+  (variant ``cuda-graphs``) against itself without; the capturing first call is timed apart.
 
 MFU = (2 x P x tokens + 4 x sum(s_i^2) x layers x Hq x D) / time / R, with P the parameters of the
 decoder layers (the embedding is a lookup; an encoder runs no LM head), the attention term for
@@ -30,6 +32,8 @@ with the same useful FLOPs, so MFU ratios equal time ratios.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -191,10 +195,37 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
                         baseline_padding_fraction=1 - total / st_padded)  # fmt: skip
             results.add(config, "MFU", flops / ours_ms / 1e9 / peak, baseline_name="transformers-sdpa-sorted",
                         baseline=flops / sorted_ms / 1e9 / peak, matmul_tflops=peak, flops=flops)  # fmt: skip
+            if position == 0 and (on_gpu or args.quick):  # quick on a CPU: rehearses this code path
+                bench_cuda_graphs(ours, items, budget, config, total, ours_ms, sorted_ms, repeats, device, results)
         del hf_model, ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results.save()  # after every config: a run cut short by its time limit keeps what it measured
+
+
+def bench_cuda_graphs(ours: LLM2Vec, items: list[TokenizedText], budget: int, config: dict, total: int,
+                      eager_ms: float, sorted_ms: float, repeats: int, device: torch.device,
+                      results: harness.Results) -> None:
+    """The same workload with ``cuda_graphs=True``: the first call captures (timed apart), then
+    replays. On a CPU the encoder runs eagerly (0 graphs): only a rehearsal of this code."""
+    graphed = LLM2Vec(ours.model, tokenizer=None, pooling_mode="mean", max_length=ours.max_length, cuda_graphs=True)
+
+    def run_graphed():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "CUDA graphs need a CUDA device")
+            return graphed.embed_tokenized(items, max_batch_tokens=budget)
+
+    first_call_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=1)
+    graphed_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=repeats)
+    agreement = torch.nn.functional.cosine_similarity(
+        run_graphed(), ours.embed_tokenized(items, max_batch_tokens=budget)).min().item()  # fmt: skip
+    config = dict(config, variant="cuda-graphs")
+    results.add(config, "tokens/s", total / graphed_ms * 1e3, baseline_name="ours-eager",
+                baseline=total / eager_ms * 1e3, ours_ms=graphed_ms, baseline_ms=eager_ms,
+                first_call_ms=first_call_ms, graphs=graphed._graphed.num_graphs if graphed._graphed else 0,
+                min_cosine_vs_baseline=agreement)  # fmt: skip
+    results.add(config, "tokens/s", total / graphed_ms * 1e3, baseline_name="transformers-sdpa-sorted",
+                baseline=total / sorted_ms * 1e3, ours_ms=graphed_ms, baseline_ms=sorted_ms)  # fmt: skip
 
 
 def bench_texts(args, device: torch.device, results: harness.Results) -> None:

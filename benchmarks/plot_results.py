@@ -39,8 +39,10 @@ def series(records: list[dict], sweep: str) -> dict[str, list[tuple[float, float
         if record["metric"] != "tokens/s" or record["config"].get("sweep") != sweep:
             continue
         x = record["config"][key]
-        lines.setdefault("ours (packed)", {})[x] = record["value"]
-        lines.setdefault(record["baseline_name"], {})[x] = record["baseline"]
+        graphs = record["config"].get("variant") == "cuda-graphs"
+        lines.setdefault("ours (packed, CUDA graphs)" if graphs else "ours (packed)", {})[x] = record["value"]
+        if record["baseline_name"] != "ours-eager":  # that is the "ours (packed)" line
+            lines.setdefault(record["baseline_name"], {})[x] = record["baseline"]
     return {side: sorted(points.items()) for side, points in lines.items()}
 
 

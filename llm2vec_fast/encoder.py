@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import text as text_layer
 from .batching import plan_batches
+from .cuda_graphs import GraphedEncoder
 from .files import sha256_file
 from .kernels import POOLING_MODES, masked_pool
 from .loading import load_model
@@ -68,6 +69,7 @@ class LLM2Vec:
         enable_bidirectional: bool = True,
         model_name: str = "",
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        cuda_graphs: bool = False,
     ):
         if pooling_mode not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}")
@@ -82,6 +84,8 @@ class LLM2Vec:
         self.enable_bidirectional = bool(enable_bidirectional)
         self.model_name = model_name
         self.max_batch_tokens = max(int(max_batch_tokens), self.max_length)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphed: GraphedEncoder | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -102,6 +106,7 @@ class LLM2Vec:
         device: str | torch.device | None = None,
         adapters: Sequence[str | Path] = (),
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        cuda_graphs: bool = False,
         **hf_kwargs: Any,
     ) -> "LLM2Vec":
         """Load like ``llm2vec.LLM2Vec.from_pretrained``, from local files only.
@@ -112,6 +117,8 @@ class LLM2Vec:
         Adapters are always merged (``merge_peft`` is accepted for compatibility: merging gives the
         same numbers and runs faster). Encoder settings not given come from an
         ``llm2vec_config.json`` beside the last adapter (else the base), then llm2vec's defaults.
+        ``cuda_graphs``: on a CUDA device, replay each batch's forward pass from a CUDA graph
+        (see ``llm2vec_fast.cuda_graphs``; pays for small models, where launches dominate).
         """
         unknown = sorted(set(hf_kwargs) - set(_IGNORED_HF_KWARGS))
         if unknown:
@@ -136,6 +143,7 @@ class LLM2Vec:
             enable_bidirectional=enable_bidirectional,
             model_name=text_layer.model_identity(base_model_name_or_path),
             max_batch_tokens=max_batch_tokens,
+            cuda_graphs=cuda_graphs,
         )
 
     @staticmethod
@@ -218,7 +226,9 @@ class LLM2Vec:
         """
         budget = int(max_batch_tokens or self.max_batch_tokens)
         device = self.device
+        causal = not self.enable_bidirectional
         out = torch.empty(len(items), self.embedding_dim, dtype=torch.float32, device=device)
+        graphed = self._graphed_encoder()
 
         def to_device(tensor: torch.Tensor) -> torch.Tensor:
             if device.type != "cuda":
@@ -229,22 +239,36 @@ class LLM2Vec:
             members = [items[j] for j in plan.indices.tolist()]
             input_ids = torch.tensor([t for item in members for t in item.input_ids], dtype=torch.long)  # (T,)
             pool_mask = torch.tensor([m for item in members for m in item.pool_mask], dtype=torch.bool)  # (T,)
-            cu_seqlens = to_device(plan.cu_seqlens)  # (B + 1,)
-            hidden = self.model(
-                to_device(input_ids),
-                cu_seqlens,
-                plan.max_seqlen,
-                to_device(plan.position_ids),
-                causal=not self.enable_bidirectional,
-            )  # (T, hidden)
-            # the packer's cu_seqlens were checked by the model's forward
-            pooled = masked_pool(
-                hidden, cu_seqlens, self.pooling_mode, to_device(pool_mask), normalize, check_cu_seqlens=False
-            )  # (B, hidden)
+            # checked on the host copies: on a GPU, reading cu_seqlens back would wait for the last batch
+            self.model.check_inputs(input_ids, plan.cu_seqlens, plan.max_seqlen, plan.position_ids, causal)
+            pooled = None
+            if graphed is not None:
+                pooled = graphed.pooled(
+                    input_ids, pool_mask, plan.cu_seqlens, causal=causal, mode=self.pooling_mode, normalize=normalize
+                )  # (B, hidden), or None past the graph limit
+            if pooled is None:
+                cu_seqlens = to_device(plan.cu_seqlens)  # (B + 1,)
+                hidden = self.model.forward_unchecked(
+                    to_device(input_ids), cu_seqlens, plan.max_seqlen, to_device(plan.position_ids), causal=causal
+                )  # (T, hidden)
+                pooled = masked_pool(
+                    hidden, cu_seqlens, self.pooling_mode, to_device(pool_mask), normalize, check_cu_seqlens=False
+                )  # (B, hidden)
             out[to_device(plan.indices)] = pooled.float()
             if progress is not None:
                 progress.update(len(members))
         return out.cpu()
+
+    def _graphed_encoder(self) -> GraphedEncoder | None:
+        """The CUDA-graph runner when ``cuda_graphs`` is on and the model is on a GPU, else None."""
+        if not self.cuda_graphs:
+            return None
+        if self.device.type != "cuda":
+            warnings.warn(f"CUDA graphs need a CUDA device; encoding on {self.device} runs eagerly", stacklevel=3)
+            return None
+        if self._graphed is None or not self._graphed.still_valid(self.model):
+            self._graphed = GraphedEncoder(self.model)
+        return self._graphed
 
     def encode(
         self,

@@ -163,10 +163,22 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids ``(T,)``, cu_seqlens int32 ``(B + 1,)`` -> last hidden states ``(T, hidden)``
         after the final norm. Attention is bidirectional within each sequence unless ``causal``."""
-        self._check_inputs(input_ids, cu_seqlens, max_seqlen, position_ids, causal)
-        total = input_ids.shape[0]
+        self.check_inputs(input_ids, cu_seqlens, max_seqlen, position_ids, causal)
         if position_ids is None:
-            _, position_ids = varlen_metadata(cu_seqlens, total)  # (T,) restarting at 0
+            _, position_ids = varlen_metadata(cu_seqlens, input_ids.shape[0])  # (T,) restarting at 0
+        return self.forward_unchecked(input_ids, cu_seqlens, max_seqlen, position_ids, causal=causal)
+
+    def forward_unchecked(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        position_ids: torch.Tensor,
+        *,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """``forward`` without reading cu_seqlens back to the host: for inputs already checked (on
+        the host, by ``check_inputs``) and for CUDA graph capture, where a device sync is illegal."""
         inv_freq = self._inv_freq_on(input_ids.device)
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
         residual = None
@@ -179,7 +191,7 @@ class DecoderModel(nn.Module):
         normed, _ = self.norm(hidden, residual)
         return normed
 
-    def _check_inputs(
+    def check_inputs(
         self,
         input_ids: torch.Tensor,
         cu_seqlens: torch.Tensor,

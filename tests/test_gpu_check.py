@@ -76,7 +76,9 @@ def test_encode_agrees_with_transformers_and_reports_mfu(rehearsal):
     sweeps = {r["config"]["sweep"] for r in run["records"]}
     assert sweeps == {"mix", "seqlen", "batch_tokens"}
     baselines = {r["baseline_name"] for r in run["records"]}
-    assert baselines == {"transformers-sdpa-sorted", "st-loop-32"}
+    assert baselines == {"transformers-sdpa-sorted", "st-loop-32", "ours-eager"}
+    graphed = [r for r in run["records"] if r["config"].get("variant") == "cuda-graphs"]
+    assert {r["config"]["sweep"] for r in graphed} == sweeps  # the CUDA-graph variant is rehearsed everywhere
     assert all(r["min_cosine_vs_baseline"] > 0.999 for r in run["records"] if "min_cosine_vs_baseline" in r)
     mfu = [r for r in run["records"] if r["metric"] == "MFU"]
     assert mfu and all(0 < r["value"] < 1 and r["matmul_tflops"] > 0 for r in mfu)

@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     embed.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     embed.add_argument("--causal", action="store_true",
                        help="keep causal attention (for a base model not trained the LLM2Vec way; default: bidirectional)")
+    embed.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each batch's forward pass from a CUDA graph (GPU only; pays for small models,"
+                       " where kernel launches dominate: measure with benchmarks/bench_encode.py)")
     embed.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     embed.add_argument("--output-dtype", default="float32", choices=["float32", "float16"],
@@ -93,7 +96,7 @@ def run_embed(args: argparse.Namespace) -> int:
             args.input, args.output, model=args.model, adapters=args.adapter, id_field=args.id_field,
             text_field=args.text_field, instruction=args.instruction, instruction_field=args.instruction_field,
             pooling=args.pooling, max_length=args.max_length, batch_tokens=args.batch_tokens, normalize=args.normalize,
-            causal=args.causal,
+            causal=args.causal, cuda_graphs=args.cuda_graphs,
             dtype=args.dtype, output_dtype=args.output_dtype, device=args.device, limit=args.limit,
             resume=args.resume, overwrite=args.overwrite, on_long=args.on_long, shard_rows=args.shard_rows,
             progress=not args.no_progress)

@@ -113,6 +113,7 @@ class LLM2VecEngine:
     max_batch_tokens: int = 16384
     normalize: bool = False
     causal: bool = False
+    cuda_graphs: bool = False
     model: object = field(init=False, repr=False)
     _description: dict | None = field(init=False, default=None, repr=False)
 
@@ -132,6 +133,7 @@ class LLM2VecEngine:
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
             enable_bidirectional=not self.causal,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def tokenize(self, texts: list[Text]) -> list[Item]:
@@ -153,11 +155,12 @@ class LLM2VecEngine:
 
 def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str = "mean", max_length: int = 512,
                 device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
-                normalize: bool = False, causal: bool = False) -> Engine:
+                normalize: bool = False, causal: bool = False, cuda_graphs: bool = False) -> Engine:
     """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
 
     ``causal`` keeps the model's causal attention (llm2vec's ``enable_bidirectional=False``): the
-    better choice for a base model that has not been trained the LLM2Vec way.
+    better choice for a base model that has not been trained the LLM2Vec way. ``cuda_graphs``
+    replays each batch from a CUDA graph on a GPU (see ``llm2vec_fast.cuda_graphs``).
     """
     if model is not None and str(model).startswith(FAKE_PREFIX):
         if adapters:
@@ -168,4 +171,4 @@ def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str
 
         model = str(default_model_path())
     return LLM2VecEngine(str(model), tuple(str(a) for a in adapters), pooling, max_length, device, dtype,
-                         max_batch_tokens, normalize, causal)
+                         max_batch_tokens, normalize, causal, cuda_graphs)

@@ -243,6 +243,7 @@ def embed_corpus(
     batch_tokens: int = 16384,
     normalize: bool = False,
     causal: bool = False,
+    cuda_graphs: bool = False,
     dtype: str | None = None,
     output_dtype: str = "float32",
     device: str | None = None,
@@ -290,7 +291,8 @@ def embed_corpus(
     try:
         if engine is None:
             engine = load_engine(model, adapters, pooling=pooling, max_length=max_length, device=device, dtype=dtype,
-                                 max_batch_tokens=batch_tokens, normalize=normalize, causal=causal)
+                                 max_batch_tokens=batch_tokens, normalize=normalize, causal=causal,
+                                 cuda_graphs=cuda_graphs)
         identity["engine"] = engine.describe()
         if has_job and not overwrite:
             _check_identity(folder, identity, ("engine",))

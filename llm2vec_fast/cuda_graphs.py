@@ -1,0 +1,175 @@
+"""CUDA graphs for encoding: replay the runtime's forward pass and pooling with one launch.
+
+A small model on a GPU spends much of each batch launching kernels and running Python (about ten
+launches per layer); a captured CUDA graph replays all of them at once. A graph fixes every shape
+and launch grid, so a packed batch is padded up to a *graph shape*:
+
+- tokens and ``max_seqlen`` rounded up to a size with three bits after the leading one (at most
+  12.5% more), sequence slots up to a power of two;
+- the padding tokens (id 0) fill extra sequences of at most ``max_seqlen`` tokens after the real
+  ones, and the slots left over are empty sequences.
+
+Attention never crosses sequences, so the real sequences get what the unpadded batch gives them;
+the price is the matmul work on at most 12.5% extra tokens. Whether that pays depends on the model
+size and the card: ``benchmarks/bench_encode.py`` measures it (graphs are off by default).
+
+All graphs share one memory pool. That is safe because replays run one at a time on one stream
+and the caller consumes each replay's output (stream-ordered) before the next replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import masked_pool
+from .model import DecoderModel
+
+DEFAULT_MAX_GRAPHS = 64
+
+
+def round_up_size(n: int, minimum: int) -> int:
+    """The smallest ``m * 2**e >= max(n, minimum)`` with ``m < 16``: at most 12.5% above n."""
+    n = max(n, minimum)
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """The static shape a batch is padded to: ``tokens`` T, ``slots`` B and ``max_seqlen``."""
+
+    tokens: int
+    slots: int
+    max_seqlen: int
+
+
+def graph_shape(lengths: list[int]) -> GraphShape:
+    """The graph shape for a packed batch whose sequences have these token counts."""
+    max_seqlen = round_up_size(max(lengths, default=0), 16)
+    tokens = round_up_size(sum(lengths), 64)
+    padding_sequences = -(-(tokens - sum(lengths)) // max_seqlen)
+    slots = 1 << max(0, len(lengths) + padding_sequences - 1).bit_length()
+    return GraphShape(tokens, slots, max_seqlen)
+
+
+def pad_batch(
+    input_ids: torch.Tensor, pool_mask: torch.Tensor, cu_seqlens: torch.Tensor, shape: GraphShape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed batch (CPU tensors) padded to ``shape``: input_ids int64 ``(T',)``, pool_mask bool
+    ``(T',)``, cu_seqlens int32 ``(B' + 1,)`` and position_ids int64 ``(T',)``.
+
+    The first B sequences are the given ones, unchanged; padding tokens are never pooled.
+    """
+    total = input_ids.shape[0]
+    padding = shape.tokens - total
+    if padding < 0 or cu_seqlens.numel() - 1 > shape.slots:
+        raise ValueError(f"a batch of {total} tokens in {cu_seqlens.numel() - 1} sequences does not fit {shape}")
+    padding_lengths = [shape.max_seqlen] * (padding // shape.max_seqlen)
+    if padding % shape.max_seqlen:
+        padding_lengths.append(padding % shape.max_seqlen)
+    starts = cu_seqlens[:-1].long()  # (B,)
+    lengths = cu_seqlens[1:].long() - starts  # (B,)
+    all_lengths = torch.cat([lengths, torch.tensor(padding_lengths, dtype=torch.long)])  # (B + P,)
+    empty_slots = shape.slots - all_lengths.numel()
+    if empty_slots < 0:
+        raise ValueError(f"{all_lengths.numel()} sequences with the padding do not fit {shape}")
+    padded_cu = torch.zeros(shape.slots + 1, dtype=torch.int32)
+    padded_cu[1 : all_lengths.numel() + 1] = torch.cumsum(all_lengths, 0).to(torch.int32)
+    padded_cu[all_lengths.numel() + 1 :] = shape.tokens
+    sequence_starts = torch.repeat_interleave(padded_cu[:-1].long(), torch.diff(padded_cu).long())  # (T',)
+    position_ids = torch.arange(shape.tokens) - sequence_starts
+    padded_ids = torch.cat([input_ids.long(), input_ids.new_zeros(padding, dtype=torch.long)])
+    padded_mask = torch.cat([pool_mask.bool(), torch.zeros(padding, dtype=torch.bool)])
+    return padded_ids, padded_mask, padded_cu, position_ids
+
+
+@dataclass
+class _CapturedGraph:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # static (input_ids, pool_mask, cu_seqlens, position_ids) on the device
+    pooled: torch.Tensor  # static output (slots, hidden)
+
+
+class GraphedEncoder:
+    """Forward pass + pooling of one ``DecoderModel`` on one CUDA device, replayed from graphs.
+
+    One graph per (shape, causal, pooling, normalize), captured on first use; after
+    ``max_graphs`` captures, batches of a new shape get ``None`` and the caller runs them eagerly.
+    """
+
+    def __init__(self, model: DecoderModel, max_graphs: int = DEFAULT_MAX_GRAPHS):
+        device = model.embed_tokens.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.model = model
+        self.device = device
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple, _CapturedGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self._weights_at = model.embed_tokens.weight.data_ptr()
+
+    def still_valid(self, model: DecoderModel) -> bool:
+        """False once the graphs may read stale memory: another model, or its weights moved
+        (``model.to(dtype or device)`` makes new tensors; in-place updates are seen by replays)."""
+        return model is self.model and model.embed_tokens.weight.data_ptr() == self._weights_at
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def pooled(
+        self,
+        input_ids: torch.Tensor,
+        pool_mask: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        *,
+        causal: bool,
+        mode: str,
+        normalize: bool,
+    ) -> torch.Tensor | None:
+        """Pooled ``(B, hidden)`` on the device for one packed batch given as CPU tensors (B + 1
+        cu_seqlens, already checked), or None when no graph may be captured for its shape."""
+        if self.model.training:
+            raise RuntimeError("CUDA graphs are for inference: put the model in eval mode")
+        lengths = torch.diff(cu_seqlens).tolist()
+        shape = graph_shape(lengths)
+        key = (shape, bool(causal), mode, bool(normalize))
+        captured = self._graphs.get(key)
+        if captured is None and len(self._graphs) >= self.max_graphs:
+            return None
+        padded = [t.pin_memory() for t in pad_batch(input_ids, pool_mask, cu_seqlens, shape)]
+        if captured is None:
+            inputs = [t.to(self.device, non_blocking=True) for t in padded]
+            captured = self._capture(inputs, shape, causal, mode, normalize)
+            self._graphs[key] = captured
+        else:
+            for static, value in zip(captured.inputs, padded):
+                static.copy_(value, non_blocking=True)
+        captured.graph.replay()
+        return captured.pooled[: len(lengths)]
+
+    def _capture(
+        self, inputs: list[torch.Tensor], shape: GraphShape, causal: bool, mode: str, normalize: bool
+    ) -> _CapturedGraph:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture; the
+        static inputs already hold the batch that asked for this graph."""
+        input_ids, pool_mask, cu_seqlens, position_ids = inputs
+
+        def run() -> torch.Tensor:
+            hidden = self.model.forward_unchecked(input_ids, cu_seqlens, shape.max_seqlen, position_ids, causal=causal)
+            return masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize, check_cu_seqlens=False)  # (B', hidden)
+
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            run()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            pooled = run()
+        return _CapturedGraph(graph, tuple(inputs), pooled)
