@@ -13,17 +13,20 @@ Attention never crosses sequences, so the real sequences get what the unpadded b
 the price is the matmul work on at most 12.5% extra tokens. Whether that pays depends on the model
 size and the card: ``benchmarks/bench_encode.py`` measures it (graphs are off by default).
 
-All graphs share one memory pool. That is safe because replays run one at a time on one stream
-and the caller consumes each replay's output (stream-ordered) before the next replay.
+All graphs share one memory pool. That is safe because replays run one at a time (under a lock,
+on one stream) and each replay's output is copied out, stream-ordered, before the next replay.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from .kernels import masked_pool
+from .kernels._dispatch import interpreting, use_triton
+from .kernels.attention import MAX_SEQUENCES
 from .model import DecoderModel
 
 DEFAULT_MAX_GRAPHS = 64
@@ -97,12 +100,15 @@ class GraphedEncoder:
 
     One graph per (shape, causal, pooling, normalize), captured on first use; after
     ``max_graphs`` captures, batches of a new shape get ``None`` and the caller runs them eagerly.
+    Thread-safe: a lock covers loading the static inputs, the replay and copying the result out.
     """
 
     def __init__(self, model: DecoderModel, max_graphs: int = DEFAULT_MAX_GRAPHS):
         device = model.embed_tokens.weight.device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        if not use_triton(model.embed_tokens.weight) or interpreting():
+            raise ValueError("CUDA graphs need the Triton kernels (the reference backend reads cu_seqlens on the host)")
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.model = model
@@ -110,12 +116,15 @@ class GraphedEncoder:
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _CapturedGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
-        self._weights_at = model.embed_tokens.weight.data_ptr()
+        self._stream = torch.cuda.Stream(device)  # warm-up and capture (one stream: one cuBLAS workspace)
+        self._lock = threading.Lock()
+        model.inv_freq_on(device)  # moved now, not during the first forward, so the fingerprint holds
+        self._memory_seen = _memory_fingerprint(model)
 
     def still_valid(self, model: DecoderModel) -> bool:
-        """False once the graphs may read stale memory: another model, or its weights moved
-        (``model.to(dtype or device)`` makes new tensors; in-place updates are seen by replays)."""
-        return model is self.model and model.embed_tokens.weight.data_ptr() == self._weights_at
+        """False once the graphs may read stale memory: another model, or any of its weights
+        replaced by a new tensor (``model.to(...)``, ``.data = ...``); in-place updates are seen."""
+        return model is self.model and _memory_fingerprint(model) == self._memory_seen
 
     @property
     def num_graphs(self) -> int:
@@ -132,30 +141,35 @@ class GraphedEncoder:
         normalize: bool,
     ) -> torch.Tensor | None:
         """Pooled ``(B, hidden)`` on the device for one packed batch given as CPU tensors (B + 1
-        cu_seqlens, already checked), or None when no graph may be captured for its shape."""
+        cu_seqlens, already checked), or None when it must run eagerly: the model is in train
+        mode, the graph limit is reached, or the padded batch has too many sequence slots."""
         if self.model.training:
-            raise RuntimeError("CUDA graphs are for inference: put the model in eval mode")
+            return None
         lengths = torch.diff(cu_seqlens).tolist()
         shape = graph_shape(lengths)
-        key = (shape, bool(causal), mode, bool(normalize))
-        captured = self._graphs.get(key)
-        if captured is None and len(self._graphs) >= self.max_graphs:
+        if shape.slots > MAX_SEQUENCES:
             return None
+        key = (shape, bool(causal), mode, bool(normalize))
         padded = [t.pin_memory() for t in pad_batch(input_ids, pool_mask, cu_seqlens, shape)]
-        if captured is None:
-            inputs = [t.to(self.device, non_blocking=True) for t in padded]
-            captured = self._capture(inputs, shape, causal, mode, normalize)
-            self._graphs[key] = captured
-        else:
-            for static, value in zip(captured.inputs, padded):
-                static.copy_(value, non_blocking=True)
-        captured.graph.replay()
-        return captured.pooled[: len(lengths)]
+        with self._lock, torch.cuda.device(self.device), torch.inference_mode():
+            captured = self._graphs.get(key)
+            if captured is None:
+                if len(self._graphs) >= self.max_graphs:
+                    return None
+                inputs = [t.to(self.device, non_blocking=True) for t in padded]
+                captured = self._capture(inputs, shape, causal, mode, normalize)
+                self._graphs[key] = captured
+            else:
+                for static, value in zip(captured.inputs, padded):
+                    static.copy_(value, non_blocking=True)
+            captured.graph.replay()
+            # a copy: the pool is shared, so the next replay of any graph may overwrite the output
+            return captured.pooled[: len(lengths)].clone()
 
     def _capture(
         self, inputs: list[torch.Tensor], shape: GraphShape, causal: bool, mode: str, normalize: bool
     ) -> _CapturedGraph:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture; the
+        """Warm up on the side stream (Triton compiles, cuBLAS picks kernels), then capture; the
         static inputs already hold the batch that asked for this graph."""
         input_ids, pool_mask, cu_seqlens, position_ids = inputs
 
@@ -164,12 +178,17 @@ class GraphedEncoder:
             return masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize, check_cu_seqlens=False)  # (B', hidden)
 
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
             run()
-        current.wait_stream(side)
+        current.wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             pooled = run()
         return _CapturedGraph(graph, tuple(inputs), pooled)
+
+
+def _memory_fingerprint(model: DecoderModel) -> tuple:
+    """Where every tensor a graph reads lives: the parameters and the RoPE frequencies."""
+    parameters = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
+    return parameters + (model._inv_freq.data_ptr(),)

@@ -7,6 +7,7 @@ results do not depend on how texts are batched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -22,6 +23,7 @@ from .batching import plan_batches
 from .cuda_graphs import GraphedEncoder
 from .files import sha256_file
 from .kernels import POOLING_MODES, masked_pool
+from .kernels._dispatch import interpreting, use_triton
 from .loading import load_model
 from .model import DecoderModel
 
@@ -226,8 +228,25 @@ class LLM2Vec:
         """
         budget = int(max_batch_tokens or self.max_batch_tokens)
         device = self.device
-        causal = not self.enable_bidirectional
         out = torch.empty(len(items), self.embedding_dim, dtype=torch.float32, device=device)
+        # Triton launches on the current device: make it the model's (cuda:1, or a torchrun rank's GPU)
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            self._embed_batches(items, budget, max_batch_size, normalize, out, progress)
+        return out.cpu()
+
+    def _embed_batches(
+        self,
+        items: Sequence[text_layer.TokenizedText],
+        budget: int,
+        max_batch_size: int | None,
+        normalize: bool,
+        out: torch.Tensor,
+        progress: tqdm | None,
+    ) -> None:
+        """Fill ``out`` (n, hidden) with the pooled embeddings, one packed batch at a time."""
+        device = self.device
+        causal = not self.enable_bidirectional
         graphed = self._graphed_encoder()
 
         def to_device(tensor: torch.Tensor) -> torch.Tensor:
@@ -245,7 +264,7 @@ class LLM2Vec:
             if graphed is not None:
                 pooled = graphed.pooled(
                     input_ids, pool_mask, plan.cu_seqlens, causal=causal, mode=self.pooling_mode, normalize=normalize
-                )  # (B, hidden), or None past the graph limit
+                )  # (B, hidden), or None: this batch runs eagerly
             if pooled is None:
                 cu_seqlens = to_device(plan.cu_seqlens)  # (B + 1,)
                 hidden = self.model.forward_unchecked(
@@ -257,7 +276,6 @@ class LLM2Vec:
             out[to_device(plan.indices)] = pooled.float()
             if progress is not None:
                 progress.update(len(members))
-        return out.cpu()
 
     def _graphed_encoder(self) -> GraphedEncoder | None:
         """The CUDA-graph runner when ``cuda_graphs`` is on and the model is on a GPU, else None."""
@@ -265,6 +283,10 @@ class LLM2Vec:
             return None
         if self.device.type != "cuda":
             warnings.warn(f"CUDA graphs need a CUDA device; encoding on {self.device} runs eagerly", stacklevel=3)
+            return None
+        if not use_triton(self.model.embed_tokens.weight) or interpreting():
+            warnings.warn("CUDA graphs need the Triton kernels (not the reference backend); encoding runs eagerly",
+                          stacklevel=3)
             return None
         if self._graphed is None or not self._graphed.still_valid(self.model):
             self._graphed = GraphedEncoder(self.model)

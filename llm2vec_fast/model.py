@@ -147,7 +147,8 @@ class DecoderModel(nn.Module):
         """Recompute each layer in the backward pass instead of keeping its activations."""
         self.gradient_checkpointing = enabled
 
-    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The RoPE inverse frequencies ``(D // 2,)`` fp32 on ``device`` (moved there once)."""
         if self._inv_freq.device != device:
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
@@ -179,7 +180,7 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """``forward`` without reading cu_seqlens back to the host: for inputs already checked (on
         the host, by ``check_inputs``) and for CUDA graph capture, where a device sync is illegal."""
-        inv_freq = self._inv_freq_on(input_ids.device)
+        inv_freq = self.inv_freq_on(input_ids.device)
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
         residual = None
         for layer in self.layers:

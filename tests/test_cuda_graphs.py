@@ -121,8 +121,22 @@ def test_gpu_graphs_equal_eager(dtype, mode):
 def test_gpu_graph_limit_falls_back_to_eager():
     model = runtime_from_hf(tiny_hf_model("llama", seed=6)).to("cuda").eval()
     items = random_items(80, seed=12)
-    expected = LLM2Vec(model, tokenizer=None, max_batch_tokens=256).embed_tokenized(items)
-    graphed = LLM2Vec(model, tokenizer=None, max_batch_tokens=256, cuda_graphs=True)
+    expected = LLM2Vec(model, tokenizer=None, max_length=200, max_batch_tokens=256).embed_tokenized(items)
+    graphed = LLM2Vec(model, tokenizer=None, max_length=200, max_batch_tokens=256, cuda_graphs=True)
     graphed._graphed = GraphedEncoder(model, max_graphs=1)
     torch.testing.assert_close(graphed.embed_tokenized(items), expected, atol=1e-5, rtol=0)
     assert graphed._graphed.num_graphs == 1
+
+
+@pytest.mark.gpu
+def test_gpu_reference_backend_runs_eagerly(monkeypatch):
+    """The reference kernels read cu_seqlens on the host, which a capture forbids."""
+    model = runtime_from_hf(tiny_hf_model("llama", seed=6)).to("cuda").eval()
+    items = random_items(20, seed=13)
+    expected = LLM2Vec(model, tokenizer=None).embed_tokenized(items)
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "reference")
+    with pytest.raises(ValueError, match="Triton kernels"):
+        GraphedEncoder(model)
+    with pytest.warns(UserWarning, match="Triton kernels"):
+        reference = LLM2Vec(model, tokenizer=None, cuda_graphs=True).embed_tokenized(items)
+    torch.testing.assert_close(reference, expected, atol=1e-4, rtol=0)
