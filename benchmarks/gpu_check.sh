@@ -98,7 +98,12 @@ fi
 run_step environment 60 "$PYTHON" -c "$ENVIRONMENT"
 
 if [[ "$MODE" == gpu ]]; then
-  run_step "pytest -m gpu" 180 "$PYTHON" -m pytest -m gpu -p no:cacheprovider -v --tb=short --junitxml="$OUT/pytest_gpu.xml" tests
+  # A cold Triton cache compiles a few hundred kernel variants (~2 s each on one core; see
+  # tests/compile_kernels.py): with pytest-xdist (in the GPU image) 8 workers compile in parallel.
+  WORKERS=()
+  "$PYTHON" -c "import xdist" >/dev/null 2>&1 && WORKERS=(-n 8)
+  run_step "pytest -m gpu" 180 "$PYTHON" -m pytest -m gpu "${WORKERS[@]}" -p no:cacheprovider -v --tb=short \
+    --junitxml="$OUT/pytest_gpu.xml" tests
 else
   run_step "pytest -m gpu --collect-only" 90 "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
 fi
