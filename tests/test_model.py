@@ -210,3 +210,35 @@ def test_causal_beyond_sliding_window_is_refused():
     with pytest.raises(ValueError, match="sliding window"):
         ours(ids, cu_seqlens, 5, causal=True)
     assert ours(ids, cu_seqlens, 5).shape == (5, 64)  # bidirectional encoding ignores the window
+
+
+
+HEAD_DIM_64 = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
+TRITON_CASES = [
+    pytest.param("cpu", torch.float32, id="interpreter-fp32"),
+    pytest.param("cpu", torch.float16, id="interpreter-fp16"),  # bf16 tl.dot is broken in the interpreter
+    *(pytest.param("cuda", dtype, id=f"gpu-{str(dtype)[6:]}", marks=pytest.mark.gpu)
+      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("device", "dtype"), TRITON_CASES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_on_triton_kernels_matches_the_fp64_oracle(monkeypatch, family, causal, device, dtype):
+    """The whole runtime on the Triton kernels (the interpreter on a CPU) against fp64 transformers:
+    its error at most twice that of transformers in the same dtype on the same device, plus 1e-6
+    (DESIGN.md's policy). Head dim 64, GQA 2:1, lengths around a 64-token block."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    hf64 = tiny_hf_model(family, seed=7, **HEAD_DIM_64).double()
+    hf_same = tiny_hf_model(family, seed=7, **HEAD_DIM_64).to(device, dtype)
+    ours = runtime_from_hf(tiny_hf_model(family, seed=7, **HEAD_DIM_64)).to(device, dtype)
+    sequences = random_sequences([1, 63, 65, 113] if device == "cpu" else [1, 63, 64, 65, 113, 200], seed=8)
+    input_ids, cu_seqlens, max_seqlen = pack(sequences)
+    with torch.no_grad():
+        hidden = ours(input_ids.to(device), cu_seqlens.to(device), max_seqlen, causal=causal)  # (T, hidden)
+    assert hidden.dtype == dtype
+    for ids, states in zip(sequences, hidden.split([len(s) for s in sequences])):
+        expected64 = hf_hidden_states(hf64, ids, causal=causal)
+        theirs = hf_hidden_states(hf_same, ids, causal=causal).cpu()
+        assert_matches_oracle(states.cpu(), theirs, expected64, f"{family} {dtype} len {len(ids)}")
