@@ -19,8 +19,9 @@ Baselines, measured in the same run on the same inputs:
   see every non-pad token of its sequence (so ``is_causal=False``), mean pooling.
 - ``st-loop-32`` (random source): what a sentence-transformers-style loop does with the same
   model: fixed batches of 32 sequences in input order, padded to each batch's longest, no sorting.
-- ``ours-eager`` (random source, GPU, first config): our encoder with ``cuda_graphs=True``
-  (variant ``cuda-graphs``) against itself without; the capturing first call is timed apart.
+- ``ours-eager`` (random source, first config, on a GPU; with ``--quick`` on a CPU too, where it
+  only rehearses the code, running eagerly): our encoder with ``cuda_graphs=True`` (variant
+  ``cuda-graphs``) against itself without; the capturing first call is timed apart.
 
 MFU = (2 x P x tokens + 4 x sum(s_i^2) x layers x Hq x D) / time / R, with P the parameters of the
 decoder layers (the embedding is a lookup; an encoder runs no LM head), the attention term for
@@ -208,11 +209,12 @@ def bench_cuda_graphs(ours: LLM2Vec, items: list[TokenizedText], budget: int, co
                       results: harness.Results) -> None:
     """The same workload with ``cuda_graphs=True``: the first call captures (timed apart), then
     replays. On a CPU the encoder runs eagerly (0 graphs): only a rehearsal of this code."""
-    graphed = LLM2Vec(ours.model, tokenizer=None, pooling_mode="mean", max_length=ours.max_length, cuda_graphs=True)
+    graphed = LLM2Vec(ours.model, tokenizer=None, pooling_mode=ours.pooling_mode, max_length=ours.max_length,
+                      cuda_graphs=True)
 
     def run_graphed():
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "CUDA graphs need a CUDA device")
+            warnings.filterwarnings("ignore", "CUDA graphs need")
             return graphed.embed_tokenized(items, max_batch_tokens=budget)
 
     first_call_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=1)

@@ -32,7 +32,8 @@ def newest_runs(folder: Path) -> dict[str, dict]:
 
 
 def series(records: list[dict], sweep: str) -> dict[str, list[tuple[float, float]]]:
-    """{side: [(x, tokens/s)]} for one sweep: "ours" and one entry per baseline."""
+    """{side: [(x, tokens/s)]} for one sweep: ours (eager, and with CUDA graphs where measured)
+    and one entry per baseline."""
     key = SWEEPS[sweep][0]
     lines: dict[str, dict[float, float]] = {}
     for record in records:

@@ -9,12 +9,15 @@ and launch grid, so a packed batch is padded up to a *graph shape*:
 - the padding tokens (id 0) fill extra sequences of at most ``max_seqlen`` tokens after the real
   ones, and the slots left over are empty sequences.
 
-Attention never crosses sequences, so the real sequences get what the unpadded batch gives them;
-the price is the matmul work on at most 12.5% extra tokens. Whether that pays depends on the model
-size and the card: ``benchmarks/bench_encode.py`` measures it (graphs are off by default).
+Attention never crosses sequences, so the real sequences go through the same computation as in
+the unpadded batch (cuBLAS may pick another algorithm for the padded row count, a rounding-level
+difference); the price is the matmul work on at most 12.5% extra tokens. Whether that pays
+depends on the model size and the card: ``benchmarks/bench_encode.py`` measures it (graphs are
+off by default).
 
-All graphs share one memory pool. That is safe because replays run one at a time (under a lock,
-on one stream) and each replay's output is copied out, stream-ordered, before the next replay.
+All graphs share one memory pool. That is safe because every copy in, replay and copy out runs
+under one lock on one stream of the encoder's own, so the next replay cannot start before the
+last one's output was copied.
 """
 
 from __future__ import annotations
@@ -48,12 +51,17 @@ class GraphShape:
     max_seqlen: int
 
 
+def padding_lengths(padding: int, max_seqlen: int) -> list[int]:
+    """Lengths of the padding sequences holding ``padding`` tokens, none over ``max_seqlen``."""
+    return [max_seqlen] * (padding // max_seqlen) + ([padding % max_seqlen] if padding % max_seqlen else [])
+
+
 def graph_shape(lengths: list[int]) -> GraphShape:
     """The graph shape for a packed batch whose sequences have these token counts."""
     max_seqlen = round_up_size(max(lengths, default=0), 16)
     tokens = round_up_size(sum(lengths), 64)
-    padding_sequences = -(-(tokens - sum(lengths)) // max_seqlen)
-    slots = 1 << max(0, len(lengths) + padding_sequences - 1).bit_length()
+    sequences = len(lengths) + len(padding_lengths(tokens - sum(lengths), max_seqlen))
+    slots = 1 << max(0, sequences - 1).bit_length()
     return GraphShape(tokens, slots, max_seqlen)
 
 
@@ -69,14 +77,10 @@ def pad_batch(
     padding = shape.tokens - total
     if padding < 0 or cu_seqlens.numel() - 1 > shape.slots:
         raise ValueError(f"a batch of {total} tokens in {cu_seqlens.numel() - 1} sequences does not fit {shape}")
-    padding_lengths = [shape.max_seqlen] * (padding // shape.max_seqlen)
-    if padding % shape.max_seqlen:
-        padding_lengths.append(padding % shape.max_seqlen)
-    starts = cu_seqlens[:-1].long()  # (B,)
-    lengths = cu_seqlens[1:].long() - starts  # (B,)
-    all_lengths = torch.cat([lengths, torch.tensor(padding_lengths, dtype=torch.long)])  # (B + P,)
-    empty_slots = shape.slots - all_lengths.numel()
-    if empty_slots < 0:
+    lengths = torch.diff(cu_seqlens.long())  # (B,)
+    padding_sequences = torch.tensor(padding_lengths(padding, shape.max_seqlen), dtype=torch.long)  # (P,)
+    all_lengths = torch.cat([lengths, padding_sequences])  # (B + P,)
+    if all_lengths.numel() > shape.slots:
         raise ValueError(f"{all_lengths.numel()} sequences with the padding do not fit {shape}")
     padded_cu = torch.zeros(shape.slots + 1, dtype=torch.int32)
     padded_cu[1 : all_lengths.numel() + 1] = torch.cumsum(all_lengths, 0).to(torch.int32)
@@ -100,7 +104,8 @@ class GraphedEncoder:
 
     One graph per (shape, causal, pooling, normalize), captured on first use; after
     ``max_graphs`` captures, batches of a new shape get ``None`` and the caller runs them eagerly.
-    Thread-safe: a lock covers loading the static inputs, the replay and copying the result out.
+    Callers may share it across threads: a lock serializes the batches, and captures use
+    thread-local capture mode so that another thread's CUDA work does not break them.
     """
 
     def __init__(self, model: DecoderModel, max_graphs: int = DEFAULT_MAX_GRAPHS):
@@ -116,15 +121,15 @@ class GraphedEncoder:
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _CapturedGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(device)  # warm-up and capture (one stream: one cuBLAS workspace)
+        self._stream = torch.cuda.Stream(device)  # every copy, warm-up, capture and replay runs here
         self._lock = threading.Lock()
         model.inv_freq_on(device)  # moved now, not during the first forward, so the fingerprint holds
-        self._memory_seen = _memory_fingerprint(model)
+        self._memory_seen = memory_fingerprint(model)
 
     def still_valid(self, model: DecoderModel) -> bool:
         """False once the graphs may read stale memory: another model, or any of its weights
         replaced by a new tensor (``model.to(...)``, ``.data = ...``); in-place updates are seen."""
-        return model is self.model and _memory_fingerprint(model) == self._memory_seen
+        return model is self.model and memory_fingerprint(model) == self._memory_seen
 
     @property
     def num_graphs(self) -> int:
@@ -147,48 +152,50 @@ class GraphedEncoder:
             return None
         lengths = torch.diff(cu_seqlens).tolist()
         shape = graph_shape(lengths)
-        if shape.slots > MAX_SEQUENCES:
-            return None
         key = (shape, bool(causal), mode, bool(normalize))
+        if shape.slots > MAX_SEQUENCES or (key not in self._graphs and len(self._graphs) >= self.max_graphs):
+            return None
         padded = [t.pin_memory() for t in pad_batch(input_ids, pool_mask, cu_seqlens, shape)]
         with self._lock, torch.cuda.device(self.device), torch.inference_mode():
-            captured = self._graphs.get(key)
-            if captured is None:
-                if len(self._graphs) >= self.max_graphs:
-                    return None
-                inputs = [t.to(self.device, non_blocking=True) for t in padded]
-                captured = self._capture(inputs, shape, causal, mode, normalize)
-                self._graphs[key] = captured
-            else:
-                for static, value in zip(captured.inputs, padded):
-                    static.copy_(value, non_blocking=True)
-            captured.graph.replay()
-            # a copy: the pool is shared, so the next replay of any graph may overwrite the output
-            return captured.pooled[: len(lengths)].clone()
+            current = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(current)  # the caller's earlier work on this batch's inputs
+            with torch.cuda.stream(self._stream):
+                captured = self._graphs.get(key)
+                if captured is None:
+                    if len(self._graphs) >= self.max_graphs:  # another thread took the last slot
+                        return None
+                    static = [t.to(self.device, non_blocking=True) for t in padded]
+                    captured = self._capture(static, shape, causal, mode, normalize)
+                    self._graphs[key] = captured
+                else:
+                    for static, value in zip(captured.inputs, padded):
+                        static.copy_(value, non_blocking=True)
+                captured.graph.replay()
+                # a copy: the pool is shared, so the next replay of any graph may overwrite the output
+                result = captured.pooled[: len(lengths)].clone()
+            current.wait_stream(self._stream)
+            result.record_stream(current)  # made on our stream, used and freed on the caller's
+            return result
 
     def _capture(
         self, inputs: list[torch.Tensor], shape: GraphShape, causal: bool, mode: str, normalize: bool
     ) -> _CapturedGraph:
-        """Warm up on the side stream (Triton compiles, cuBLAS picks kernels), then capture; the
-        static inputs already hold the batch that asked for this graph."""
+        """Warm up (Triton compiles, cuBLAS picks kernels), then capture, both on the encoder's
+        stream; the static inputs already hold the batch that asked for this graph."""
         input_ids, pool_mask, cu_seqlens, position_ids = inputs
 
         def run() -> torch.Tensor:
             hidden = self.model.forward_unchecked(input_ids, cu_seqlens, shape.max_seqlen, position_ids, causal=causal)
             return masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize, check_cu_seqlens=False)  # (B', hidden)
 
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            run()
-        current.wait_stream(self._stream)
+        run()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
             pooled = run()
         return _CapturedGraph(graph, tuple(inputs), pooled)
 
 
-def _memory_fingerprint(model: DecoderModel) -> tuple:
+def memory_fingerprint(model: DecoderModel) -> tuple:
     """Where every tensor a graph reads lives: the parameters and the RoPE frequencies."""
     parameters = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
     return parameters + (model._inv_freq.data_ptr(),)

@@ -23,7 +23,6 @@ from .batching import plan_batches
 from .cuda_graphs import GraphedEncoder
 from .files import sha256_file
 from .kernels import POOLING_MODES, masked_pool
-from .kernels._dispatch import interpreting, use_triton
 from .loading import load_model
 from .model import DecoderModel
 
@@ -278,18 +277,17 @@ class LLM2Vec:
                 progress.update(len(members))
 
     def _graphed_encoder(self) -> GraphedEncoder | None:
-        """The CUDA-graph runner when ``cuda_graphs`` is on and the model is on a GPU, else None."""
+        """The CUDA-graph runner when ``cuda_graphs`` is on and can work here, else None (with a
+        warning saying why: a CPU model, or the reference backend)."""
         if not self.cuda_graphs:
             return None
-        if self.device.type != "cuda":
-            warnings.warn(f"CUDA graphs need a CUDA device; encoding on {self.device} runs eagerly", stacklevel=3)
-            return None
-        if not use_triton(self.model.embed_tokens.weight) or interpreting():
-            warnings.warn("CUDA graphs need the Triton kernels (not the reference backend); encoding runs eagerly",
-                          stacklevel=3)
-            return None
         if self._graphed is None or not self._graphed.still_valid(self.model):
-            self._graphed = GraphedEncoder(self.model)
+            try:
+                self._graphed = GraphedEncoder(self.model)
+            except ValueError as why:
+                # stacklevel: the caller of embed_tokenized (past its inference_mode wrapper)
+                warnings.warn(f"{why}; encoding runs eagerly", stacklevel=5)
+                return None
         return self._graphed
 
     def encode(

@@ -102,8 +102,9 @@ def random_sequences(lengths: list[int], seed: int) -> list[list[int]]:
 
 
 def assert_matches_oracle(ours: torch.Tensor, hf32: torch.Tensor, hf64: torch.Tensor, what: str) -> None:
-    """Our fp32 states may be off the fp64 oracle by at most 2x transformers' own fp32 error,
-    plus 1e-6 (about 10 fp32 ulps at the unit scale of normed states) for where both round alike."""
+    """Our states may be off the fp64 oracle by at most 2x the error of transformers in the same
+    dtype, plus 1e-6 (about 10 fp32 ulps at the unit scale of normed states) for where both round
+    alike."""
     ours_error = (ours.double() - hf64).abs().max().item()
     hf_error = (hf32.double() - hf64).abs().max().item()
     assert ours_error <= 2 * hf_error + 1e-6, f"{what}: error {ours_error:.3e} vs transformers fp32 {hf_error:.3e}"

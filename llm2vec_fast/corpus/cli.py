@@ -54,8 +54,9 @@ def add_parser(subparsers) -> None:
     embed.add_argument("--causal", action="store_true",
                        help="keep causal attention (for a base model not trained the LLM2Vec way; default: bidirectional)")
     embed.add_argument("--cuda-graphs", action="store_true",
-                       help="replay each batch's forward pass from a CUDA graph (GPU only; pays for small models,"
-                       " where kernel launches dominate: measure with benchmarks/bench_encode.py)")
+                       help="replay each batch's forward pass from a CUDA graph (pays for small models, where kernel"
+                       " launches dominate: measure with benchmarks/bench_encode.py; without a GPU and the Triton"
+                       " kernels it warns and runs eagerly)")
     embed.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     embed.add_argument("--output-dtype", default="float32", choices=["float32", "float16"],
