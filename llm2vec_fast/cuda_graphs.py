@@ -31,6 +31,7 @@ from .kernels import masked_pool
 from .kernels._dispatch import interpreting, use_triton
 from .kernels.attention import MAX_SEQUENCES
 from .model import DecoderModel
+from .varlen import varlen_metadata
 
 DEFAULT_MAX_GRAPHS = 64
 
@@ -75,8 +76,8 @@ def pad_batch(
     """
     total = input_ids.shape[0]
     padding = shape.tokens - total
-    if padding < 0 or cu_seqlens.numel() - 1 > shape.slots:
-        raise ValueError(f"a batch of {total} tokens in {cu_seqlens.numel() - 1} sequences does not fit {shape}")
+    if padding < 0:
+        raise ValueError(f"a batch of {total} tokens does not fit {shape}")
     lengths = torch.diff(cu_seqlens.long())  # (B,)
     padding_sequences = torch.tensor(padding_lengths(padding, shape.max_seqlen), dtype=torch.long)  # (P,)
     all_lengths = torch.cat([lengths, padding_sequences])  # (B + P,)
@@ -85,11 +86,10 @@ def pad_batch(
     padded_cu = torch.zeros(shape.slots + 1, dtype=torch.int32)
     padded_cu[1 : all_lengths.numel() + 1] = torch.cumsum(all_lengths, 0).to(torch.int32)
     padded_cu[all_lengths.numel() + 1 :] = shape.tokens
-    sequence_starts = torch.repeat_interleave(padded_cu[:-1].long(), torch.diff(padded_cu).long())  # (T',)
-    position_ids = torch.arange(shape.tokens) - sequence_starts
+    _, position_ids = varlen_metadata(padded_cu, shape.tokens)  # (T',) restarting at 0 in each sequence
     padded_ids = torch.cat([input_ids.long(), input_ids.new_zeros(padding, dtype=torch.long)])
     padded_mask = torch.cat([pool_mask.bool(), torch.zeros(padding, dtype=torch.bool)])
-    return padded_ids, padded_mask, padded_cu, position_ids
+    return padded_ids, padded_mask, padded_cu, position_ids.long()
 
 
 @dataclass
