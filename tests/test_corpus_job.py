@@ -116,8 +116,13 @@ def test_other_settings_or_changed_input_refuse_to_resume_unless_overwrite(tmp_p
     with pytest.raises(JobMismatchError, match=r"engine.dim: 8 -> 4"):
         _embed(path, tmp_path / "out", HashEngine(dim=4, max_length=64), shard_rows=3)
     _jsonl(path, [{"text": f"T{i}"} for i in range(6)])
-    with pytest.raises(JobMismatchError, match="inputs"):
+    with pytest.raises(JobMismatchError, match="input in.jsonl: content changed"):
         _embed(path, tmp_path / "out", shard_rows=3)
+    (tmp_path / "more.jsonl").write_text('{"text": "more"}\n')
+    with pytest.raises(JobMismatchError, match="input more.jsonl: new"):
+        _embed(tmp_path, tmp_path / "out", shard_rows=3)
+    with pytest.raises(ValueError, match="give one"):
+        _embed(path, tmp_path / "out", shard_rows=3, resume=True, overwrite=True)
     summary = _embed(path, tmp_path / "out", shard_rows=3, overwrite=True)
     assert summary.complete and summary.shards_written == 2
     again = _embed(path, tmp_path / "out", shard_rows=3, resume=True)
@@ -130,6 +135,42 @@ def test_other_settings_or_changed_input_refuse_to_resume_unless_overwrite(tmp_p
         _embed(path, tmp_path / "busy")
 
 
+def test_a_job_stopped_before_its_first_shard_restarts_with_new_settings(tmp_path):
+    (tmp_path / "in.txt").write_text("short\n" + "z" * 65 + "\n")
+    with pytest.raises(InputError, match="longer than max_length"):
+        _embed(tmp_path / "in.txt", tmp_path / "out", on_long="error")
+    summary = _embed(tmp_path / "in.txt", tmp_path / "out")  # the advice of the error: truncate
+    assert (summary.embedded, summary.truncated) == (2, 1)
+    assert load_manifest(tmp_path / "out")["settings"]["on_long"] == "truncate"
+
+
+def test_the_output_folder_inside_the_input_folder_is_not_read(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    first = _embed(tmp_path, tmp_path / "out")
+    again = _embed(tmp_path, tmp_path / "out")  # its own manifest, shards and errors are no inputs
+    other = _embed(tmp_path, tmp_path / "out2")  # nor are another job's
+    assert first.embedded == again.embedded == other.embedded == 2 and again.shards_written == 0
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet"])
+def test_delimited_and_parquet_inputs_end_to_end(tmp_path, fmt):
+    import pyarrow as pa
+
+    texts = [f"row {i} text" for i in range(7)]
+    path = tmp_path / f"in.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"key": [f"k{i}" for i in range(7)], "body": texts}), path)
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        path.write_text(f"key{sep}body\n" + "".join(f"k{i}{sep}{t}\n" for i, t in enumerate(texts)))
+    engine = HashEngine(dim=8, max_length=64)
+    summary = _embed(path, tmp_path / "out", engine, id_field="key", text_field="body", shard_rows=3)
+    ids, matrix = read_embeddings(tmp_path / "out")
+    assert summary.embedded == 7 and ids == [f"k{i}" for i in range(7)]
+    np.testing.assert_array_equal(matrix, _expected(engine, texts))
+    assert "docs/s" in str(summary)
+
+
 def test_read_embeddings_memory_mapped_and_search(tmp_path):
     texts = [f"sentence {i}" for i in range(40)]
     (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts))
@@ -139,6 +180,8 @@ def test_read_embeddings_memory_mapped_and_search(tmp_path):
     assert isinstance(mapped, np.memmap) and mapped_ids == ids
     np.testing.assert_array_equal(mapped, in_memory)
     assert read_embeddings(tmp_path / "out", mmap=True)[1].filename == mapped.filename
+    (tmp_path / "out" / "embeddings.npy.tmp-99999").write_bytes(b"left by a killed reader")
+    assert _embed(tmp_path / "in.txt", tmp_path / "out", shard_rows=7, overwrite=True).embedded == 40
     hits = search(tmp_path / "out", "sentence 17", k=3)
     assert hits[0][0] == "in.txt:18" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
     normalized = in_memory / np.linalg.norm(in_memory, axis=1, keepdims=True)

@@ -14,7 +14,9 @@ output folder: shards/shard-NNNNNN.parquet (columns id, embedding), manifest.jso
 adapters with hashes, settings, inputs, shards with checksums, counts) and errors.jsonl (id,
 file, line, reason for every row not embedded). Read it with llm2vec_fast.read_embeddings(DIR).
 
-Killed at any moment, the same command continues where it stopped. Under
+Killed at any moment, the same command continues where it stopped; other settings or changed
+inputs are refused (named) unless --overwrite. A job that stopped before its first shard was
+written (a setting to fix) simply starts afresh. Under
 `torchrun --nproc-per-node N -m llm2vec_fast.cli embed ...` each process takes every N-th shard.
 """
 
@@ -64,9 +66,10 @@ def add_parser(subparsers) -> None:
     embed.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available;"
                        " under torchrun cuda:LOCAL_RANK)")
     embed.add_argument("--limit", type=int, default=None, help="only the first N input rows")
-    embed.add_argument("--resume", action="store_true", help="insist on resuming a job in DIR (resuming is the"
-                       " default whenever DIR holds the same job)")
-    embed.add_argument("--overwrite", action="store_true", help="delete the job in DIR and start over")
+    restart = embed.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="insist on resuming a job in DIR (resuming is the"
+                         " default whenever DIR holds the same job)")
+    restart.add_argument("--overwrite", action="store_true", help="delete the job in DIR and start over")
     embed.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
                        help="a text over --max-length: embed its first tokens and count it (truncate, default) or"
                        " stop with an error naming its file and line")

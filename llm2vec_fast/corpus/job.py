@@ -80,6 +80,7 @@ class JobSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # embedded by this process in this run
     rank: int = 0  # under torchrun: the process that returned this summary (timings are its own)
+    docs: int = 0  # embedded by this process in this run
 
     def __str__(self) -> str:
         lines = [f"{self.output}: rows in {self.rows_in} = embedded {self.embedded} + errors {self.errors}"
@@ -88,8 +89,11 @@ class JobSummary:
         if self.seconds:
             wall = self.seconds.get("wall", 0.0)
             split = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items() if k != "wall")
-            rate = f"; {self.tokens / wall:,.0f} tokens/s" if wall > 0 and self.tokens else ""
-            lines.append(f"time: wall {wall:.2f}s ({split}; stages overlap){rate}")
+            lines.append(f"time: wall {wall:.2f}s ({split}; stages overlap)")
+            embedding = wall - self.seconds.get("load model", 0.0)  # the rates leave model loading out
+            if embedding > 0 and self.docs:
+                lines.append(f"rate: {self.docs / embedding:,.1f} docs/s, {self.tokens / embedding:,.0f} tokens/s"
+                             + (f" (rank {self.rank})" if self.rank else ""))
         return "\n".join(lines)
 
 
@@ -210,6 +214,12 @@ def _finalize(folder: Path, header: dict, total_rows: int, shard_rows: int) -> d
     missing = sorted(set(range(expected)) - set(shards))
     if missing:
         raise RuntimeError(f"{folder}: shards {missing[:10]} are not done; run the same command again to finish them")
+    for k in range(expected):
+        start, stop = shards[k]["rows"]
+        if (start, stop) != (k * shard_rows, min((k + 1) * shard_rows, total_rows)) or \
+                shards[k]["embedded"] + shards[k]["errors"] != stop - start:
+            raise RuntimeError(f"{folder}: shard {k} covers rows {start}-{stop} with {shards[k]['embedded']} embedded"
+                               f" and {shards[k]['errors']} errors, which does not account for every row read")
     errors = b"".join((folder / shards[k]["errors_file"]).read_bytes() for k in range(expected))
     atomic_write_bytes(folder / ERRORS, errors)
     manifest = with_shards(header, {k: shards[k] for k in range(expected)}, status="complete", total_rows=total_rows)
@@ -273,8 +283,9 @@ def embed_corpus(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     started = time.perf_counter()
+    timer = _Timer()
     folder = Path(output)
-    files = discover_inputs(inputs)
+    files = discover_inputs(inputs, output=folder)
     fields = Fields(text=text_field, id=id_field, instruction=instruction_field)
     identity = {
         "settings": {"id_field": id_field, "text_field": text_field, "instruction": instruction,
@@ -282,17 +293,23 @@ def embed_corpus(
                      "output_dtype": output_dtype, "limit": limit},
         "inputs": [fingerprint(f) for f in files],
     }
+    if resume and overwrite:
+        raise ValueError("--resume continues the job in the output folder and --overwrite deletes it: give one")
     has_job = (folder / MANIFEST).is_file()
     if resume and not has_job:
         raise FileNotFoundError(f"--resume: {folder} holds no embedding job to resume")
+    if has_job and not resume and not recorded_shards(folder):
+        overwrite = True  # a job that stopped before its first shard (a setting or an input to fix): start afresh
     if has_job and not overwrite:
         _check_identity(folder, identity, ("settings", "inputs"))
     rank, world, group, owns_group = _distributed()
     try:
         if engine is None:
+            load_start = time.perf_counter()
             engine = load_engine(model, adapters, pooling=pooling, max_length=max_length, device=device, dtype=dtype,
                                  max_batch_tokens=batch_tokens, normalize=normalize, causal=causal,
                                  cuda_graphs=cuda_graphs)
+            timer.add("load model", time.perf_counter() - load_start)
         identity["engine"] = engine.describe()
         if has_job and not overwrite:
             _check_identity(folder, identity, ("engine",))
@@ -300,13 +317,12 @@ def embed_corpus(
         manifest = load_manifest(folder)
         header = {k: v for k, v in manifest.items() if k not in ("shards", "counts")}
         done = recorded_shards(folder)
-        timer = _Timer()
-        written = tokens = 0
+        written = tokens = docs = 0
         total_rows = manifest.get("total_rows")
         if manifest.get("status") != "complete":
             writer = ShardWriter(folder, folder / (MANIFEST if world == 1 else part_name(rank)), header, output_dtype,
                                  dict(done))
-            written, total_rows, tokens = _run(files, fields, instruction, limit, shard_rows, rank, world, set(done), engine,
+            written, total_rows, tokens, docs = _run(files, fields, instruction, limit, shard_rows, rank, world, set(done), engine,
                                        batch_tokens, on_long, max_length, writer, timer, tokenize_workers, progress,
                                        identity["engine"])
             if world > 1:
@@ -323,10 +339,9 @@ def embed_corpus(
             dist.destroy_process_group()
     timer.add("wall", time.perf_counter() - started)
     counts = manifest["counts"]
-    summary = JobSummary(folder, counts["rows_in"], counts["embedded"], counts["errors"], counts["truncated"], written,
+    return JobSummary(folder, counts["rows_in"], counts["embedded"], counts["errors"], counts["truncated"], written,
                          counts["shards"], manifest.get("status") == "complete", dict(timer.seconds),
-                         tokens, rank)
-    return summary
+                         tokens, rank, docs)
 
 
 def _barrier(group) -> None:
@@ -411,8 +426,8 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
 
 
 def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, batch_tokens, on_long, max_length,
-         writer: ShardWriter, timer: _Timer, tokenize_workers, progress, description: dict) -> tuple[int, int, int]:
-    """Embed this rank's missing shards; returns (shards written, total input rows, tokens embedded)."""
+         writer: ShardWriter, timer: _Timer, tokenize_workers, progress, description: dict) -> tuple[int, int, int, int]:
+    """Embed this rank's missing shards; returns (shards written, total input rows, tokens and rows embedded)."""
     dim = description["dim"]
     max_length = description.get("max_length", max_length)
     stop = threading.Event()
@@ -446,8 +461,7 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
     counted: list[int] = []  # the input's row count, for the progress bar's total and ETA, once known
     if bar is not None:
         threading.Thread(target=lambda: counted.append(sum(estimate_rows(f) for f in files)), daemon=True).start()
-    written = 0
-    tokens_done = 0
+    written = tokens_done = docs_done = 0
     compute_start = time.perf_counter()
     try:
         while True:
@@ -485,11 +499,12 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
                                 sum(item.truncated for item in items), sum(lengths))
             _put(finished, shard, writer_error)
             written += 1
+            docs_done += len(items)
         finished.put(None)
         writer_thread.join()
         if writer_error:
             raise writer_error[0]
-        return written, total_rows, tokens_done
+        return written, total_rows, tokens_done, docs_done
     finally:
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)

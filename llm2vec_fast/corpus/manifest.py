@@ -80,7 +80,7 @@ def with_shards(manifest: dict, shards: dict[int, dict], **changes) -> dict:
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
-    """The top-level keys of the job identity (settings, engine, inputs) whose values differ."""
+    """What differs between two job identities (settings, engine, inputs), one line per change."""
     differences = []
     for key in ("settings", "engine", "inputs"):
         a, b = old.get(key), new.get(key)
@@ -88,9 +88,26 @@ def identity_differences(old: dict, new: dict) -> list[str]:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             differences += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif key == "inputs" and isinstance(a, list) and isinstance(b, list):
+            differences += _input_differences(a, b)
         else:
             differences.append(f"{key}: changed")
     return differences
+
+
+def _input_differences(old: list[dict], new: list[dict]) -> list[str]:
+    """Input files added, removed or changed (size, or the sampled content), by name."""
+    before = {f["path"]: f for f in old}
+    after = {f["path"]: f for f in new}
+    lines = [f"input {name}: new" for name in after if name not in before]
+    lines += [f"input {name}: gone" for name in before if name not in after]
+    for name in after.keys() & before.keys():
+        a, b = before[name], after[name]
+        if a["bytes"] != b["bytes"]:
+            lines.append(f"input {name}: {a['bytes']:,} -> {b['bytes']:,} bytes")
+        elif a != b:
+            lines.append(f"input {name}: content changed")
+    return sorted(lines) or ["inputs: changed"]
 
 
 def load_manifest(folder: Path) -> dict:

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llm2vec_fast.corpus.manifest import ERRORS, load_manifest, recorded_shards
+from llm2vec_fast.corpus.manifest import ERRORS, load_manifest, recorded_shards, temporary_name
 from llm2vec_fast.files import sha256_file
 
 MATRIX_CACHE = "embeddings.npy"
@@ -73,7 +73,7 @@ def read_embeddings(folder: str | Path, *, mmap: bool = False,
             ids += shard_ids
         return ids, np.load(cache, mmap_mode="r")
     if mmap:
-        tmp = cache.with_name(cache.name + ".tmp")
+        tmp = temporary_name(cache)  # a reader killed here leaves a leftover the next job run removes
         matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
     else:
         matrix = np.empty((total, dim), dtype=dtype)

@@ -16,12 +16,19 @@ import io
 import json
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
+from llm2vec_fast.corpus.manifest import FORMAT, MANIFEST
+
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
+
+
+# A JSONL file whose first rows all lack the text field is taken for a wrong --text-field
+FIELD_CHECK_ROWS = 1000
 
 
 class InputError(ValueError):
@@ -59,32 +66,64 @@ def file_format(path: Path) -> str | None:
     return None if fmt == "parquet" and path.suffix == ".gz" else fmt
 
 
-def discover_inputs(specs: str | Path | Sequence[str | Path]) -> list[InputFile]:
+def is_job_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an embedding job (its manifest names the job format)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        with open(manifest, encoding="utf-8") as handle:
+            return json.load(handle).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.is_relative_to(folder)
+
+
+def _folder_files(folder: Path, output: Path | None) -> Iterator[Path]:
+    """Files under ``folder`` with a known format; hidden entries, the output folder and other
+    jobs' folders are skipped (a job must never read its own or another job's shards)."""
+    for current, dirs, files in os.walk(folder):
+        here = Path(current)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside(here / d, output)
+                   and not is_job_folder(here / d)]
+        for name in files:
+            if not name.startswith(".") and file_format(here / name):
+                yield here / name
+
+
+def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path | None = None) -> list[InputFile]:
     """The files named by files, folders (searched recursively) and globs, sorted by path.
 
     A folder contributes the files with a known extension (hidden ones skipped); a file named
-    directly must have a known extension.
+    directly must have a known extension. Nothing inside ``output`` (the job's own folder) or
+    inside another embedding job's folder is taken from a folder or a glob.
     """
     if isinstance(specs, (str, Path)):
         specs = [specs]
+    output = Path(output).resolve() if output is not None else None
     found: set[Path] = set()
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            for child in path.rglob("*"):
-                relative = child.relative_to(path).parts
-                if child.is_file() and file_format(child) and not any(p.startswith(".") for p in relative):
-                    found.add(child.resolve())
+            if _inside(path.resolve(), output):
+                raise InputError(f"{path}: the input folder lies inside the output folder {output}")
+            found.update(p.resolve() for p in _folder_files(path, output))
         elif path.is_file():
             if file_format(path) is None:
                 raise InputError(f"{path}: unknown input format {path.suffix!r}; known: {', '.join(sorted(FORMATS))} (optionally .gz)")
+            if _inside(path.resolve(), output):
+                raise InputError(f"{path}: the input file lies inside the output folder {output}")
             found.add(path.resolve())
         else:
             matches = [Path(m) for m in glob.glob(str(spec), recursive=True)]
             files = [m for m in matches if m.is_file() and file_format(m)]
             if not files:
                 raise InputError(f"{spec}: no such file or folder, and no input files match it as a glob")
-            found.update(m.resolve() for m in files)
+            found.update(m.resolve() for m in files
+                         if not _inside(m.resolve(), output) and not any(map(is_job_folder, m.resolve().parents)))
     if not found:
         raise InputError(f"no input files found in {', '.join(map(str, specs))}")
     paths = sorted(found)
@@ -135,14 +174,15 @@ def _decode(raw: bytes, first_line: bool = False) -> str | None:
         return None
 
 
-def _field(record: dict, name: str) -> tuple[str | None, str | None]:
-    """(value, error): numbers are accepted as ids and texts are not."""
+def _field(record: dict, name: str, integer_ok: bool = False) -> tuple[str | None, str | None]:
+    """(value, error): a string, or an integer where ``integer_ok`` (ids); never a float or a list."""
     if name not in record or record[name] is None:
         return None, f"missing field {name!r}"
     value = record[name]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None, f"field {name!r} is a {type(value).__name__}, not a string"
-    return str(value), None
+    if isinstance(value, str) or (integer_ok and isinstance(value, int) and not isinstance(value, bool)):
+        return str(value), None
+    kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return None, f"field {name!r} holds {kind.get(type(value), type(value).__name__)}, not a string"
 
 
 def _from_record(line: int, record: object, fields: Fields) -> RawRow:
@@ -150,7 +190,7 @@ def _from_record(line: int, record: object, fields: Fields) -> RawRow:
         return RawRow(line, None, None, None, f"not a JSON object but a {type(record).__name__}")
     row_id = instruction = None
     if fields.id is not None:
-        row_id, error = _field(record, fields.id)
+        row_id, error = _field(record, fields.id, integer_ok=True)
         if error:
             return RawRow(line, None, None, None, error)
     text, error = _field(record, fields.text)
@@ -164,6 +204,7 @@ def _from_record(line: int, record: object, fields: Fields) -> RawRow:
 
 
 def _read_jsonl(path: Path, fields: Fields) -> Iterator[RawRow]:
+    without_text = 0  # rows from the top of the file without the text field, none with it
     with _open_binary(path) as handle:
         for line, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -174,12 +215,25 @@ def _read_jsonl(path: Path, fields: Fields) -> Iterator[RawRow]:
                 continue
             if line == 1 and decoded.lstrip().startswith("["):
                 raise InputError(f"{path}:1: a JSON array is not JSON Lines; write one JSON object per line")
+            if line == 1 and decoded.strip() == "{":
+                raise InputError(f"{path}:1: a JSON document spread over lines is not JSON Lines;"
+                                 " write one JSON object per line")
             try:
                 record = json.loads(decoded)
             except json.JSONDecodeError as exc:
-                yield RawRow(line, None, None, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
+                yield RawRow(line, None, None, None, f"malformed JSON: {exc.msg} (column {exc.colno})")
                 continue
-            yield _from_record(line, record, fields)
+            except RecursionError:
+                yield RawRow(line, None, None, None, "malformed JSON: nested too deeply")
+                continue
+            row = _from_record(line, record, fields)
+            if without_text >= 0:
+                without_text = without_text + 1 if row.error == f"missing field {fields.text!r}" else -1
+                if without_text == FIELD_CHECK_ROWS:
+                    raise InputError(f"{path}:{line}: none of the first {FIELD_CHECK_ROWS} rows has a field"
+                                     f" {fields.text!r} (line {line} has {', '.join(map(repr, record)) or 'no field'});"
+                                     " check --text-field")
+            yield row
 
 
 def _read_text(path: Path) -> Iterator[RawRow]:
@@ -194,8 +248,12 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
     text_stream = io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="surrogateescape", newline="")
     with text_stream:
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-        reader = csv.reader(text_stream, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
+        # strict: a quote left open raises at the end of the file instead of swallowing every later row
+        reader = csv.reader(text_stream, delimiter=delimiter, quoting=quoting, strict=True)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise InputError(f"{path}:1: the header is malformed CSV: {exc}") from None
         if header is None:
             return
         header[0] = header[0].removeprefix("\ufeff")
@@ -205,15 +263,28 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
             raise InputError(f"{path}:1: the header has no column {missing[0]!r} (columns: {', '.join(header)})")
         column = {name: header.index(name) for name in wanted}
         start = reader.line_num + 1
-        for cells in reader:
+        while True:
+            try:
+                cells = next(reader, None)
+            except csv.Error as exc:
+                if "end of data" in str(exc):
+                    raise InputError(f"{path}:{start}: a quoted field opened here is never closed (the rest of the"
+                                     " file would be read as part of it); close the quote and run again") from None
+                line, start = start, reader.line_num + 1
+                yield RawRow(line, None, None, None, f"malformed CSV: {exc}")
+                continue
+            if cells is None:
+                return
             line, start = start, reader.line_num + 1
             if not any(cells):
                 continue  # a blank line is no row
             if any("\udc80" <= ch <= "\udcff" for cell in cells for ch in cell):
                 yield RawRow(line, None, None, None, "invalid UTF-8")
                 continue
-            record = {name: cells[index] for name, index in column.items() if index < len(cells)}
-            yield _from_record(line, record, fields)
+            if len(cells) != len(header):
+                yield RawRow(line, None, None, None, f"{len(cells)} fields where the header has {len(header)}")
+                continue
+            yield _from_record(line, {name: cells[index] for name, index in column.items()}, fields)
 
 
 def _read_parquet(path: Path, fields: Fields) -> Iterator[RawRow]:
@@ -243,12 +314,29 @@ def _read_parquet(path: Path, fields: Fields) -> Iterator[RawRow]:
 
 
 def read_rows(file: InputFile, fields: Fields) -> Iterator[RawRow]:
+    """The rows of ``file``; a file that breaks while being read (a truncated gzip stream, a damaged
+    Parquet page) raises :class:`InputError` naming it and the last line read."""
     if file.format == "text":
         if fields.id is not None or fields.instruction is not None:
             raise InputError(f"{file.path}: plain text has no fields, so --id-field / --instruction-field cannot apply")
-        return _read_text(file.path)
-    if file.format == "jsonl":
-        return _read_jsonl(file.path, fields)
-    if file.format in ("csv", "tsv"):
-        return _read_delimited(file.path, fields, "," if file.format == "csv" else "\t")
-    return _read_parquet(file.path, fields)
+        rows = _read_text(file.path)
+    elif file.format == "jsonl":
+        rows = _read_jsonl(file.path, fields)
+    elif file.format in ("csv", "tsv"):
+        rows = _read_delimited(file.path, fields, "," if file.format == "csv" else "\t")
+    else:
+        rows = _read_parquet(file.path, fields)
+    return _naming_the_file(file, rows)
+
+
+def _naming_the_file(file: InputFile, rows: Iterator[RawRow]) -> Iterator[RawRow]:
+    line = 0
+    try:
+        for row in rows:
+            line = row.line
+            yield row
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, RuntimeError, zlib.error) as exc:  # gzip, zlib, pyarrow errors
+        where = f"after line {line}" if line else "before its first row"
+        raise InputError(f"{file.path}: cannot be read {where}: {type(exc).__name__}: {exc}") from exc
