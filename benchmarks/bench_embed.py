@@ -99,12 +99,12 @@ def main() -> None:
 
     ids, ours = read_embeddings(out)
     shutil.rmtree(out)
-    texts = args.corpus.read_text(encoding="utf-8").splitlines()[:docs]
-    rows = [int(i.rsplit(":", 1)[1]) - 1 for i in ids]
+    lines = args.corpus.read_bytes().decode("utf-8").split("\n")  # numbered as the job's text reader does
+    texts = [lines[int(i.rsplit(":", 1)[1]) - 1].removesuffix("\r") for i in ids]  # the rows the job embedded
     padded_loop(model_path, texts[:64], args.max_length, args.batch_size, args.device, dtype)  # warm-up
     base_seconds, base, real_tokens, padded_tokens = padded_loop(model_path, texts, args.max_length,
                                                                  args.batch_size, args.device, dtype)
-    cosine = np.sum(ours * base[rows], 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(base[rows], axis=1))
+    cosine = np.sum(ours * base, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(base, axis=1))
 
     config = {"model": Path(model_path).name, "docs": docs, "max_length": args.max_length,
               "batch_tokens": args.batch_tokens, "dtype": str(dtype).removeprefix("torch.")}
