@@ -69,7 +69,7 @@ class Attention(nn.Module):
             q, k, v, cu_seqlens, max_seqlen, causal=causal, dropout_p=self.dropout_p if self.training else 0.0,
             check_cu_seqlens=False,  # DecoderModel.forward checked them once for all layers
         )  # (T, Hq, D)
-        return self.o_proj(out.reshape(total, -1))
+        return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):

@@ -78,6 +78,22 @@ def test_every_bad_row_is_an_error_record_and_counts_add_up(tmp_path):
     assert "rows in 10 = embedded 2 + errors 8" in str(summary)
 
 
+class _DroppingEngine(HashEngine):
+    """A tokenizer that keeps no "x": a text of x's gets no tokens at all."""
+
+    def tokenize(self, texts):
+        return super().tokenize([t.replace("x", "") for t in texts])
+
+
+def test_a_text_without_tokens_to_pool_is_an_error_record_not_a_zero_vector(tmp_path):
+    (tmp_path / "in.txt").write_text("one\nxxx\ntwo\n")
+    summary = _embed(tmp_path / "in.txt", tmp_path / "out", _DroppingEngine(dim=8, max_length=64), shard_rows=2)
+    assert (summary.embedded, summary.errors) == (2, 1)
+    assert read_embeddings(tmp_path / "out")[0] == ["in.txt:1", "in.txt:3"]
+    assert read_errors(tmp_path / "out") == [{"id": "in.txt:2", "file": "in.txt", "line": 2,
+                                             "reason": "the text has no tokens to pool (the tokenizer kept none of it)"}]
+
+
 def test_on_long_error_stops_naming_file_and_line(tmp_path):
     (tmp_path / "in.txt").write_text("short\n" + "z" * 65 + "\n")
     with pytest.raises(InputError, match=r"in\.txt:2: text is longer than max_length=64"):

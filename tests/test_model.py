@@ -83,6 +83,9 @@ def test_empty_sequences_are_legal(models):
         states = ours(input_ids, cu_seqlens, 2)
     assert states.shape == (2, 64) and torch.isfinite(states).all()
     torch.testing.assert_close(states, runtime_hidden_states(ours, [[5, 6]], causal=False)[0])
+    input_ids, cu_seqlens, _ = pack([[], []])  # a batch of nothing but empty sequences
+    with torch.no_grad():
+        assert ours(input_ids, cu_seqlens, 0).shape == (0, 64)
 
 
 def test_default_position_ids_restart_per_sequence(models):

@@ -58,7 +58,7 @@ class ShardWork:
     start: int
     stop: int
     rows: list[Row]  # rows to embed
-    errors: list[dict]
+    errors: list[Row]  # rows with an error
     tokenized: list[Future]  # one future per chunk of TOKENIZE_CHUNK texts, each -> list[Item]
 
 
@@ -391,7 +391,7 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
         good = [r for r in rows if r.error is None]
         futures = [pool.submit(tokenize, [r.text for r in good[i:i + TOKENIZE_CHUNK]])
                    for i in range(0, len(good), TOKENIZE_CHUNK)]
-        work = ShardWork(index, index * shard_rows, stop_row, good, [_error_record(r) for r in rows if r.error], futures)
+        work = ShardWork(index, index * shard_rows, stop_row, good, [r for r in rows if r.error], futures)
         return put(work)
 
     def timed(rows: Iterator[Row]) -> Iterator[Row]:
@@ -478,6 +478,11 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
                 if item.truncated and on_long == "error":
                     raise InputError(f"{row.file}:{row.line}: text is longer than max_length={max_length} tokens"
                                      " (--on-long error; use --on-long truncate to embed its first tokens)")
+                if not any(item.pool_mask):  # pooling nothing would give a zero vector
+                    row.error = "the text has no tokens to pool (the tokenizer kept none of it)"
+            error_rows = sorted(work.errors + [row for row in work.rows if row.error], key=lambda row: row.index)
+            items = [item for row, item in zip(work.rows, items) if row.error is None]
+            rows = [row for row in work.rows if row.error is None]
             lengths = [len(item.input_ids) for item in items]
             embeddings = np.empty((len(items), dim), dtype=np.float32)  # (n, dim)
             for batch in token_budget_batches(lengths, batch_tokens):
@@ -491,12 +496,12 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
                     elapsed = time.perf_counter() - compute_start
                     bar.set_postfix_str(f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
             if bar is not None:
-                bar.update(len(work.errors))
+                bar.update(len(error_rows))
                 if counted and bar.total is None:
                     bar.total = _rank_rows(min(counted[0], limit if limit is not None else counted[0]),
                                            shard_rows, rank, world, done)
-            shard = ShardResult(work.index, work.start, work.stop, [r.id for r in work.rows], embeddings, work.errors,
-                                sum(item.truncated for item in items), sum(lengths))
+            shard = ShardResult(work.index, work.start, work.stop, [r.id for r in rows], embeddings,
+                                [_error_record(r) for r in error_rows], sum(item.truncated for item in items), sum(lengths))
             _put(finished, shard, writer_error)
             written += 1
             docs_done += len(items)
