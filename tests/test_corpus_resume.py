@@ -168,3 +168,15 @@ def test_two_gloo_ranks_one_killed_then_resumed_equal_one_process(corpus_and_cle
     for process in processes:
         assert process.wait(timeout=120) == 0, process.stderr.read()
     _assert_same_as_clean(out, clean)
+
+
+def test_a_real_torchrun_launch_of_the_console_script_equals_one_process(corpus_and_clean, tmp_path):
+    """The issue's form: ``torchrun --nproc-per-node 2 --no-python llm2vec-fast embed ...``."""
+    corpus, clean = corpus_and_clean
+    script = Path(sys.executable).with_name("llm2vec-fast")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+               str(script)] + _command(corpus, tmp_path / "out")[3:]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "shards written now 7, total 13" in result.stderr  # rank 0 wrote every other shard of 13
+    _assert_same_as_clean(tmp_path / "out", clean)

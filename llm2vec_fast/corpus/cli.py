@@ -17,7 +17,7 @@ file, line, reason for every row not embedded). Read it with llm2vec_fast.read_e
 Killed at any moment, the same command continues where it stopped; other settings or changed
 inputs are refused (named) unless --overwrite. A job that stopped before its first shard was
 written (a setting to fix) simply starts afresh. Under
-`torchrun --nproc-per-node N -m llm2vec_fast.cli embed ...` each process takes every N-th shard.
+`torchrun --nproc-per-node N --no-python llm2vec-fast embed ...` each process takes every N-th shard.
 """
 
 
