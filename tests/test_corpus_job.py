@@ -235,3 +235,14 @@ def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys)
     assert main(["search", str(tmp_path / "out"), "--query", "beta", "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split() == ["1", "1.0000", "in.txt:2"]
+
+
+def test_an_edit_that_keeps_the_size_is_caught_anywhere_in_the_file(tmp_path):
+    path = tmp_path / "in.txt"
+    lines = [f"line {i:07d}" for i in range(300_000)]  # 4 MB: the edit lies far from both ends
+    path.write_text("\n".join(lines) + "\n")
+    _embed(path, tmp_path / "out", shard_rows=100_000, limit=10)
+    lines[150_000] = lines[150_000].replace("line", "LINE")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobMismatchError, match="input in.txt: content changed"):
+        _embed(path, tmp_path / "out", shard_rows=100_000, limit=10)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 from llm2vec_fast.corpus.manifest import FORMAT, MANIFEST
+from llm2vec_fast.files import sha256_file
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
@@ -131,16 +131,11 @@ def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path
     return [InputFile(p, p.relative_to(root).as_posix(), file_format(p)) for p in paths]
 
 
-def fingerprint(file: InputFile, sample_bytes: int = 1 << 20) -> dict:
-    """Name, size and a sha256 of the first and last MiB: cheap, and catches edits and swaps."""
-    size = file.path.stat().st_size
-    digest = hashlib.sha256()
-    with open(file.path, "rb") as handle:
-        digest.update(handle.read(sample_bytes))
-        if size > sample_bytes:
-            handle.seek(max(sample_bytes, size - sample_bytes))
-            digest.update(handle.read(sample_bytes))
-    return {"path": file.name, "format": file.format, "bytes": size, "sample_sha256": digest.hexdigest()}
+def fingerprint(file: InputFile) -> dict:
+    """Name, size and sha256 of the whole file: a resumed job must see exactly the bytes the first
+    run read (one extra read of the inputs, small beside embedding them)."""
+    return {"path": file.name, "format": file.format, "bytes": file.path.stat().st_size,
+            "sha256": sha256_file(file.path)}
 
 
 def _open_binary(path: Path) -> IO[bytes]:
