@@ -13,6 +13,7 @@ token-budget batches and runs the engine; a writer thread writes finished shards
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import os
 import queue
@@ -27,6 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llm2vec_fast.corpus.duplicates import FirstOccurrences, pack_location, unpack_location
 from llm2vec_fast.corpus.engine import Engine, Item, Text, load_engine
 from llm2vec_fast.corpus.manifest import (ERRORS, MANIFEST, SHARDS_DIR, JobMismatchError, atomic_write_bytes,
                                           atomic_write_json, identity_differences, is_temporary, load_manifest,
@@ -37,6 +39,7 @@ from llm2vec_fast.corpus.readers import (Fields, InputError, InputFile, discover
 from llm2vec_fast.corpus.writer import ShardResult, ShardWriter
 
 TOKENIZE_CHUNK = 256
+DUPLICATE_CHECK_ROWS = 4096  # ids checked for duplicates at once
 PREFETCH_SHARDS = 2
 ON_LONG = ("truncate", "error")
 OUTPUT_DTYPES = ("float32", "float16")
@@ -112,9 +115,27 @@ class _Timer:
 def _rows(files: list[InputFile], fields: Fields, instruction: str | None, check_duplicates: bool,
           limit: int | None) -> Iterator[Row]:
     """Every input row in work order, with the job-level checks (empty text, duplicate ids)."""
-    first_seen: dict[str, tuple[int, int]] = {}
+    rows = _checked_rows(files, fields, instruction, limit)
+    if not check_duplicates:
+        yield from rows
+        return
+    seen = FirstOccurrences()
+    file_numbers = {file.name: number for number, file in enumerate(files)}
+    while chunk := list(itertools.islice(rows, DUPLICATE_CHECK_ROWS)):
+        candidates = [row for row in chunk if row.error is None]
+        earlier = seen.check([row.id for row in candidates],
+                             [pack_location(file_numbers[row.file], row.line) for row in candidates])
+        for row, where in zip(candidates, earlier):
+            if where is not None:
+                file_number, line = unpack_location(where)
+                row.error, row.text = f"duplicate id (first at {files[file_number].name}:{line})", None
+        yield from chunk
+
+
+def _checked_rows(files: list[InputFile], fields: Fields, instruction: str | None, limit: int | None) -> Iterator[Row]:
+    """Every input row in work order, with the row-level checks (empty text, empty id)."""
     index = 0
-    for file_number, file in enumerate(files):
+    for file in files:
         for raw in read_rows(file, fields):
             if limit is not None and index >= limit:
                 return
@@ -124,12 +145,6 @@ def _rows(files: list[InputFile], fields: Fields, instruction: str | None, check
             if error is None and raw.id is not None and not raw.id.strip():
                 error = "empty id"
             row_id = raw.id if fields.id is not None else f"{file.name}:{raw.line}"
-            if error is None and check_duplicates:
-                if row_id in first_seen:
-                    where, line = first_seen[row_id]
-                    error = f"duplicate id (first at {files[where].name}:{line})"
-                else:
-                    first_seen[row_id] = (file_number, raw.line)
             row_instruction = raw.instruction if fields.instruction is not None else instruction
             text = (row_instruction, raw.text) if error is None and row_instruction else raw.text
             yield Row(index, file.name, raw.line, row_id, text if error is None else None, error)
