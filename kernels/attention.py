@@ -787,5 +787,5 @@ def varlen_attention(
     if q.shape[0] == 0 or max_seqlen == 0:  # nothing to attend; stay in the autograd graph of q, k, v
         return q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())
     return VarlenAttentionFunction.apply(
-        q, k, v, cu_seqlens, max_seqlen, bool(causal), float(scale), float(dropout_p), int(dropout_seed or 0)
-    )
+        q, k, v, cu_seqlens.contiguous(), max_seqlen, bool(causal), float(scale), float(dropout_p), int(dropout_seed or 0)
+    )  # the kernels index cu_seqlens as a contiguous array

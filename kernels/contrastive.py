@@ -64,6 +64,27 @@ def _dot_fp32_lhs(g, x, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _power_of_two_split(inv):
+    """``(p, f)`` with ``p * f == inv`` exactly and ``p`` a power of two: ``inv`` with its mantissa cleared."""
+    power = (inv.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return power, inv / power
+
+
+@triton.jit
+def _scaled_operands(g, inv, x, IEEE: tl.constexpr):
+    """``(g * inv[None, :], x)`` for ``g @ (inv[:, None] * x)``, ready for :func:`_dot_fp32_lhs`.
+
+    16-bit ``x``: the power of two of ``inv`` moves onto ``x`` (exact, and ``|x * p| <= 1`` since
+    ``inv <= 1 / ||x_row||``), the rest onto ``g``. Otherwise ``g * inv`` reaches 1e12 for a zero
+    row (``inv = 1 / eps``), overflows fp16 in the split of ``g`` and turns ``inf * 0`` into NaN.
+    """
+    if IEEE:
+        return g * inv[None, :], x
+    power, fraction = _power_of_two_split(inv)
+    return g * fraction[None, :], (x.to(tl.float32) * power[:, None]).to(x.dtype)
+
+
+@triton.jit
 def _add_scaled_tile(grad_ptr, out_rows, out_row_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc):
     """grad[out_rows, ds] += coef * scale * acc on an fp32 gradient buffer (read-modify-write)."""
     coef = tl.load(coef_ptr) * scale
@@ -155,8 +176,9 @@ def _row_grad_kernel(
         cols = col_start + local
         col_ok = local < chunk_cols
         g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        g = g * tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=1.0)
         b = tl.load(b_ptr + cols[:, None] * stride_b + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        g, b = _scaled_operands(g, inv_b, b, IEEE)
         acc += _dot_fp32_lhs(g, b, IEEE)
     _add_scaled_tile(grad_a_hat_ptr, rows, row_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
 
@@ -180,9 +202,10 @@ def _col_grad_kernel(
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < n_rows
         g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        g = g * tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
         a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _dot_fp32_lhs(tl.trans(g), a, IEEE)
+        g_t, a = _scaled_operands(tl.trans(g), inv_a, a, IEEE)
+        acc += _dot_fp32_lhs(g_t, a, IEEE)
     _add_scaled_tile(grad_b_hat_ptr, col_start + local, col_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
 
 

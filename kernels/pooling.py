@@ -235,6 +235,8 @@ def masked_pool(
     _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens)
     if not use_triton(hidden):
         return reference.masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize)
+    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"Triton masked_pool supports float16, bfloat16 and float32, got {hidden.dtype}")
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     return _MaskedPool.apply(hidden, cu_seqlens.contiguous(), MODE_CODES[mode], pool_mask, bool(normalize))

@@ -21,10 +21,10 @@ from llm2vec_fast.kernels import attention, reference
 from llm2vec_fast.kernels.attention import dropout_keep_mask, varlen_attention
 
 # Interpreter blocks: 64 queries x 32 keys (32 x 64 in the dK/dV kernel). One packed batch hits
-# empty sequences, a single token, both block sizes -1/+1 and a multi-block sequence.
-CPU_LENGTHS = [0, 1, 31, 33, 0, 63, 65, 113]
+# empty sequences, a single token, both block sizes -1/0/+1 and a multi-block sequence.
+CPU_LENGTHS = [0, 1, 31, 32, 33, 0, 63, 64, 65, 113]
 # GPU blocks are 16 to 128 wide.
-GPU_LENGTHS = [0, 1, 31, 33, 63, 65, 127, 129, 113, 0, 1023, 257]
+GPU_LENGTHS = [0, 1, 31, 33, 63, 64, 65, 127, 128, 129, 113, 0, 1023, 257]
 GQA = [
     pytest.param(2, 2, id="Hq2-Hkv2"),
     pytest.param(3, 1, id="Hq3-Hkv1"),
@@ -157,6 +157,13 @@ def test_strided_views_of_fused_qkv(triton_backend):
     exact = run(reference.varlen_attention, *(x.double() for x in (q, k, v)))
     in_dtype = run(reference.varlen_attention, q.contiguous(), k.contiguous(), v.contiguous())
     assert_within_tolerance(mine, exact, in_dtype, torch.float32)
+
+
+def test_cu_seqlens_may_be_a_strided_view(triton_backend):
+    q, k, v, _ = make_inputs([3, 5], 2, 1, 64, torch.float32, "cpu")
+    strided = torch.tensor([0, 0, 3, 3, 8, 8], dtype=torch.int32)[::2]  # values 0, 3, 8 at stride 2
+    torch.testing.assert_close(varlen_attention(q, k, v, strided, 5), varlen_attention(q, k, v, strided.contiguous(), 5),
+                               rtol=0, atol=0)
 
 
 def test_all_sequences_empty(triton_backend):

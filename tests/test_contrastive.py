@@ -16,6 +16,7 @@ from llm2vec_fast.kernels import contrastive_loss, reference
 from llm2vec_fast.kernels import contrastive
 
 TILE = contrastive.BLOCK_M
+CORRELATION = 0.25  # positives = noise + 0.25 x query: losses 2-6, gradients 1e-5 to 1e-1
 
 
 def _loss_and_grads(fn, queries, docs, **kwargs):
@@ -42,7 +43,8 @@ def _check_against_oracle(queries, docs, scale, symmetric):
 
 CASES = [
     # (B, N, D, scale, symmetric)
-    pytest.param(1, 1, 16, 20.0, False, id="one-query"),
+    pytest.param(1, 1, 16, 20.0, False, id="one-query-one-doc"),
+    pytest.param(1, 5, 16, 20.0, False, id="one-query"),
     pytest.param(70, 70, 80, 20.0, False, id="no-negatives"),
     pytest.param(70, 150, 80, 20.0, False, id="hard-negatives-2-chunks"),
     pytest.param(70, 150, 80, 20.0, True, id="symmetric-2-chunks"),
@@ -60,10 +62,36 @@ def test_triton_matches_reference(monkeypatch, dtype, batch, n_docs, dim, scale,
     monkeypatch.setattr(contrastive, "MIN_GRAD_CHUNK_COLS", 1)
     generator = torch.Generator().manual_seed(batch * 1000 + n_docs)
     queries = torch.randn(batch, dim, generator=generator).to(dtype)
-    # positives correlated with their queries, as in training, so the losses are not all log(N)
+    # positives correlated with their queries, as in training, so the losses are not all log(N);
+    # weakly, so that they are not ~0 either (gradients below the atol would test nothing)
     docs = torch.randn(n_docs, dim, generator=generator)
-    docs[:batch] += 2 * queries.float()
+    docs[:batch] += CORRELATION * queries.float()
     _check_against_oracle(queries, docs.to(dtype), scale, symmetric)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+def test_a_zero_doc_leaves_every_other_gradient_finite_and_right(monkeypatch, dtype):
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    _check_a_zero_doc(dtype, "cpu")
+
+
+def _check_a_zero_doc(dtype: torch.dtype, device: str) -> None:
+    """An empty sequence pools to zeros: its 1 / max(||d||, eps) = 1e12 must not overflow the
+    16-bit operands of the backward (it did: inf * 0 = NaN in every query's gradient)."""
+    generator = torch.Generator().manual_seed(9)
+    queries = torch.randn(6, 32, generator=generator)
+    docs = torch.randn(10, 32, generator=generator)
+    docs[:6] += CORRELATION * queries
+    docs[9] = 0.0  # a zero hard negative
+    queries, docs = queries.to(device, dtype), docs.to(device, dtype)
+    ours = _loss_and_grads(contrastive_loss, queries, docs)
+    ref = _loss_and_grads(reference.contrastive_loss, queries, docs)
+    oracle = _loss_and_grads(reference.contrastive_loss, queries.double(), docs.double())
+    for name, index in (("loss", 0), ("grad_q", 1)):
+        assert_close_to_oracle(name, ours[index], ref[index], oracle[index], factor=GRADIENT_FACTOR,
+                               atol=fp32_ulps_atol(oracle[index]))
+    assert_close_to_oracle("grad_d", ours[2][:9], ref[2][:9], oracle[2][:9], factor=GRADIENT_FACTOR,
+                           atol=fp32_ulps_atol(oracle[2][:9]))
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
@@ -117,5 +145,11 @@ def test_gpu_matches_reference(dtype, batch, n_docs, dim, scale, symmetric):
     generator = torch.Generator().manual_seed(batch * 1000 + n_docs)
     queries = torch.randn(batch, dim, generator=generator)
     docs = torch.randn(n_docs, dim, generator=generator)
-    docs[:batch] += 2 * queries
+    docs[:batch] += CORRELATION * queries
     _check_against_oracle(queries.to(dtype).cuda(), docs.to(dtype).cuda(), scale, symmetric)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_gpu_a_zero_doc_leaves_every_other_gradient_finite_and_right(dtype):
+    _check_a_zero_doc(dtype, "cuda")

@@ -138,6 +138,13 @@ def test_input_validation(monkeypatch, backend, kwargs, error, match):
         masked_pool(**args)
 
 
+def test_triton_path_refuses_float64(monkeypatch):
+    """The kernels compute in fp32: fp64 input would lose its precision without a word."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32, got torch.float64"):
+        masked_pool(torch.randn(10, 4, dtype=torch.float64), torch.tensor([0, 4, 10], dtype=torch.int32), "mean")
+
+
 # ---------------------------------------------------------------- GPU (pytest -m gpu)
 
 GPU_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
