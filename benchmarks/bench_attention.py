@@ -6,6 +6,10 @@
    ``is_causal`` when causal (right padding is then invisible to real queries), the default
    backend with a key-padding mask when bidirectional (flash takes no mask).
 
+On a GPU at head dim 128, ours runs twice: with the default deterministic backward (a separate
+dQ pass) and with ``deterministic=False`` (dQ accumulated with atomics in the dK/dV kernel); the
+config's ``dq`` names which.
+
 FLOPs: forward 4 x sum(s_i^2) x Hq x D, halved when causal; backward 2.5x forward (timed alone,
 from a kept graph). Padded
 baselines are credited with the same (useful) FLOPs, so ratios are time ratios. Ours runs with
@@ -74,8 +78,12 @@ def bench_equal_lengths(results, device, dtype, token_budget, seqlens, head_dims
         )
         cu_seqlens = cu_seqlens_of(lengths, device)
 
-        def ours(q_, k_, v_):
-            return varlen_attention(q_, k_, v_, cu_seqlens, seqlen, causal=causal, check_cu_seqlens=False)
+        def ours(q_, k_, v_, deterministic=True):
+            return varlen_attention(q_, k_, v_, cu_seqlens, seqlen, causal=causal, check_cu_seqlens=False,
+                                    deterministic=deterministic)
+
+        def ours_atomic(q_, k_, v_):
+            return ours(q_, k_, v_, deterministic=False)
 
         def sdpa_flash(q_, k_, v_):
             views = [x.view(batch, seqlen, num_heads, head_dim).transpose(1, 2) for x in (q_, k_, v_)]  # (B, H, s, D)
@@ -84,11 +92,14 @@ def bench_equal_lengths(results, device, dtype, token_budget, seqlens, head_dims
             return out.transpose(1, 2).reshape(total, num_heads, head_dim)
 
         config = dict(layout="equal", seqlen=seqlen, batch=batch, heads=num_heads, head_dim=head_dim,
-                      causal=causal, dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+                      causal=causal, dtype=str(dtype).removeprefix("torch."), dq="deterministic")  # fmt: skip
         flops = attention_flops(lengths, num_heads, head_dim, causal)
         ours_ms = time_forward_backward(ours, (q, k, v), grad_out, device)
         base_ms = time_forward_backward(sdpa_flash, (q, k, v), grad_out, device)
         record(results, config, flops, ours_ms, base_ms, "sdpa-flash")
+        if device == "cuda" and head_dim == 128:
+            atomic_ms = time_forward_backward(ours_atomic, (q, k, v), grad_out, device)
+            record(results, {**config, "dq": "atomic"}, flops, atomic_ms, base_ms, "sdpa-flash")
 
 
 def mixed_lengths(token_budget: int, max_len: int, seed: int = 0) -> list[int]:

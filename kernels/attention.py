@@ -6,7 +6,8 @@ the key blocks of its own sequence with an online softmax in fp32 and saves the 
 computes ``delta = rowsum(dO * O)``, one kernel per (key block, kv head, sequence) accumulates
 dK/dV over every query head of its group (no atomics), and a separate pass per (query block,
 query head, sequence) computes dQ. Every kernel writes its own outputs once, so the backward pass
-is deterministic (bitwise reproducible) by construction.
+is deterministic (bitwise reproducible) by construction. ``deterministic=False`` drops the dQ pass:
+the dK/dV kernel adds each key block's share of dQ to an fp32 buffer with atomics instead.
 
 Head dims that are not powers of two run in a padded ``BLOCK_D`` with masks. Scores live in
 log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``. Key and query loops are split
@@ -241,14 +242,17 @@ def _dkdv_query_blocks(
     do_base,
     lse_base,
     delta_base,
+    dq_base,
     stride_qt,
     stride_dot,
+    stride_dqt,
     cols,
     seq_start,
     seqlen,
     lo,
     hi,
     head,
+    sm_scale,
     qk_scale,
     dropout_p,
     keep_scale,
@@ -256,6 +260,7 @@ def _dkdv_query_blocks(
     MASK_LENGTH: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -263,8 +268,10 @@ def _dkdv_query_blocks(
 ):
     """Accumulate dK, dV ``(BLOCK_N, BLOCK_D)`` of one key block over query blocks [lo, hi) of one head.
 
-    Works on transposed tiles (keys x queries) so the key block stays the left operand."""
+    Works on transposed tiles (keys x queries) so the key block stays the left operand. With
+    ``ATOMIC_DQ`` it also adds this key block's share of dQ into the fp32 buffer at ``dq_base``."""
     offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m  # (BLOCK_M,) query positions in the sequence
         if MASK_LENGTH:
@@ -289,6 +296,11 @@ def _dkdv_query_blocks(
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * sm_scale  # (BLOCK_M, BLOCK_D)
+            dq_mask = (rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            tl.atomic_add(dq_base + rows.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq, mask=dq_mask,
+                          sem="relaxed")
     return dk, dv
 
 
@@ -302,6 +314,7 @@ def _attn_bwd_dkdv_kernel(
     Delta,
     dK,
     dV,
+    dQacc,
     cu_seqlens,
     stride_qt,
     stride_qh,
@@ -315,6 +328,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dkh,
     stride_dvt,
     stride_dvh,
+    stride_dqt,
+    stride_dqh,
     total_tokens,
     group_size,
     sm_scale,
@@ -324,6 +339,7 @@ def _attn_bwd_dkdv_kernel(
     seed,
     CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -361,21 +377,22 @@ def _attn_bwd_dkdv_kernel(
         do_base = dOut + seq_start.to(tl.int64) * stride_dot + head.to(tl.int64) * stride_doh
         lse_base = Lse + head.to(tl.int64) * total_tokens + seq_start
         delta_base = Delta + head.to(tl.int64) * total_tokens + seq_start
+        dq_base = dQacc + seq_start.to(tl.int64) * stride_dqt + head.to(tl.int64) * stride_dqh
         if CAUSAL:
             dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, seq_start, seqlen,
-                start_n, tl.minimum(start_n + BLOCK_N, seqlen), head, qk_scale, dropout_p, keep_scale, seed,
-                True, True, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt, cols,
+                seq_start, seqlen, start_n, tl.minimum(start_n + BLOCK_N, seqlen), head, sm_scale, qk_scale, dropout_p,
+                keep_scale, seed, True, True, HAS_DROPOUT, ATOMIC_DQ, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
             )  # fmt: skip
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, seq_start, seqlen,
-            full_start, full_end, head, qk_scale, dropout_p, keep_scale, seed,
-            False, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt, cols,
+            seq_start, seqlen, full_start, full_end, head, sm_scale, qk_scale, dropout_p, keep_scale, seed,
+            False, False, HAS_DROPOUT, ATOMIC_DQ, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
         )  # fmt: skip
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cols, seq_start, seqlen,
-            tail_start, seqlen, head, qk_scale, dropout_p, keep_scale, seed,
-            True, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt, cols,
+            seq_start, seqlen, tail_start, seqlen, head, sm_scale, qk_scale, dropout_p, keep_scale, seed,
+            True, False, HAS_DROPOUT, ATOMIC_DQ, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
         )  # fmt: skip
 
     dk = dk * sm_scale
@@ -620,8 +637,13 @@ def _attention_backward(
     softmax_scale: float,
     dropout_p: float,
     seed: int,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ ``(T, Hq, D)``, dK and dV ``(T, Hkv, D)``; deterministic (no atomics)."""
+    """dQ ``(T, Hq, D)``, dK and dV ``(T, Hkv, D)``.
+
+    ``deterministic``: dQ in its own pass (each program writes its rows once: bitwise reproducible).
+    Otherwise the dK/dV kernel also adds every key block's share of dQ into an fp32 buffer with
+    atomics (one pass fewer over the scores; the summation order varies from run to run)."""
     total, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     batch = cu_seqlens.numel() - 1
@@ -638,17 +660,21 @@ def _attention_backward(
     dq = _empty(q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    dq_acc = dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (T, Hq, D)
     _, dkdv_config, dq_config = _configs(head_dim, q.dtype)
     common = dict(
         CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_D=block_d
     )
     scalars = (total, num_heads // num_kv_heads, softmax_scale, softmax_scale * LOG2E, dropout_p, _keep_scale(dropout_p), seed)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_config["BLOCK_N"]), num_kv_heads, batch)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
-        grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        *scalars, **common, **dkdv_config,
+        grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+        *scalars, ATOMIC_DQ=not deterministic, **common, **dkdv_config,
     )  # fmt: skip
+    if not deterministic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_config["BLOCK_M"]), num_heads, batch)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
@@ -682,7 +708,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
     """Triton varlen attention; call through ``varlen_attention`` (which validates inputs)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed, deterministic):
         out, lse = _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
@@ -690,6 +716,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         ctx.softmax_scale = softmax_scale
         ctx.dropout_p = dropout_p
         ctx.dropout_seed = dropout_seed
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
@@ -697,9 +724,9 @@ class VarlenAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _attention_backward(
             grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale,
-            ctx.dropout_p, ctx.dropout_seed,
+            ctx.dropout_p, ctx.dropout_seed, ctx.deterministic,
         )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,6 +782,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     check_cu_seqlens: bool = True,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Attention within each packed sequence, never across sequences; differentiable.
 
@@ -766,6 +794,8 @@ def varlen_attention(
     ``dropout_seed`` (drawn from torch's generator when None), head and token indices, and the
     backward pass regenerates it. The CPU reference draws its mask from torch's RNG instead.
     ``check_cu_seqlens=False`` skips the value checks of cu_seqlens (they cost one device sync).
+    ``deterministic=False`` lets the backward pass accumulate dQ with atomics in the dK/dV kernel
+    (one pass fewer; gradients may differ in the last bits between runs).
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     if check_cu_seqlens:
@@ -787,5 +817,6 @@ def varlen_attention(
     if q.shape[0] == 0 or max_seqlen == 0:  # nothing to attend; stay in the autograd graph of q, k, v
         return q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())
     return VarlenAttentionFunction.apply(
-        q, k, v, cu_seqlens.contiguous(), max_seqlen, bool(causal), float(scale), float(dropout_p), int(dropout_seed or 0)
+        q, k, v, cu_seqlens.contiguous(), max_seqlen, bool(causal), float(scale), float(dropout_p),
+        int(dropout_seed or 0), bool(deterministic),
     )  # the kernels index cu_seqlens as a contiguous array

@@ -113,13 +113,14 @@ def _backward(*outputs: torch.Tensor) -> None:
     total.backward()
 
 
-def attention(dtype: torch.dtype, head_dim: int, causal: bool, dropout_p: float) -> None:
+def attention(dtype: torch.dtype, head_dim: int, causal: bool, dropout_p: float, deterministic: bool = True) -> None:
     cu_seqlens = torch.tensor([0, 5, 5, 70, 200], dtype=torch.int32)
     total = int(cu_seqlens[-1])
     q = _randn(total, 4, head_dim, dtype=dtype)
     k, v = _randn(total, 2, head_dim, dtype=dtype), _randn(total, 2, head_dim, dtype=dtype)
     seed = 2**40 + 7  # seeds are drawn from [0, 2**62): the kernels get an int64
-    out = kernels.varlen_attention(q, k, v, cu_seqlens, 130, causal=causal, dropout_p=dropout_p, dropout_seed=seed)
+    out = kernels.varlen_attention(q, k, v, cu_seqlens, 130, causal=causal, dropout_p=dropout_p, dropout_seed=seed,
+                                   deterministic=deterministic)
     _backward(out)
     if dropout_p:
         dropout_keep_mask(4, total, dropout_p, seed, "cpu")
@@ -178,6 +179,7 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
             add(attention, dtype=torch.bfloat16, head_dim=head_dim, causal=False, dropout_p=0.0)
         add(attention, dtype=torch.float16, head_dim=128, causal=True, dropout_p=0.1)
         add(attention, dtype=torch.float32, head_dim=64, causal=True, dropout_p=0.1)
+        add(attention, dtype=torch.bfloat16, head_dim=128, causal=True, dropout_p=0.1, deterministic=False)
         for mode in kernels.POOLING_MODES:
             add(pooling, dtype=torch.bfloat16, mode=mode, normalize=mode == "mean")
         add(contrastive, dtype=torch.bfloat16, symmetric=True, hard_negatives=True)
@@ -193,7 +195,9 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
         for head_dim in (64, 80, 96, 128, 256):
             for causal in (False, True):
                 for dropout_p in (0.0, 0.1):
-                    add(attention, dtype=dtype, head_dim=head_dim, causal=causal, dropout_p=dropout_p)
+                    for deterministic in (True, False):
+                        add(attention, dtype=dtype, head_dim=head_dim, causal=causal, dropout_p=dropout_p,
+                            deterministic=deterministic)
         for mode in kernels.POOLING_MODES:
             for normalize in (False, True):
                 add(pooling, dtype=dtype, mode=mode, normalize=normalize)

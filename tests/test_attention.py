@@ -72,14 +72,14 @@ def assert_within_tolerance(ours, exact, torch_in_dtype, dtype, label=""):
 
 
 def check_against_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal,
-                            softmax_scale=None, exact_dtype=torch.float64):  # fmt: skip
+                            softmax_scale=None, exact_dtype=torch.float64, deterministic=True):  # fmt: skip
     cu_seqlens = cu_seqlens_of(lengths, device)
     max_seqlen = max(lengths)
     q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
     options = dict(causal=causal, softmax_scale=softmax_scale)
 
     def ours(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, **options)
+        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, deterministic=deterministic, **options)
 
     def ref(q_, k_, v_):
         return reference.varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, **options)
@@ -178,6 +178,25 @@ def test_backward_is_deterministic(triton_backend):
     check_backward_is_deterministic([70, 33], 4, 1, 64, torch.float16, "cpu", causal=True)
 
 
+@pytest.mark.parametrize(
+    "dtype, causal, num_q_heads, num_kv_heads, head_dim",
+    [
+        pytest.param(torch.float32, False, 3, 1, 64, id="fp32-bidirectional-Hq3-Hkv1"),
+        pytest.param(torch.float16, True, 4, 1, 64, id="fp16-causal-Hq4-Hkv1"),
+        pytest.param(torch.float16, True, 2, 2, 80, id="fp16-causal-D80"),
+    ],
+)
+def test_atomic_dq_matches_reference(triton_backend, dtype, causal, num_q_heads, num_kv_heads, head_dim):
+    """deterministic=False: dQ accumulated with atomics in the dK/dV kernel, no dQ pass."""
+    check_against_reference(CPU_LENGTHS, num_q_heads, num_kv_heads, head_dim, dtype, "cpu", causal=causal,
+                            deterministic=False)
+
+
+def test_atomic_dq_with_dropout(triton_backend):
+    check_dropout_against_masked_reference([0, 33, 1, 70], 3, 1, 64, torch.float16, "cpu", causal=True, dropout_p=0.25,
+                                           seed=1234, deterministic=False)
+
+
 def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dtype):
     """Attention with an explicit dropout keep-mask ``(Hq, T, T)``, in ``compute_dtype``; softmax in
     at least fp32 (what PyTorch's SDPA math path does)."""
@@ -202,7 +221,7 @@ def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dt
 
 
 def check_dropout_against_masked_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *,
-                                           causal, dropout_p, seed) -> None:  # fmt: skip
+                                           causal, dropout_p, seed, deterministic=True) -> None:  # fmt: skip
     """Triton dropout against ``masked_attention`` with the kernels' own keep-mask, and unlike no dropout."""
     cu_seqlens = cu_seqlens_of(lengths, device)
     max_seqlen = max(lengths)
@@ -210,7 +229,8 @@ def check_dropout_against_masked_reference(lengths, num_q_heads, num_kv_heads, h
     keep = dropout_keep_mask(num_q_heads, sum(lengths), dropout_p, seed, device)
 
     def ours(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p, dropout_seed=seed)
+        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p, dropout_seed=seed,
+                                deterministic=deterministic)
 
     def ref(compute_dtype):
         return lambda q_, k_, v_: masked_attention(
@@ -368,6 +388,18 @@ def test_gpu_16k_token_batch(triton_backend, causal):
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_gpu_32k_single_sequence(triton_backend, causal):
     check_against_reference([32768], 2, 1, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_atomic_dq_matches_reference(triton_backend, dtype, causal):
+    check_against_reference(GPU_LENGTHS, 4, 1, 128, dtype, "cuda", causal=causal, deterministic=False)
+    lengths = [4096, 3000, 2048, 1500, 1024, 1024, 1000, 777, 513, 511, 300, 200, 129, 47, 1, 0, 214]  # 16384 tokens
+    check_against_reference(lengths, 8, 2, 128, dtype, "cuda", causal=causal, exact_dtype=torch.float32,
+                            deterministic=False)
+    check_dropout_against_masked_reference([0, 1, 129, 257, 65], 4, 2, 128, dtype, "cuda", causal=causal,
+                                           dropout_p=0.1, seed=99, deterministic=False)
 
 
 @pytest.mark.gpu
