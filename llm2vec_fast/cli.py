@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,9 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand. A problem with the input (a missing or damaged file, a bad value)
+    prints one line naming it and exits 2; ``LLM2VEC_FAST_TRACEBACK=1`` shows the traceback."""
+    try:
+        return int(args.run(args) or 0)
+    except (OSError, ValueError, KeyError) as exc:
+        if os.environ.get("LLM2VEC_FAST_TRACEBACK"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"llm2vec-fast {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

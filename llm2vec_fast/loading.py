@@ -9,16 +9,18 @@ then ``runtime_state_dict`` fuses q/k/v and gate/up into the runtime's projectio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .model import DecoderModel
@@ -122,12 +124,12 @@ def _read_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"missing {CONFIG_FILE} in model folder {folder}")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = _read_json(config_path)
     ModelConfig.from_hf_dict(hf_config)  # unsupported architectures fail before any weight is read
     weight_files, index = _safetensors_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     for weight_file in weight_files:
-        with safe_open(str(weight_file), framework="pt") as handle:
+        with _open_safetensors(weight_file) as handle:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key).to(dtype)
     if not _has_tokenizer(folder):
@@ -147,7 +149,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path | None]:
     if single.is_file():
         return [single], None
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = _read_json(index).get("weight_map")
         if not weight_map:
             raise ValueError(f"{index} has no weight_map")
         shards = [folder / name for name in sorted(set(weight_map.values()))]
@@ -164,6 +166,30 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path | None]:
     raise FileNotFoundError(f"missing {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX_FILE}) in model folder {folder}")
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a damaged file is a ValueError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` whose header errors name the file (a truncated download, a damaged disk)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc}); it may be truncated or damaged") from None
+    with handle:
+        yield handle
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
@@ -176,7 +202,10 @@ def _auto_tokenizer(folder: Path, **kwargs: Any) -> Any:
 
 def read_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Dequantize a GGUF file through transformers' GGUF support (needs the ``gguf`` package)."""
-    hf_model = load_gguf_as_transformers(path)
+    try:
+        hf_model = load_gguf_as_transformers(path)
+    except (ValueError, KeyError, IndexError, OSError, EOFError, struct.error) as exc:
+        raise ValueError(f"{path}: cannot read this GGUF file ({type(exc).__name__}: {exc})") from exc
     hf_config = _plain_config_dict(hf_model.config)
     ModelConfig.from_hf_dict(hf_config)
     tensors = {key: value.to(dtype) for key, value in hf_model.state_dict().items()}
@@ -224,7 +253,8 @@ def canonical_tensors(tensors: dict[str, torch.Tensor], hf_config: dict[str, Any
 def runtime_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map transformers weights (canonical names) onto ``DecoderModel``'s, fusing q/k/v and gate/up.
 
-    Raises with the names of missing, unexpected or wrongly shaped weights.
+    Raises with the names of missing, unexpected or wrongly shaped weights. An untied ``lm_head``
+    may be missing (a bare decoder): encoding never uses it.
     """
     hidden, inner = config.hidden_size, config.intermediate_size
     q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -233,7 +263,7 @@ def runtime_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
         "embed_tokens.weight": [("embed_tokens.weight", (config.vocab_size, hidden))],
         "norm.weight": [("norm.weight", (hidden,))],
     }
-    if not config.tie_word_embeddings:
+    if not config.tie_word_embeddings and "lm_head.weight" in tensors:
         sources["lm_head.weight"] = [("lm_head.weight", (config.vocab_size, hidden))]
 
     def linear(target: str, parts: list[tuple[str, int]], fan_in: int, bias: bool) -> None:
@@ -279,7 +309,7 @@ def build_model(
     """A ``DecoderModel`` holding these transformers weights (canonical names), in eval mode."""
     state = runtime_state_dict(config, tensors)
     with torch.device("meta"):
-        model = DecoderModel(config)
+        model = DecoderModel(config, lm_head="lm_head.weight" in state)
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -308,7 +338,7 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
     config_path = folder / ADAPTER_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"missing {ADAPTER_CONFIG_FILE} in adapter folder {folder}")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
@@ -364,7 +394,7 @@ def merge_lora_adapter(checkpoint: Checkpoint, folder: Path) -> None:
 def _lora_pairs(weights_path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{canonical module name: (lora_A (r, in), lora_B (out, r))}`` from an adapter file."""
     found: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_path), framework="pt") as handle:
+    with _open_safetensors(weights_path) as handle:
         for key in handle.keys():
             name = key.removeprefix("base_model.model.")
             match = _LORA_KEY.match(name)

@@ -115,14 +115,18 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, decoder layers and final norm over packed tokens."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, lm_head: bool = True) -> None:
+        """``lm_head=False``: a bare decoder checkpoint (llm2vec's ``save()`` writes one), enough to
+        encode; only MNTP training needs the output embedding."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if lm_head and not config.tie_word_embeddings
+            else None
         )
         self.gradient_checkpointing = False
         # Kept out of the parameters and buffers so that casting the model to bf16 never rounds it.
@@ -132,7 +136,12 @@ class DecoderModel(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """``(vocab, hidden)``: the output embedding (the input embedding when tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        if not self.config.tie_word_embeddings:
+            raise ValueError("this checkpoint has no lm_head.weight (a bare decoder, as llm2vec's save() writes):"
+                             " it encodes, but MNTP training needs the model's output embedding")
+        return self.embed_tokens.weight
 
     def set_dropout(self, *, attention: float, hidden: float) -> None:
         """Dropout probabilities used in train mode (see the module docstring for where)."""
@@ -200,7 +209,8 @@ class DecoderModel(nn.Module):
         position_ids: torch.Tensor | None,
         causal: bool,
     ) -> None:
-        """Shapes, dtypes and cu_seqlens values, once per forward; the layers then skip the kernels' own checks."""
+        """Shapes, dtypes, token ids and cu_seqlens values, once per forward; the layers then skip the
+        kernels' own checks."""
         if input_ids.ndim != 1 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be a 1-D integer tensor (T,), got {input_ids.dtype} {tuple(input_ids.shape)}")
         if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
@@ -215,7 +225,16 @@ class DecoderModel(nn.Module):
                 f"causal pass over {max_seqlen} tokens exceeds the model's sliding window ({window}), "
                 "which this runtime does not apply"
             )
-        bounds = cu_seqlens.tolist()  # one device sync per forward on a GPU, instead of one per layer
+        values = [cu_seqlens.to(torch.int64)]
+        if input_ids.numel():
+            values.append(torch.stack(torch.aminmax(input_ids)).to(torch.int64))
+        values = torch.cat(values).tolist()  # one device sync per forward on a GPU, instead of one per layer
+        bounds = values[: cu_seqlens.numel()]
+        vocab = self.config.vocab_size
+        outside = [token for token in values[cu_seqlens.numel():] if not 0 <= token < vocab]
+        if outside:
+            raise ValueError(f"token id {outside[0]} is outside the model's vocabulary [0, {vocab}): does the"
+                             " tokenizer belong to this model?")
         if bounds[0] != 0 or bounds[-1] != input_ids.shape[0]:
             raise ValueError(f"cu_seqlens must start at 0 and end at T={input_ids.shape[0]}, got {bounds[0]}..{bounds[-1]}")
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]

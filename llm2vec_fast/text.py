@@ -54,6 +54,15 @@ class TokenizedText:
     truncated: bool = False
 
 
+def _check_encodable(index: int, text: str) -> None:
+    """A lone surrogate (e.g. from text decoded with errors="surrogateescape") has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"inputs[{index}] is not valid Unicode: {exc.object[exc.start:exc.end]!r} at character"
+                         f" {exc.start} is a lone surrogate") from None
+
+
 def as_instruction_pairs(inputs: Sequence) -> list[tuple[str, str]]:
     """Validate inputs: each a text (str) or an [instruction, text] pair; a text gets "" as instruction."""
     if isinstance(inputs, (str, bytes)):
@@ -64,11 +73,14 @@ def as_instruction_pairs(inputs: Sequence) -> list[tuple[str, str]]:
     pairs = []
     for index, item in enumerate(inputs):
         if isinstance(item, str):
+            _check_encodable(index, item)
             pairs.append(("", item))
             continue
         if isinstance(item, (list, tuple)) and len(item) == 2:
             instruction, text = item
             if isinstance(instruction, str) and isinstance(text, str):
+                _check_encodable(index, instruction)
+                _check_encodable(index, text)
                 pairs.append((instruction, text))
                 continue
             kinds = f"[{type(instruction).__name__}, {type(text).__name__}]"

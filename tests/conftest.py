@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def default_model_folder(tmp_path_factory):
     """The default model folder, converted once into a session-wide temporary cache."""
-    from llm2vec_fast.default_model import CACHE_ENV, default_model_path
+    from llm2vec_fast.default_model import default_model_path
+    from llm2vec_fast.info import CACHE_ENV
 
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("llm2vec_fast_cache"))

@@ -133,3 +133,48 @@ def test_bad_settings_are_clear_errors():
         LLM2Vec.from_pretrained(REFERENCE / "llama", not_an_option=1)
     with pytest.raises(FileNotFoundError):
         LLM2Vec.from_pretrained(REFERENCE / "no-such-model")
+
+
+def test_more_bad_inputs_and_settings_are_clear_errors(llama, tmp_path):
+    with pytest.raises(ValueError, match=r"inputs\[1\] is not valid Unicode: '\\ud800' at character 4"):
+        llama.encode(["fine", "bad \ud800 text"], show_progress_bar=False)
+    for name, value in (("max_length", 2.5), ("max_length", "512"), ("doc_max_length", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            LLM2Vec(llama.model, llama.tokenizer, **{name: value})
+    with pytest.raises(TypeError, match="skip_instruction must be True or False, got 'no'"):
+        LLM2Vec(llama.model, llama.tokenizer, skip_instruction="no")
+    for name, value in (("batch_size", None), ("max_batch_tokens", 0), ("max_batch_tokens", 2.5)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            llama.encode(["text"], show_progress_bar=False, **{name: value})
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        LLM2Vec.from_pretrained(REFERENCE / "llama", dtype=torch.float64)
+    same = LLM2Vec.from_pretrained(REFERENCE / "llama", torch_dtype=torch.float32, dtype="float32")
+    assert same.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="missing adapter_config.json in adapter folder .*nowhere"):
+        LLM2Vec.from_pretrained(REFERENCE / "llama", adapters=str(tmp_path / "nowhere"))  # one path, not its letters
+
+
+def test_saved_settings_with_bad_values_name_the_file(tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(REFERENCE / "llama", tmp_path / "llama"))
+    (folder / "llm2vec_config.json").write_text(json.dumps({"max_length": "512"}))
+    with pytest.raises(ValueError, match=r"llm2vec_config.json: max_length = '512' is not valid"):
+        LLM2Vec.from_pretrained(folder)
+
+
+def test_token_ids_beyond_the_vocabulary_are_named(llama):
+    from llm2vec_fast.text import TokenizedText
+
+    vocab = llama.model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the model's vocabulary \\[0, {vocab}\\)"):
+        llama.embed_tokenized([TokenizedText([1, 5], [True, True]), TokenizedText([vocab], [True])])
+
+
+def test_bos_pooling_needs_a_tokenizer_that_adds_bos(tmp_path):
+    from model_helpers import save_tiny_folder, tiny_hf_model
+
+    folder = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "no-bos")  # word-level
+    with pytest.raises(ValueError, match="pooling_mode='bos_token' needs a tokenizer that puts a BOS token first"):
+        LLM2Vec.from_pretrained(folder, pooling_mode="bos_token")
+    assert LLM2Vec.from_pretrained(REFERENCE / "llama", pooling_mode="bos_token").pooling_mode == "bos_token"

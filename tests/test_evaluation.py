@@ -64,3 +64,18 @@ def test_eval_sts_command_reports_spearman_of_cosine(tmp_path, capsys):
     expected = 100 * spearmanr(cosine, [score for score, _, _ in rows]).statistic
     assert result["pairs"] == 12 and result["causal"] is True
     assert result["spearman"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_unreadable_sts_files_name_the_line_and_the_command_prints_one_line(tmp_path, capsys):
+    from llm2vec_fast.cli import main
+
+    path = _sts_file(tmp_path / "sts.csv", [(2.5, "a", "b"), (4.0, "c", "d")])
+    with open(path, "a") as handle:
+        handle.write("genre\tfile\t2012\t0002\tnan\tg\th\n")
+    with pytest.raises(ValueError, match=r"sts.csv:3: score 'nan' is not a finite number"):
+        read_sts(path)
+    (tmp_path / "latin1.csv").write_bytes(path.read_bytes().replace(b"\tc\t", b"\t\xe9\t"))
+    with pytest.raises(ValueError, match=r"latin1.csv:2: not UTF-8 text"):
+        read_sts(tmp_path / "latin1.csv")
+    assert main(["eval", "sts", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "missing.csv")]) == 2
+    assert capsys.readouterr().err.strip() == f"llm2vec-fast eval: error: STS data file not found: {tmp_path / 'missing.csv'}"

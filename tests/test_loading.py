@@ -273,3 +273,34 @@ def test_gguf_file_goes_through_transformers(tiny, tmp_path, monkeypatch):
     expected, _ = load_model(tiny["base"])
     for (name, param), (_, reference) in zip(model.state_dict().items(), expected.state_dict().items()):
         assert torch.equal(param, reference), name
+
+
+def test_a_bare_decoder_checkpoint_encodes_but_has_no_lm_head(tiny, tmp_path):
+    """llm2vec's save() writes the bare decoder (no lm_head, untied): enough to encode."""
+    bare = tmp_path / "bare"
+    tiny["hf"].model.save_pretrained(bare)
+    shutil.copy(tiny["base"] / "tokenizer.json", bare)
+    shutil.copy(tiny["base"] / "tokenizer_config.json", bare)
+    model, _ = load_model(bare)
+    full, _ = load_model(tiny["base"])
+    sequences = random_sequences([6, 11], seed=5)
+    for ours, expected in zip(runtime_hidden_states(model, sequences, causal=False),
+                              runtime_hidden_states(full, sequences, causal=False)):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no lm_head.weight .*MNTP training needs"):
+        model.lm_head_weight
+
+
+def test_damaged_files_are_named(tiny, tmp_path):
+    truncated = copy_base(tiny, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors: not a readable safetensors file"):
+        load_model(truncated)
+    bad_json = copy_base(tiny, tmp_path / "bad_json")
+    (bad_json / "config.json").write_text('{"model_type": "llama",\n}')
+    with pytest.raises(ValueError, match=r"bad_json/config.json: not valid JSON \(.* at line 2, column 1\)"):
+        load_model(bad_json)
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00junk")
+    with pytest.raises(ValueError, match=r"junk.gguf: cannot read this GGUF file"):
+        load_model(tmp_path / "junk.gguf")

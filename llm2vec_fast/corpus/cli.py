@@ -92,21 +92,15 @@ def add_parser(subparsers) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     from llm2vec_fast.corpus.job import embed_corpus
-    from llm2vec_fast.corpus.manifest import JobMismatchError
-    from llm2vec_fast.corpus.readers import InputError
 
-    try:
-        summary = embed_corpus(
-            args.input, args.output, model=args.model, adapters=args.adapter, id_field=args.id_field,
-            text_field=args.text_field, instruction=args.instruction, instruction_field=args.instruction_field,
-            pooling=args.pooling, max_length=args.max_length, batch_tokens=args.batch_tokens, normalize=args.normalize,
-            causal=args.causal, cuda_graphs=args.cuda_graphs,
-            dtype=args.dtype, output_dtype=args.output_dtype, device=args.device, limit=args.limit,
-            resume=args.resume, overwrite=args.overwrite, on_long=args.on_long, shard_rows=args.shard_rows,
-            progress=not args.no_progress)
-    except (InputError, JobMismatchError, FileNotFoundError, ValueError) as exc:
-        print(f"llm2vec-fast embed: error: {exc}", file=sys.stderr)
-        return 2
+    summary = embed_corpus(
+        args.input, args.output, model=args.model, adapters=args.adapter, id_field=args.id_field,
+        text_field=args.text_field, instruction=args.instruction, instruction_field=args.instruction_field,
+        pooling=args.pooling, max_length=args.max_length, batch_tokens=args.batch_tokens, normalize=args.normalize,
+        causal=args.causal, cuda_graphs=args.cuda_graphs,
+        dtype=args.dtype, output_dtype=args.output_dtype, device=args.device, limit=args.limit,
+        resume=args.resume, overwrite=args.overwrite, on_long=args.on_long, shard_rows=args.shard_rows,
+        progress=not args.no_progress)
     if summary.rank == 0:
         print(summary, file=sys.stderr)
     return 0
@@ -123,10 +117,11 @@ def run_search(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the corpus subcommands without the package CLI: ``python -m llm2vec_fast.corpus.cli``."""
+    from llm2vec_fast.cli import run
+
     parser = argparse.ArgumentParser(prog="llm2vec-fast")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
