@@ -72,7 +72,7 @@ def _valid_setting(key: str, value: Any) -> bool:
     """Whether an llm2vec_config.json value has the type and range llm2vec gives it."""
     if key == "pooling_mode":
         return value in POOLING_MODES
-    if key == "skip_instruction":
+    if key in ("skip_instruction", "bidirectional"):
         return isinstance(value, bool)
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # the lengths
 
@@ -127,7 +127,7 @@ class LLM2Vec:
         base_model_name_or_path: str | Path,
         peft_model_name_or_path: str | Path | None = None,
         merge_peft: bool = True,
-        enable_bidirectional: bool = True,
+        enable_bidirectional: bool | None = None,
         *,
         pooling_mode: str | None = None,
         max_length: int | None = None,
@@ -148,7 +148,8 @@ class LLM2Vec:
         further LoRA adapter (SimCSE or supervised) merged on top; ``adapters`` appends more.
         Adapters are always merged (``merge_peft`` is accepted for compatibility: merging gives the
         same numbers and runs faster). Encoder settings not given come from an
-        ``llm2vec_config.json`` beside the last adapter (else the base), then llm2vec's defaults.
+        ``llm2vec_config.json`` beside the last adapter (else the base), then llm2vec's defaults;
+        so does ``enable_bidirectional`` (``bidirectional`` there, as training writes it; else True).
         ``cuda_graphs``: on a CUDA device, replay each batch's forward pass from a CUDA graph
         (see ``llm2vec_fast.cuda_graphs``; pays for small models, where launches dominate).
         """
@@ -170,11 +171,12 @@ class LLM2Vec:
         given = {"pooling_mode": pooling_mode, "max_length": max_length,
                  "doc_max_length": doc_max_length, "skip_instruction": skip_instruction}
         settings.update({key: value for key, value in given.items() if value is not None})
+        saved_bidirectional = settings.pop("bidirectional", True)
         return cls(
             model,
             tokenizer,
             **settings,
-            enable_bidirectional=enable_bidirectional,
+            enable_bidirectional=saved_bidirectional if enable_bidirectional is None else enable_bidirectional,
             model_name=text_layer.model_identity(base_model_name_or_path),
             max_batch_tokens=max_batch_tokens,
             cuda_graphs=cuda_graphs,
@@ -191,12 +193,12 @@ class LLM2Vec:
             raise ValueError(f"cannot read {path}: {error}") from error
         if not isinstance(saved, dict):
             raise ValueError(f"{path}: expected a JSON object, got a {type(saved).__name__}")
-        settings = {key: saved[key] for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
-                    if key in saved}
+        keys = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "bidirectional")
+        settings = {key: saved[key] for key in keys if key in saved}
         for key, value in settings.items():
             if not _valid_setting(key, value):
                 raise ValueError(f"{path}: {key} = {value!r} is not valid (pooling modes: {', '.join(POOLING_MODES)};"
-                                 " lengths: positive ints; skip_instruction: true or false)")
+                                 " lengths: positive ints; skip_instruction, bidirectional: true or false)")
         return settings
 
     # ------------------------------------------------------------------ properties

@@ -161,6 +161,9 @@ def test_saved_settings_with_bad_values_name_the_file(tmp_path):
     (folder / "llm2vec_config.json").write_text(json.dumps({"max_length": "512"}))
     with pytest.raises(ValueError, match=r"llm2vec_config.json: max_length = '512' is not valid"):
         LLM2Vec.from_pretrained(folder)
+    (folder / "llm2vec_config.json").write_text(json.dumps({"bidirectional": False}))  # as training writes it
+    assert LLM2Vec.from_pretrained(folder).enable_bidirectional is False
+    assert LLM2Vec.from_pretrained(folder, enable_bidirectional=True).enable_bidirectional is True
 
 
 def test_token_ids_beyond_the_vocabulary_are_named(llama):

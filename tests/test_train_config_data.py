@@ -83,6 +83,20 @@ def test_config_errors_are_clear():
         config_from_dict("mntp", {"model_name_or_path": "m"})
     with pytest.raises(ValueError, match="unknown objective"):
         config_from_dict("mlm", base)
+    for key, value, message in [
+        ("line_by_line", "false", "line_by_line must be a boolean, got 'false'"),  # a string is not False
+        ("bidirectional", 0, "bidirectional must be a boolean"),
+        ("learning_rate", "1e-4", "learning_rate must be a number \\(or null\\), got '1e-4'"),
+        ("max_steps", 2.5, "max_steps must be an integer, got 2.5"),
+        ("seed", "42", "seed must be an integer"),
+        ("max_steps", 0, "max_steps must be -1 \\(epochs decide\\) or >= 1"),
+        ("lora_alpha", -8, "lora_alpha must be > 0"),
+        ("adam_beta2", 1.0, "adam_beta2 must be in \\[0, 1\\)"),
+        ("max_train_samples", 0, "max_train_samples must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=f"config: {message}"):
+            config_from_dict("mntp", dict(base, **{key: value}))
+    assert config_from_dict("mntp", dict(base, learning_rate=1, peft_model_name_or_path=None)).learning_rate == 1
 
 
 def test_text_lines_count_empty_lines_and_reject_missing_files(tmp_path):
@@ -96,6 +110,8 @@ def test_text_lines_count_empty_lines_and_reject_missing_files(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
     with pytest.raises(ValueError, match="bad.txt:2: not valid UTF-8"):
         read_text_lines(tmp_path / "bad.txt")
+    texts, report = read_text_lines(tmp_path / "bad.txt", limit=1)  # max_train_samples: the first ones only
+    assert texts == ["ok"] and "max_train_samples=1" in report.summary()
 
 
 def test_supervised_records_errors_name_file_and_line(tmp_path):
@@ -116,6 +132,8 @@ def test_supervised_records_errors_name_file_and_line(tmp_path):
     (folder / "b.jsonl").write_text(json.dumps({k: v for k, v in good.items() if k != "instruction"}) + "\n")
     records, report = read_supervised_records(folder)
     assert len(records) == 2 and records[1]["instruction"] == "" and report.empty_lines == 1
+    assert "1 record(s) without an instruction" in report.summary()
+    assert len(read_supervised_records(folder, limit=1)[0]) == 1
 
 
 def test_encoding_pools_the_text_only_and_counts_truncation():

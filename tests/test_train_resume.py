@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from model_helpers import save_tiny_folder, tiny_hf_model
 
@@ -63,7 +64,8 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
     assert child.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # it did not finish
     assert sorted(p.name for p in (killed / "checkpoint-4").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "training_state.json", "training_state.safetensors"
+        "adapter_config.json", "adapter_model.safetensors", "train_config.json", "training_state.json",
+        "training_state.safetensors",
     ]  # no pickle: the optimizer state is safetensors + JSON
 
     resumed = run("mntp", dict(config, output_dir=str(killed)), resume=True)
@@ -81,3 +83,29 @@ def test_existing_checkpoints_need_resume(tmp_path):
         assert "--resume" in str(error)
     else:
         raise AssertionError("a second run over checkpoints must not start silently")
+
+
+def test_resume_needs_a_checkpoint_of_the_same_config_and_output_dir_is_not_a_source(tmp_path):
+    config = dict(_setup(tmp_path), stop_after_n_steps=2, output_dir=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint in"):
+        run("mntp", config, resume=True)
+    run("mntp", config)
+    (tmp_path / "out" / ".checkpoint-3.abcd.tmp").mkdir()  # what a kill during a save leaves
+    with pytest.raises(ValueError, match="--resume: .*checkpoint-2 was trained with another config"
+                                         " \\(learning_rate: 0.003 -> 0.5\\)"):
+        run("mntp", dict(config, learning_rate=0.5), resume=True)
+    with pytest.raises(ValueError, match="objective: 'mntp' -> 'simcse'"):
+        run("simcse", config, resume=True)
+    resumed = run("mntp", dict(config, stop_after_n_steps=3), resume=True)  # a longer run: allowed
+    assert resumed.steps == 3 and not list((tmp_path / "out").glob(".checkpoint-*"))
+    for source in ("model_name_or_path", "peft_model_name_or_path"):
+        with pytest.raises(ValueError, match=f"output_dir is the {source} folder"):
+            run("mntp", dict(config, output_dir=config["model_name_or_path"], peft_model_name_or_path=None)
+                if source == "model_name_or_path" else dict(config, peft_model_name_or_path=str(tmp_path / "out")))
+
+
+def test_gradient_accumulation_longer_than_an_epoch_is_refused(tmp_path):
+    config = dict(_setup(tmp_path), stop_after_n_steps=None, output_dir=str(tmp_path / "out"),
+                  per_device_train_batch_size=8, gradient_accumulation_steps=50)  # 40 short lines: a few batches
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=50 batches, but an epoch has \d+"):
+        run("mntp", config)

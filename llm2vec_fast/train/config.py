@@ -101,12 +101,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        self._check_types()
         for key, value in _OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_r
         self._validate()
+
+    def _check_types(self) -> None:
+        """Each value has its field's JSON type: "false" is not False, "1e-4" not a number."""
+        expected = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+        described = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string"}
+        for item in dataclasses.fields(self):
+            if item.name in ("objective", "ignored"):
+                continue
+            kind, _, optional = str(item.type).partition(" | ")
+            value = getattr(self, item.name)
+            if value is None and optional:
+                continue
+            wanted = expected[kind]
+            if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+                raise ValueError(f"config: {item.name} must be {described[kind]}{' (or null)' if optional else ''},"
+                                 f" got {value!r}")
 
     def _validate(self) -> None:
         from ..kernels.reference import POOLING_MODES  # here, not at the top: `llm2vec-fast --help` must not import torch
@@ -131,6 +148,15 @@ class TrainConfig:
         check(self.torch_dtype in ("auto", "float32", "bfloat16", "float16"), f"torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
         check(self.stop_after_n_steps is None or self.stop_after_n_steps >= 1, f"stop_after_n_steps must be >= 1, got {self.stop_after_n_steps}")
         check(self.num_train_epochs > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        check(self.max_steps == -1 or self.max_steps >= 1, f"max_steps must be -1 (epochs decide) or >= 1, got {self.max_steps}")
+        check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        for key in ("adam_beta1", "adam_beta2"):
+            check(0.0 <= getattr(self, key) < 1.0, f"{key} must be in [0, 1), got {getattr(self, key)}")
+        check(self.adam_epsilon > 0, f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        check(self.max_train_samples is None or self.max_train_samples >= 1,
+              f"max_train_samples must be >= 1 (or null), got {self.max_train_samples}")
 
     @property
     def data_path(self) -> Path:

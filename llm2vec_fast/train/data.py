@@ -69,29 +69,41 @@ def _lines(path: Path):
                 raise ValueError(f"{path}:{number}: not valid UTF-8 ({error})") from error
 
 
-def read_text_lines(path: str | Path) -> tuple[list[str], DataReport]:
-    """Non-empty lines of a text file (or of every file in a folder); empty lines are counted."""
+def read_text_lines(path: str | Path, limit: int | None = None) -> tuple[list[str], DataReport]:
+    """Non-empty lines of a text file (or of every file in a folder), the first ``limit`` of them
+    (``max_train_samples``) when given; empty lines are counted."""
     path = Path(path)
     report = DataReport(path)
     texts = []
     for file in _data_files(path, None):
+        if limit is not None and len(texts) == limit:
+            break
         for _, line in _lines(file):
             if not line.strip():
                 report.empty_lines += 1
                 continue
             texts.append(line)
+            if limit is not None and len(texts) == limit:
+                break
     report.records = len(texts)
+    if limit is not None:
+        report.notes.append(f"max_train_samples={limit}")
     if not texts:
         raise ValueError(f"{path}: no text (every line is empty)")
     return texts, report
 
 
-def read_supervised_records(path: str | Path) -> tuple[list[dict[str, str]], DataReport]:
-    """Records ``{query, positive, negative, instruction}`` from a JSONL file or folder of them."""
+def read_supervised_records(path: str | Path, limit: int | None = None) -> tuple[list[dict[str, str]], DataReport]:
+    """Records ``{query, positive, negative, instruction}`` from a JSONL file or folder of them, the
+    first ``limit`` when given. Each record carries its own instruction (llm2vec's E5 files take
+    theirs from a table keyed by file name, which this reader does not have): the log counts the
+    records without one."""
     path = Path(path)
     report = DataReport(path)
     records = []
     for file in _data_files(path, ".jsonl"):
+        if limit is not None and len(records) == limit:
+            break
         for number, line in _lines(file):
             if not line.strip():
                 report.empty_lines += 1
@@ -113,7 +125,14 @@ def read_supervised_records(path: str | Path) -> tuple[list[dict[str, str]], Dat
                 if not record[name].strip():
                     raise ValueError(f"{file}:{number}: field {name} is empty")
             records.append({name: record.get(name, "") for name in (*SUPERVISED_FIELDS, "instruction")})
+            if limit is not None and len(records) == limit:
+                break
     report.records = len(records)
+    if limit is not None:
+        report.notes.append(f"max_train_samples={limit}")
+    without = sum(not record["instruction"] for record in records)
+    if without:
+        report.notes.append(f"{without} record(s) without an instruction (their queries are embedded bare)")
     if not records:
         raise ValueError(f"{path}: no records")
     return records, report

@@ -44,6 +44,9 @@ logger = logging.getLogger("llm2vec_fast.train")
 
 OBJECTIVES = {"mntp": MNTPObjective, "simcse": SimCSEObjective, "supervised": SupervisedObjective}
 CHECKPOINT_PREFIX = "checkpoint-"
+CONFIG_FILE = "train_config.json"
+# what a resumed run may set differently from the run that wrote the checkpoint
+RESUMABLE_CHANGES = frozenset({"stop_after_n_steps", "save_steps", "logging_steps"})
 LOG_FILE = "train_log.jsonl"
 LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
 
@@ -127,6 +130,11 @@ class Trainer:
         self.forward_model = distributed.data_parallel(self.model, self.context)
         self.order = BatchOrder(len(self.objective), config.per_device_train_batch_size, self.context.world, config.seed)
         self.objective.data_report.dropped_tail_examples = self.order.unused_per_epoch
+        if config.max_steps <= 0 and self.order.batches_per_epoch < config.gradient_accumulation_steps:
+            raise ValueError(
+                f"config: one optimizer step takes gradient_accumulation_steps={config.gradient_accumulation_steps}"
+                f" batches, but an epoch has {self.order.batches_per_epoch}: lower it, or set max_steps"
+            )
         steps_per_epoch = max(1, self.order.batches_per_epoch // config.gradient_accumulation_steps)
         self.horizon = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
         self.total_steps = min(self.horizon, config.stop_after_n_steps or self.horizon)
@@ -145,9 +153,10 @@ class Trainer:
         if self.context.is_main:
             self._check_output_dir(resume)
         distributed.barrier(self.context)
+        checkpoint = self._resume_checkpoint() if resume else None
         self._build()
         self._log_start()
-        step = self._restore() if resume else 0
+        step = self._restore(checkpoint) if checkpoint is not None else 0
         if self.context.is_main:
             self._truncate_log(step)
         result = TrainResult(self.output_dir, step)
@@ -193,12 +202,42 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def _check_output_dir(self, resume: bool) -> None:
+        output = self.output_dir.expanduser().resolve()
+        if output.exists() and not output.is_dir():
+            raise FileExistsError(f"config: output_dir {output} is a file, not a folder")
+        for key in ("model_name_or_path", "peft_model_name_or_path"):
+            source = getattr(self.config, key)
+            if source and Path(source).expanduser().resolve() == output:
+                raise ValueError(f"config: output_dir is the {key} folder ({output}); the new adapter would overwrite"
+                                 " the model it trains on: choose another output_dir")
         if not resume and self.output_dir.is_dir() and any(_checkpoints(self.output_dir)):
             raise FileExistsError(
                 f"{self.output_dir} already holds checkpoints; pass --resume (resume=True) to continue that run, "
                 "or choose another output_dir"
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.output_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # a save killed before its rename
+            if leftover.is_dir() and leftover.suffix in (".tmp", ".stale"):
+                shutil.rmtree(leftover)
+
+    def _resume_checkpoint(self) -> Path:
+        """The newest complete checkpoint, written by a run with this config (up to the settings a
+        resumed run may change); checked before the model is loaded."""
+        checkpoints = _checkpoints(self.output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir} to resume from")
+        folder = checkpoints[-1][1]
+        saved_path = folder / CONFIG_FILE
+        if not saved_path.is_file():
+            raise ValueError(f"--resume: {folder} does not record the config it was trained with ({CONFIG_FILE})")
+        saved = json.loads(saved_path.read_text())
+        current = self.config.to_dict()
+        changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+                   if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
+        if changed:
+            raise ValueError(f"--resume: {folder} was trained with another config ({'; '.join(changed[:6])}); resume with"
+                             " the same config, or start a new output_dir")
+        return folder
 
     def _log_start(self) -> None:
         if not self.context.is_main:
@@ -226,6 +265,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"))
         save_adapter(self.model, tmp, self._base_path())
         save_training_state(tmp, step, self.context.world, self.optimizer, self.scheduler)
+        (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -240,13 +280,8 @@ class Trainer:
         fsync_dir(self.output_dir)
         distributed.barrier(self.context)
 
-    def _restore(self) -> int:
-        """Load the newest complete checkpoint; returns its step (0 when there is none)."""
-        checkpoints = _checkpoints(self.output_dir)
-        if not checkpoints:
-            logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
-            return 0
-        step, folder = checkpoints[-1]
+    def _restore(self, folder: Path) -> int:
+        """Load a checkpoint into the model, optimizer, scheduler and RNG; returns its step."""
         from safetensors.torch import load_file
 
         load_lora_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
@@ -285,7 +320,7 @@ class Trainer:
             "steps": self.total_steps,
         }
         write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
-        write_atomically(self.output_dir / "train_config.json", lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+        write_atomically(self.output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
         logger.info("saved the adapter to %s", self.output_dir)
 
 

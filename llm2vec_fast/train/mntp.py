@@ -81,7 +81,7 @@ def predecessor_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[to
 
 class MNTPObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
-        texts, self.report = read_text_lines(config.data_path)
+        texts, self.report = read_text_lines(config.data_path, config.max_train_samples)
         self.blocks = mntp_chunks(tokenizer, texts, config.max_seq_length, config.line_by_line, self.report)
         self.special = special_token_ids(tokenizer)
         self.mask_id = mask_token_id(tokenizer, config.mask_token_type)

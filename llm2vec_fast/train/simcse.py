@@ -20,7 +20,7 @@ from .distributed import DistContext
 
 class SimCSEObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
-        texts, self.report = read_text_lines(config.data_path)
+        texts, self.report = read_text_lines(config.data_path, config.max_train_samples)
         self.encoded = encode_texts(tokenizer, [("", text) for text in texts], config, model.config.model_type, self.report)
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config

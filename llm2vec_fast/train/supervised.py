@@ -20,7 +20,7 @@ from .distributed import DistContext
 
 class SupervisedObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
-        records, self.report = read_supervised_records(config.data_path)
+        records, self.report = read_supervised_records(config.data_path, config.max_train_samples)
         kind = model.config.model_type
         self.queries = encode_texts(tokenizer, [(r["instruction"], r["query"]) for r in records], config, kind, self.report)
         self.positives = encode_texts(tokenizer, [("", r["positive"]) for r in records], config, kind, self.report)
