@@ -39,7 +39,7 @@ JSON
 stage() {  # stage OBJECTIVE: train unless its adapter is already there
     if [ -f "$OUT/$1/adapter_model.safetensors" ]; then
         echo "== $1: adapter already in $OUT/$1, kept"
-    elif [ -d "$OUT/$1" ]; then
+    elif compgen -G "$OUT/$1/checkpoint-*" >/dev/null; then
         echo "== $1: continuing from the last checkpoint"
         $CLI train "$1" "$OUT/$1.json" --resume
     else
