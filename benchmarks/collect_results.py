@@ -32,7 +32,10 @@ def read_junit(path: Path) -> dict | None:
     """Counts and the failed test ids of a pytest junit file; None when there is none."""
     if not path.is_file():
         return None
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:  # pytest cut mid-write: keep the rest of the results
+        return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "passed": 0, "failed": [f"unreadable {path.name}: {exc}"]}
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     failed = [
         f"{case.get('classname')}::{case.get('name')}"
@@ -57,7 +60,10 @@ def read_micro(path: Path) -> dict:
 def read_benchmarks(folder: Path) -> list[dict]:
     runs = []
     for path in sorted(folder.glob("*.json")):
-        run = read_micro(path) if path.name == "micro.json" else json.loads(path.read_text())
+        try:
+            run = read_micro(path) if path.name == "micro.json" else json.loads(path.read_text())
+        except (ValueError, KeyError) as exc:  # one unreadable file must not lose the others
+            run = {"benchmark": path.stem, "records": [], "notes": [f"skipped: unreadable {path.name}: {exc}"]}
         run["file"] = path.name
         runs.append(run)
     return runs

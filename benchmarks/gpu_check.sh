@@ -8,8 +8,8 @@
 #   bash benchmarks/gpu_check.sh --rehearsal   # on a CPU: tiny shapes, no install, tests collected only
 #
 # Files under $OUT: gpu_check.log (every step's output), results.json (environment, steps,
-# pytest summary, every benchmark's records), summary.txt (the final table), and on a GPU
-# pytest_gpu.xml (junit). Split results.json into benchmarks/results/ with
+# pytest summary, every benchmark's records), summary.txt (the final table), bench-json.tar.gz
+# (each benchmark's own JSON), and on a GPU pytest_gpu.xml (junit). Split results.json into benchmarks/results/ with
 # `python benchmarks/collect_results.py split $OUT/results.json`.
 set -u -o pipefail
 
@@ -25,10 +25,10 @@ cd "$ROOT"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ "$MODE" == rehearsal && -x "$ROOT/.venv/bin/python" ]]; then
     PYTHON="$ROOT/.venv/bin/python"
-  elif command -v python >/dev/null; then
-    PYTHON=python
+  elif command -v python3 >/dev/null; then
+    PYTHON=python3  # the GPU image's torch lives in its python3
   else
-    PYTHON=python3
+    PYTHON=python
   fi
 fi
 OUT=${OUT:-$(mktemp -d -t gpu-check-out-XXXXXX)}
@@ -94,6 +94,11 @@ print("llm2vec_fast._C loaded:", extension_loaded())'
 if [[ "$MODE" == gpu ]]; then
   nvidia-smi >>"$LOG" 2>&1 || true
   run_step install 120 env MAX_JOBS=16 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -e .
+  # without the package installed nothing below can import it: retry without the C++/CUDA extension
+  if ! "$PYTHON" -c "import llm2vec_fast.kernels" >/dev/null 2>&1; then
+    run_step "install without the extension" 60 env LLM2VEC_FAST_NO_EXTENSION=1 "$PYTHON" -m pip install --no-deps \
+      --no-build-isolation --no-index -e .
+  fi
 fi
 run_step environment 60 "$PYTHON" -c "$ENVIRONMENT"
 
@@ -108,9 +113,17 @@ else
   run_step "pytest -m gpu --collect-only" 90 "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
 fi
 
+# In the order of what the open issues need most: the deadline cuts the last ones first. Every
+# benchmark writes its JSON after each record, so one cut short keeps what it measured.
+if [[ "$MODE" == gpu ]]; then ENCODE_ARGS=(); else ENCODE_ARGS=(--configs tiny); fi
+bench attention 80 bench_attention.py
+bench contrastive 30 bench_contrastive.py
+bench mntp_loss 30 bench_mntp_loss.py
+bench encode 100 bench_encode.py --source random "${ENCODE_ARGS[@]}"
+
 MODEL="$SCRATCH/model"
 CORPUS="$SCRATCH/corpus.txt"
-if [[ "$MODE" == gpu ]]; then MODEL_CONFIG=smollm2-135m; ENCODE_ARGS=(); DOCS=2000; else MODEL_CONFIG=tiny; ENCODE_ARGS=(--configs tiny); DOCS=32; fi
+if [[ "$MODE" == gpu ]]; then MODEL_CONFIG=smollm2-135m; DOCS=2000; else MODEL_CONFIG=tiny; DOCS=32; fi
 run_step "random model + corpus" 90 "$PYTHON" -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from pathlib import Path
@@ -118,14 +131,9 @@ from random_model import write_model_folder
 from workloads import write_corpus
 write_model_folder('$MODEL_CONFIG', Path('$MODEL'))
 write_corpus(Path('$CORPUS'), $DOCS)"
-
-bench encode 100 bench_encode.py --source random "${ENCODE_ARGS[@]}"
-bench attention 45 bench_attention.py
-bench contrastive 30 bench_contrastive.py
-bench mntp_loss 30 bench_mntp_loss.py
-bench pooling 20 bench_pooling.py
-bench fusions 30 bench_fusions.py
 bench embed 45 bench_embed.py --model "$MODEL" --corpus "$CORPUS" --docs "$DOCS"
+bench pooling 25 bench_pooling.py
+bench fusions 30 bench_fusions.py
 bench train 45 bench_train.py --model "$MODEL"
 if [[ "$MODE" == rehearsal ]]; then
   bench encode-texts 60 bench_encode.py --source texts --model "$MODEL" --dtypes float32 --texts 8
@@ -134,6 +142,7 @@ run_step micro-benchmarks 45 "$PYTHON" -m pytest benchmarks/micro --benchmark-on
   --benchmark-json="$BENCH_DIR/micro.json"
 
 echo "results under $OUT"
+tar -czf "$OUT/bench-json.tar.gz" -C "$BENCH_DIR" . 2>>"$LOG"  # the raw files, whatever combine does
 "$PYTHON" benchmarks/collect_results.py combine --mode "$MODE" --steps "$STEPS" --bench-dir "$BENCH_DIR" \
   --junit "$OUT/pytest_gpu.xml" --log "$LOG" --out "$OUT/results.json" --summary "$OUT/summary.txt"
 status=$?

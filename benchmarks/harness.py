@@ -154,11 +154,13 @@ class Results:
         self.out_dir = Path(out_dir)
         self.records: list[dict] = []
         self.notes: list[str] = []
+        self._environment: dict | None = None
 
     def note(self, text: str) -> None:
         """A line for the reader (e.g. a configuration skipped and why): printed now, saved."""
         print(text, flush=True)
         self.notes.append(text)
+        self._write()
 
     def add(
         self,
@@ -185,6 +187,7 @@ class Results:
             **extra,
         }
         self.records.append(record)
+        self._write()  # on disk as it grows: a run cut short by a time limit keeps what it measured
         return record
 
     def table(self) -> str:
@@ -197,13 +200,22 @@ class Results:
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
+    def _write(self) -> Path:
+        """Write the JSON file (atomically: a reader never sees half of it); returns its path."""
+        if self._environment is None:
+            self._environment = environment(self.device)
+        env = self._environment
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{env['date'][:10]}-{_slug(env['device'])}-{self.name}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"benchmark": self.name, "environment": env, "records": self.records, "notes": self.notes}, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
     def save(self) -> Path:
         """Print the table and write the JSON file; returns its path."""
-        env = environment(self.device)
-        day = env["date"][:10]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{day}-{_slug(env['device'])}-{self.name}.json"
-        path.write_text(json.dumps({"benchmark": self.name, "environment": env, "records": self.records, "notes": self.notes}, indent=2) + "\n")
+        path = self._write()
+        env = self._environment
         print(f"\n{self.name} on {env['device']} (torch {env['torch']}, triton {env['triton']})")
         print(self.table())
         print(f"saved {path}")

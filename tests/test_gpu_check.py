@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 EXPECTED_STEPS = [
-    "environment", "pytest -m gpu --collect-only", "random model + corpus", "bench encode",
-    "bench attention", "bench contrastive", "bench mntp_loss", "bench pooling", "bench fusions", "bench embed",
-    "bench train", "bench encode-texts", "micro-benchmarks",
+    "environment", "pytest -m gpu --collect-only", "bench attention", "bench contrastive", "bench mntp_loss",
+    "bench encode", "random model + corpus", "bench embed", "bench pooling", "bench fusions", "bench train",
+    "bench encode-texts", "micro-benchmarks",
 ]  # fmt: skip
 EXPECTED_BENCHMARKS = {
     "encode-random", "encode", "attention", "contrastive", "mntp_loss", "pooling", "fusions", "embed-corpus", "train", "micro",
@@ -44,7 +44,7 @@ def test_rehearsal_succeeds_and_prints_the_table_last(rehearsal):
 def test_rehearsal_writes_few_well_formed_files(rehearsal):
     _, out = rehearsal
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
-    assert {"gpu_check.log", "results.json", "summary.txt"} <= set(files)
+    assert {"gpu_check.log", "results.json", "summary.txt", "bench-json.tar.gz"} <= set(files)
     assert len(files) <= 8, files
     combined = json.loads((out / "results.json").read_text())
     assert combined["mode"] == "rehearsal"
@@ -121,3 +121,20 @@ def test_plots_are_drawn_from_the_split_results(rehearsal, tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert [name.rsplit("-vs-", 1)[1] for name in pngs] == ["batch-tokens.png", "seqlen.png"]
     assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
+
+
+def test_results_are_on_disk_after_every_record_and_combine_survives_a_broken_file(tmp_path):
+    """A benchmark cut by its time limit keeps what it measured; one unreadable file loses nothing else."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from collect_results import read_benchmarks, read_junit
+    from harness import Results
+
+    results = Results("demo", "cpu", tmp_path)
+    results.add({"n": 1}, "speed", 2.0, baseline_name="base", baseline=1.0)
+    [saved] = tmp_path.glob("*-demo.json")
+    assert [r["ratio"] for r in json.loads(saved.read_text())["records"]] == [2.0]  # before save()
+    (tmp_path / "broken.json").write_text('{"benchmark": "cut')
+    runs = {run["file"]: run for run in read_benchmarks(tmp_path)}
+    assert len(runs[saved.name]["records"]) == 1 and runs["broken.json"]["notes"][0].startswith("skipped: unreadable")
+    (tmp_path / "junit.xml").write_text("<testsuite tests=")
+    assert read_junit(tmp_path / "junit.xml")["errors"] == 1
