@@ -42,11 +42,10 @@ def run(args: argparse.Namespace) -> int:
     prints one line naming it and exits 2; ``LLM2VEC_FAST_TRACEBACK=1`` shows the traceback."""
     try:
         return int(args.run(args) or 0)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         if os.environ.get("LLM2VEC_FAST_TRACEBACK"):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"llm2vec-fast {args.command}: error: {message}", file=sys.stderr)
+        print(f"llm2vec-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -114,7 +114,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sts.add_argument("--adapter", action="append", default=[], help="LoRA adapter merged on top (repeatable, in order)")
     sts.add_argument("--data", required=True, help="STS file (tab-separated: genre, file, year, id, score, sentence1, sentence2)")
     sts.add_argument("--pooling", default="mean", help="pooling mode (mean, weighted_mean, eos_token, last_token, bos_token)")
-    sts.add_argument("--causal", action="store_true", help="causal attention (the untouched decoder) instead of bidirectional")
+    sts.add_argument("--causal", action="store_true", help="causal attention (the untouched decoder) instead of"
+                     " bidirectional (or what the adapter's llm2vec_config.json says)")
     sts.add_argument("--max-length", type=int, default=512)
     sts.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: bf16 on a GPU, fp32 on a CPU)")
     sts.add_argument("--output", help="also write the result as JSON here")
@@ -128,7 +129,7 @@ def _run_sts(args: argparse.Namespace) -> int:
     encoder = LLM2Vec.from_pretrained(
         args.model,
         adapters=args.adapter,
-        enable_bidirectional=not args.causal,
+        enable_bidirectional=False if args.causal else None,  # None: as the adapter was trained (else True)
         pooling_mode=args.pooling,
         max_length=args.max_length,
         dtype=args.dtype,

@@ -284,10 +284,10 @@ def runtime_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
     needed = [name for parts in sources.values() for name, _ in parts]
     missing = [name for name in needed if name not in tensors]
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} weight(s) the {config.model_type} config needs: {_few(missing)}")
+        raise ValueError(f"checkpoint lacks {len(missing)} weight(s) the {config.model_type} config needs: {_few(missing)}")
     unexpected = sorted(set(tensors) - set(needed))
     if unexpected:
-        raise KeyError(f"checkpoint has {len(unexpected)} weight(s) the {config.model_type} config does not use: {_few(unexpected)}")
+        raise ValueError(f"checkpoint has {len(unexpected)} weight(s) the {config.model_type} config does not use: {_few(unexpected)}")
     wrong = [
         f"{name} {tuple(tensors[name].shape)} (config needs {shape})"
         for parts in sources.values()

@@ -246,3 +246,34 @@ def test_an_edit_that_keeps_the_size_is_caught_anywhere_in_the_file(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(JobMismatchError, match="input in.txt: content changed"):
         _embed(path, tmp_path / "out", shard_rows=100_000, limit=10)
+
+
+def test_a_foreign_manifest_is_never_deleted(tmp_path):
+    (tmp_path / "in.txt").write_text("alpha\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "my project"}')
+    (out / "errors.jsonl").write_text("mine\n")
+    with pytest.raises(ValueError, match="not a manifest of llm2vec-fast-embeddings"):
+        _embed(tmp_path / "in.txt", out)
+    assert (out / "manifest.json").read_text() == '{"name": "my project"}' and (out / "errors.jsonl").exists()
+
+
+def test_a_relative_input_folder_still_skips_the_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _jsonl(tmp_path / "data" / "a.jsonl", [{"text": "alpha"}])
+    (tmp_path / "data" / "out").mkdir()
+    (tmp_path / "data" / "out" / "errors.jsonl").write_text("")  # an output folder without its manifest yet
+    from llm2vec_fast.corpus.readers import discover_inputs
+
+    assert [f.name for f in discover_inputs("data", output="data/out")] == ["a.jsonl"]
+
+
+def test_an_input_fingerprint_of_an_older_version_is_named_as_such():
+    from llm2vec_fast.corpus.manifest import identity_differences
+
+    old = {"inputs": [{"path": "in.txt", "format": "text", "bytes": 6, "sample_sha256": "ab"}]}
+    new = {"inputs": [{"path": "in.txt", "format": "text", "bytes": 6, "sha256": "cd"}]}
+    assert identity_differences(old, new) == ["input in.txt: recorded by an older llm2vec-fast (sampled hash), cannot be"
+                                              " compared"]

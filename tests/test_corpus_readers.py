@@ -139,8 +139,9 @@ def test_csv_quote_left_open_stops_and_malformed_rows_are_error_rows(tmp_path):
 def test_texts_must_be_strings_ids_may_be_integers(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"id": 7, "text": "seven"}\n{"id": 8, "text": 5}\n{"id": 9.5, "text": "x"}\n'
-                    '{"id": true, "text": "x"}\n')
+                    '{"id": true, "text": "x"}\n{"id": 10, "text": "half \\ud800 a pair"}\n')
     rows = list(read_rows(discover_inputs(path)[0], Fields(id="id")))
+    assert rows.pop().error == "field 'text' holds a lone surrogate (not valid Unicode)"  # a JSON escape can say that
     assert [(r.id, r.text, r.error) for r in rows] == [
         ("7", "seven", None), ("8", None, "field 'text' holds a number, not a string"),
         (None, None, "field 'id' holds a number, not a string"), (None, None, "field 'id' holds a boolean, not a string")]

@@ -89,5 +89,5 @@ def test_lora_state_round_trip_and_errors():
         torch.testing.assert_close(lora_state_dict(target)[key], value, rtol=0, atol=0)
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(target)
-    with pytest.raises(KeyError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         load_lora_state_dict(target, {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)})

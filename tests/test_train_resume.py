@@ -109,3 +109,11 @@ def test_gradient_accumulation_longer_than_an_epoch_is_refused(tmp_path):
                   per_device_train_batch_size=8, gradient_accumulation_steps=50)  # 40 short lines: a few batches
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=50 batches, but an epoch has \d+"):
         run("mntp", config)
+
+
+def test_resume_accepts_the_same_data_path_written_another_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = dict(_setup(tmp_path), stop_after_n_steps=2, output_dir="out", dataset_file_path="corpus.txt")
+    run("mntp", config)
+    absolute = dict(config, output_dir=str(tmp_path / "out"), dataset_file_path=str(tmp_path / "corpus.txt"))
+    assert run("mntp", dict(absolute, stop_after_n_steps=3), resume=True).steps == 3

@@ -132,7 +132,7 @@ class LLM2VecEngine:
             device=self.device,
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
-            enable_bidirectional=not self.causal,
+            enable_bidirectional=False if self.causal else None,  # None: as the adapter was trained (else True)
             cuda_graphs=self.cuda_graphs,
         )
 

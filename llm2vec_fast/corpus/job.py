@@ -35,7 +35,7 @@ from llm2vec_fast.corpus.manifest import (ERRORS, MANIFEST, SHARDS_DIR, JobMisma
                                           new_manifest, part_name, recorded_shards, with_shards)
 from llm2vec_fast.corpus.read import MATRIX_CACHE
 from llm2vec_fast.corpus.readers import (Fields, InputError, InputFile, discover_inputs, estimate_rows, fingerprint,
-                                         read_rows)
+                                         is_job_folder, read_rows)
 from llm2vec_fast.corpus.writer import ShardResult, ShardWriter
 
 TOKENIZE_CHUNK = 256
@@ -313,7 +313,7 @@ def embed_corpus(
     has_job = (folder / MANIFEST).is_file()
     if resume and not has_job:
         raise FileNotFoundError(f"--resume: {folder} holds no embedding job to resume")
-    if has_job and not resume and not recorded_shards(folder):
+    if has_job and not resume and is_job_folder(folder) and not recorded_shards(folder):
         overwrite = True  # a job that stopped before its first shard (a setting or an input to fix): start afresh
     if has_job and not overwrite:
         _check_identity(folder, identity, ("settings", "inputs"))

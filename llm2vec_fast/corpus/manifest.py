@@ -103,7 +103,9 @@ def _input_differences(old: list[dict], new: list[dict]) -> list[str]:
     lines += [f"input {name}: gone" for name in before if name not in after]
     for name in after.keys() & before.keys():
         a, b = before[name], after[name]
-        if a["bytes"] != b["bytes"]:
+        if "sha256" not in a:
+            lines.append(f"input {name}: recorded by an older llm2vec-fast (sampled hash), cannot be compared")
+        elif a["bytes"] != b["bytes"]:
             lines.append(f"input {name}: {a['bytes']:,} -> {b['bytes']:,} bytes")
         elif a != b:
             lines.append(f"input {name}: content changed")

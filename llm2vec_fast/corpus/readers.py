@@ -87,7 +87,7 @@ def _folder_files(folder: Path, output: Path | None) -> Iterator[Path]:
     jobs' folders are skipped (a job must never read its own or another job's shards)."""
     for current, dirs, files in os.walk(folder):
         here = Path(current)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside(here / d, output)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside((here / d).resolve(), output)
                    and not is_job_folder(here / d)]
         for name in files:
             if not name.startswith(".") and file_format(here / name):
@@ -174,7 +174,13 @@ def _field(record: dict, name: str, integer_ok: bool = False) -> tuple[str | Non
     if name not in record or record[name] is None:
         return None, f"missing field {name!r}"
     value = record[name]
-    if isinstance(value, str) or (integer_ok and isinstance(value, int) and not isinstance(value, bool)):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, f"field {name!r} holds a lone surrogate (not valid Unicode)"
+        return value, None
+    if integer_ok and isinstance(value, int) and not isinstance(value, bool):
         return str(value), None
     kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
     return None, f"field {name!r} holds {kind.get(type(value), type(value).__name__)}, not a string"

@@ -47,6 +47,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CONFIG_FILE = "train_config.json"
 # what a resumed run may set differently from the run that wrote the checkpoint
 RESUMABLE_CHANGES = frozenset({"stop_after_n_steps", "save_steps", "logging_steps"})
+PATH_KEYS = ("model_name_or_path", "peft_model_name_or_path", "dataset_file_path", "train_file", "output_dir")
 LOG_FILE = "train_log.jsonl"
 LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
 
@@ -228,10 +229,11 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir} to resume from")
         folder = checkpoints[-1][1]
         saved_path = folder / CONFIG_FILE
-        if not saved_path.is_file():
-            raise ValueError(f"--resume: {folder} does not record the config it was trained with ({CONFIG_FILE})")
+        if not saved_path.is_file():  # written by an older version
+            logger.warning("%s does not record its config (%s): resuming without checking it", folder, CONFIG_FILE)
+            return folder
         saved = json.loads(saved_path.read_text())
-        current = self.config.to_dict()
+        current = _with_resolved_paths(self.config.to_dict())
         changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
                    if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
         if changed:
@@ -265,7 +267,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"))
         save_adapter(self.model, tmp, self._base_path())
         save_training_state(tmp, step, self.context.world, self.optimizer, self.scheduler)
-        (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(_with_resolved_paths(self.config.to_dict()), indent=2) + "\n")
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -322,6 +324,12 @@ class Trainer:
         write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
         write_atomically(self.output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
         logger.info("saved the adapter to %s", self.output_dir)
+
+
+def _with_resolved_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with absolute paths: the same files compare equal however the path was written."""
+    return {key: str(Path(value).expanduser().resolve()) if key in PATH_KEYS and value else value
+            for key, value in config.items()}
 
 
 def _complete_step(line: str, step: int) -> bool:

@@ -133,7 +133,7 @@ def load_lora_state_dict(model: DecoderModel, state: dict[str, torch.Tensor]) ->
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for layer_prefix, module in lora_modules(model):
             for name, a, b in zip(module.part_names, module.lora_A, module.lora_B):

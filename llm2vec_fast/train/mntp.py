@@ -81,8 +81,11 @@ def predecessor_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[to
 
 class MNTPObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
-        texts, self.report = read_text_lines(config.data_path, config.max_train_samples)
+        texts, self.report = read_text_lines(config.data_path)
         self.blocks = mntp_chunks(tokenizer, texts, config.max_seq_length, config.line_by_line, self.report)
+        if config.max_train_samples is not None:  # like llm2vec's run_mntp.py: of the blocks, not the lines
+            self.blocks = self.blocks[: config.max_train_samples]
+            self.report.notes.append(f"max_train_samples={config.max_train_samples} block(s)")
         self.special = special_token_ids(tokenizer)
         self.mask_id = mask_token_id(tokenizer, config.mask_token_type)
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
