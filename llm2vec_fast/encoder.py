@@ -8,7 +8,6 @@ results do not depend on how texts are batched.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from . import text as text_layer
 from .batching import plan_batches
 from .cuda_graphs import GraphedEncoder
-from .files import sha256_file
+from .files import read_json_object, sha256_file
 from .kernels import POOLING_MODES, masked_pool
 from .loading import load_model
 from .model import DecoderModel
@@ -187,12 +186,7 @@ class LLM2Vec:
         path = folder / LLM2VEC_CONFIG_FILE
         if not path.is_file():
             return {}
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read {path}: {error}") from error
-        if not isinstance(saved, dict):
-            raise ValueError(f"{path}: expected a JSON object, got a {type(saved).__name__}")
+        saved = read_json_object(path)
         keys = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "bidirectional")
         settings = {key: saved[key] for key in keys if key in saved}
         for key, value in settings.items():

@@ -10,7 +10,6 @@ then ``runtime_state_dict`` fuses q/k/v and gate/up into the runtime's projectio
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import struct
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
+from .files import read_json_object
 from .model import DecoderModel
 
 CONFIG_FILE = "config.json"
@@ -124,7 +124,7 @@ def _read_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"missing {CONFIG_FILE} in model folder {folder}")
-    hf_config = _read_json(config_path)
+    hf_config = read_json_object(config_path)
     ModelConfig.from_hf_dict(hf_config)  # unsupported architectures fail before any weight is read
     weight_files, index = _safetensors_files(folder)
     tensors: dict[str, torch.Tensor] = {}
@@ -149,7 +149,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path | None]:
     if single.is_file():
         return [single], None
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not weight_map:
             raise ValueError(f"{index} has no weight_map")
         shards = [folder / name for name in sorted(set(weight_map.values()))]
@@ -164,19 +164,6 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path | None]:
             "(unpickling can run code). Convert them to safetensors first."
         )
     raise FileNotFoundError(f"missing {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX_FILE}) in model folder {folder}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a damaged file is a ValueError naming it."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
-    return value
 
 
 @contextlib.contextmanager
@@ -338,7 +325,7 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
     config_path = folder / ADAPTER_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"missing {ADAPTER_CONFIG_FILE} in adapter folder {folder}")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")

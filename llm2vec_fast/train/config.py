@@ -13,11 +13,12 @@ max length 128, loss scale 20; supervised lr 2e-4, warmup 300, batch 64, loss sc
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +212,4 @@ def load_config(objective: str, path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config must be a JSON object")
-    return config_from_dict(objective, values, base_dir=path.parent)
+    return config_from_dict(objective, read_json_object(path), base_dir=path.parent)
