@@ -52,11 +52,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return resolved
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_tokenizer_adds_bos(tokenizer: Any) -> None:
     """bos_token pooling reads the state of the BOS token the tokenizer puts first (llm2vec fails
     without one); a tokenizer that adds none would silently pool the first word instead."""
@@ -73,7 +68,7 @@ def _valid_setting(key: str, value: Any) -> bool:
         return value in POOLING_MODES
     if key in ("skip_instruction", "bidirectional"):
         return isinstance(value, bool)
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # the lengths
+    return text_layer.is_positive_int(value)  # the lengths
 
 
 def default_device() -> torch.device:
@@ -101,7 +96,7 @@ class LLM2Vec:
             raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}")
         for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length),
                             ("max_batch_tokens", max_batch_tokens)):
-            _check_positive_int(name, value)
+            text_layer.check_positive_int(name, value)
         if not isinstance(skip_instruction, bool):
             raise TypeError(f"skip_instruction must be True or False, got {skip_instruction!r}")
         if pooling_mode == "bos_token" and tokenizer is not None:
@@ -348,9 +343,9 @@ class LLM2Vec:
         """
         if isinstance(sentences, str):
             sentences = [sentences]
-        _check_positive_int("batch_size", batch_size)
+        text_layer.check_positive_int("batch_size", batch_size)
         if max_batch_tokens is not None:
-            _check_positive_int("max_batch_tokens", max_batch_tokens)
+            text_layer.check_positive_int("max_batch_tokens", max_batch_tokens)
         if device is not None and torch.device(device) != self.device:
             self.to(device)
         items = self.tokenize(sentences)

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .kernels.reference import POOLING_MODES
 
@@ -52,6 +53,15 @@ class TokenizedText:
     input_ids: list[int]
     pool_mask: list[bool]
     truncated: bool = False
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if not is_positive_int(value):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_encodable(index: int, text: str) -> None:
@@ -171,8 +181,7 @@ def tokenize(
     if pooling_mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling_mode {pooling_mode!r}; expected one of {POOLING_MODES}")
     for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     pairs = as_instruction_pairs(inputs)
     if not pairs:
         return []
