@@ -337,9 +337,9 @@ def embed_corpus(
         if manifest.get("status") != "complete":
             writer = ShardWriter(folder, folder / (MANIFEST if world == 1 else part_name(rank)), header, output_dtype,
                                  dict(done))
-            written, total_rows, tokens, docs = _run(files, fields, instruction, limit, shard_rows, rank, world, set(done), engine,
-                                       batch_tokens, on_long, max_length, writer, timer, tokenize_workers, progress,
-                                       identity["engine"])
+            written, total_rows, tokens, docs = _run(
+                files, fields, instruction, limit, shard_rows, rank, world, set(done), engine, batch_tokens, on_long,
+                max_length, writer, timer, tokenize_workers, progress, identity["engine"])
             if world > 1:
                 _barrier(group)
             if rank == 0:
@@ -355,8 +355,7 @@ def embed_corpus(
     timer.add("wall", time.perf_counter() - started)
     counts = manifest["counts"]
     return JobSummary(folder, counts["rows_in"], counts["embedded"], counts["errors"], counts["truncated"], written,
-                         counts["shards"], manifest.get("status") == "complete", dict(timer.seconds),
-                         tokens, rank, docs)
+                      counts["shards"], manifest.get("status") == "complete", dict(timer.seconds), tokens, rank, docs)
 
 
 def _barrier(group) -> None:

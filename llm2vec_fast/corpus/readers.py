@@ -122,8 +122,8 @@ def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path
             files = [m for m in matches if m.is_file() and file_format(m)]
             if not files:
                 raise InputError(f"{spec}: no such file or folder, and no input files match it as a glob")
-            found.update(m.resolve() for m in files
-                         if not _inside(m.resolve(), output) and not any(map(is_job_folder, m.resolve().parents)))
+            resolved = [m.resolve() for m in files]
+            found.update(m for m in resolved if not _inside(m, output) and not any(map(is_job_folder, m.parents)))
     if not found:
         raise InputError(f"no input files found in {', '.join(map(str, specs))}")
     paths = sorted(found)
