@@ -8,7 +8,6 @@ import pytest
 
 from llm2vec_fast.corpus import embed_corpus, read_embeddings, read_errors, search, verify
 from llm2vec_fast.corpus.engine import HashEngine
-from llm2vec_fast.corpus.job import token_budget_batches
 from llm2vec_fast.corpus.manifest import JobMismatchError, load_manifest
 from llm2vec_fast.corpus.readers import InputError
 
@@ -205,14 +204,31 @@ def test_read_embeddings_memory_mapped_and_search(tmp_path):
     assert [h[0] for h in hits] == [ids[i] for i in expected]
 
 
-@pytest.mark.parametrize("lengths,budget", [([5, 1, 9, 3, 3, 7], 10), ([20, 1, 1], 8), ([], 4), ([0, 0], 1)])
-def test_token_budget_batches_cover_each_index_once_within_budget(lengths, budget):
-    batches = token_budget_batches(lengths, budget)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) == 1 or sum(max(lengths[i], 1) for i in batch) <= budget
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(flat, reverse=True)
+class _CallRecordingEngine(HashEngine):
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.calls: list[int] = []
+        self.progress_seen: list[object] = []
+
+    def embed(self, items, progress=None):
+        self.calls.append(len(items))
+        self.progress_seen.append(progress)
+        return super().embed(items, progress)
+
+
+def test_the_engine_gets_whole_shards_in_calls_of_at_most_embed_call_rows(tmp_path, monkeypatch):
+    """The engine packs its own batches: one call per shard lets a GPU run them without a wait
+    for each batch's result; EMBED_CALL_ROWS bounds what one call holds on the device."""
+    (tmp_path / "in.txt").write_text("".join(f"line {i} " + "y" * (i % 9) + "\n" for i in range(25)))
+    engine = _CallRecordingEngine(dim=4, max_length=64)
+    _embed(tmp_path / "in.txt", tmp_path / "whole", engine, shard_rows=10, batch_tokens=8)
+    assert engine.calls == [10, 10, 5]
+    monkeypatch.setattr("llm2vec_fast.corpus.job.EMBED_CALL_ROWS", 4)
+    engine = _CallRecordingEngine(dim=4, max_length=64)
+    _embed(tmp_path / "in.txt", tmp_path / "chunked", engine, shard_rows=10, progress=True)
+    assert engine.calls == [4, 4, 2, 4, 4, 2, 4, 1]
+    assert all(bar is not None for bar in engine.progress_seen)  # the job's bar counts rows as they are done
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "whole")[1], read_embeddings(tmp_path / "chunked")[1])
 
 
 def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys):

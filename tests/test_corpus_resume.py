@@ -107,7 +107,7 @@ def test_killed_at_every_stage_of_a_shard_write_then_resumed(corpus_and_clean, t
 def test_killed_at_random_moments_then_resumed(corpus_and_clean, tmp_path):
     corpus, clean = corpus_and_clean
     out = tmp_path / "out"
-    command = _command(corpus, out, model="fake:dim=8,delay=0.02")
+    command = _command(corpus, out, model="fake:dim=8,delay=0.1")  # delay: per call, a call per shard
     rng = random.Random(1234)
     progress = []
     for target in (2, 5, 9):

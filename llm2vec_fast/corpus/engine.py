@@ -30,11 +30,16 @@ class Item:
     truncated: bool = False
 
 
+class Progress(Protocol):
+    def update(self, n: int) -> object: ...  # a tqdm bar, say
+
+
 class Engine(Protocol):
     def tokenize(self, texts: list[Text]) -> list[Item]: ...
 
-    def embed(self, items: list[Item]) -> np.ndarray:
-        """(n, dim) float32 embeddings of ``items``, in their order."""
+    def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
+        """(n, dim) float32 embeddings of ``items``, in their order; ``progress.update(k)`` as k
+        more are done. The engine packs its own batches: the job hands it many items at once."""
         ...
 
     def describe(self) -> dict:
@@ -51,7 +56,8 @@ class HashEngine:
 
     Tokens are the UTF-8 bytes of the text (the instruction's bytes are not pooled); an embedding
     is a pseudo-random vector seeded by a hash of the pooled ids, so equal texts get equal
-    embeddings in any batch. ``delay`` seconds per ``embed`` call simulate compute.
+    embeddings in any batch. ``delay`` seconds per ``embed`` call simulate compute (the job makes
+    a call per shard).
     """
 
     def __init__(self, dim: int = 16, max_length: int = 512, normalize: bool = False, delay: float = 0.0):
@@ -83,7 +89,7 @@ class HashEngine:
             items.append(Item(ids, [i >= len(prefix) for i in range(len(ids))], len(prefix) + len(body.encode("utf-8")) > self.max_length))
         return items
 
-    def embed(self, items: list[Item]) -> np.ndarray:
+    def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
         if self.delay:
             time.sleep(self.delay)
         out = np.empty((len(items), self.dim), dtype=np.float32)
@@ -93,6 +99,8 @@ class HashEngine:
             out[row] = np.random.default_rng(seed).standard_normal(self.dim, dtype=np.float32)
         if self.normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        if progress is not None:
+            progress.update(len(items))
         return out
 
     def describe(self) -> dict:
@@ -139,8 +147,9 @@ class LLM2VecEngine:
     def tokenize(self, texts: list[Text]) -> list[Item]:
         return self.model.tokenize(texts)  # TokenizedText: input_ids, pool_mask, truncated
 
-    def embed(self, items: list[Item]) -> np.ndarray:
-        return self.model.embed_tokenized(items, normalize=self.normalize).numpy()  # (n, dim) fp32
+    def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
+        # one call packs many batches: on a GPU they run back to back, the host packing the next
+        return self.model.embed_tokenized(items, normalize=self.normalize, progress=progress).numpy()  # (n, dim) fp32
 
     def describe(self) -> dict:
         """Computed once: it hashes the model and adapter files."""

@@ -41,6 +41,9 @@ from llm2vec_fast.corpus.writer import ShardResult, ShardWriter
 TOKENIZE_CHUNK = 256
 DUPLICATE_CHECK_ROWS = 4096  # ids checked for duplicates at once
 PREFETCH_SHARDS = 2
+# rows per engine call: its packed batches run back to back on a GPU (no wait for each result),
+# and its (rows, dim) fp32 results stay on the device until the call returns
+EMBED_CALL_ROWS = 8192
 ON_LONG = ("truncate", "error")
 OUTPUT_DTYPES = ("float32", "float16")
 
@@ -153,25 +156,6 @@ def _checked_rows(files: list[InputFile], fields: Fields, instruction: str | Non
 
 def _error_record(row: Row) -> dict:
     return {"id": row.id, "file": row.file, "line": row.line, "reason": row.error}
-
-
-def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices sorted by length (longest first, ties in input order), cut into batches whose
-    token counts stay within ``budget`` (an item longer than the budget goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    used = 0
-    for i in order:
-        n = max(lengths[i], 1)
-        if batch and used + n > budget:
-            batches.append(batch)
-            batch, used = [], 0
-        batch.append(i)
-        used += n
-    if batch:
-        batches.append(batch)
-    return batches
 
 
 def _distributed() -> tuple[int, int, object | None, bool]:
@@ -338,7 +322,7 @@ def embed_corpus(
             writer = ShardWriter(folder, folder / (MANIFEST if world == 1 else part_name(rank)), header, output_dtype,
                                  dict(done))
             written, total_rows, tokens, docs = _run(
-                files, fields, instruction, limit, shard_rows, rank, world, set(done), engine, batch_tokens, on_long,
+                files, fields, instruction, limit, shard_rows, rank, world, set(done), engine, on_long,
                 max_length, writer, timer, tokenize_workers, progress, identity["engine"])
             if world > 1:
                 _barrier(group)
@@ -439,7 +423,7 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
         put(exc)
 
 
-def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, batch_tokens, on_long, max_length,
+def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, on_long, max_length,
          writer: ShardWriter, timer: _Timer, tokenize_workers, progress, description: dict) -> tuple[int, int, int, int]:
     """Embed this rank's missing shards; returns (shards written, total input rows, tokens and rows embedded)."""
     dim = description["dim"]
@@ -499,16 +483,14 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             rows = [row for row in work.rows if row.error is None]
             lengths = [len(item.input_ids) for item in items]
             embeddings = np.empty((len(items), dim), dtype=np.float32)  # (n, dim)
-            for batch in token_budget_batches(lengths, batch_tokens):
-                start = time.perf_counter()
-                embeddings[batch] = engine.embed([items[i] for i in batch])
-                timer.add("compute", time.perf_counter() - start)
-                tokens = sum(lengths[i] for i in batch)
-                tokens_done += tokens
-                if bar is not None:
-                    bar.update(len(batch))
-                    elapsed = time.perf_counter() - compute_start
-                    bar.set_postfix_str(f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+            start = time.perf_counter()
+            for first in range(0, len(items), EMBED_CALL_ROWS):
+                embeddings[first:first + EMBED_CALL_ROWS] = engine.embed(items[first:first + EMBED_CALL_ROWS], bar)
+            timer.add("compute", time.perf_counter() - start)
+            tokens_done += sum(lengths)
+            if bar is not None:
+                elapsed = time.perf_counter() - compute_start
+                bar.set_postfix_str(f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
             if bar is not None:
                 bar.update(len(error_rows))
                 if counted and bar.total is None:
