@@ -34,22 +34,23 @@ at::Tensor int64_tensor(const std::vector<int64_t>& values) {
 
 PackedPlan pack_batches_cpu(
     const at::Tensor& lengths, int64_t max_batch_tokens, int64_t max_batch_size, bool sort) {
-  TORCH_CHECK(lengths.dim() == 1, "pack_batches: lengths must be 1-D, got shape ", lengths.sizes());
-  TORCH_CHECK(
+  // ValueError / TypeError in Python, as the Python twin raises
+  TORCH_CHECK_VALUE(lengths.dim() == 1, "pack_batches: lengths must be 1-D, got shape ", lengths.sizes());
+  TORCH_CHECK_TYPE(
       lengths.scalar_type() == at::kLong, "pack_batches: lengths must be int64, got ",
       lengths.scalar_type());
-  TORCH_CHECK(lengths.device().is_cpu(), "pack_batches: lengths must be on the CPU, got ",
+  TORCH_CHECK_VALUE(lengths.device().is_cpu(), "pack_batches: lengths must be on the CPU, got ",
               lengths.device());
-  TORCH_CHECK(max_batch_tokens >= 1, "pack_batches: max_batch_tokens must be >= 1, got ",
+  TORCH_CHECK_VALUE(max_batch_tokens >= 1, "pack_batches: max_batch_tokens must be >= 1, got ",
               max_batch_tokens);
-  TORCH_CHECK(max_batch_size >= 0, "pack_batches: max_batch_size must be >= 0 (0 = unlimited), got ",
+  TORCH_CHECK_VALUE(max_batch_size >= 0, "pack_batches: max_batch_size must be >= 0 (0 = unlimited), got ",
               max_batch_size);
 
   const at::Tensor contiguous_lengths = lengths.contiguous();
   const int64_t* length = contiguous_lengths.data_ptr<int64_t>();
   const int64_t count = contiguous_lengths.numel();
   for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(length[i] >= 0, "pack_batches: lengths must be >= 0, got ", length[i],
+    TORCH_CHECK_VALUE(length[i] >= 0, "pack_batches: lengths must be >= 0, got ", length[i],
                 " at index ", i);
   }
 
@@ -78,7 +79,7 @@ PackedPlan pack_batches_cpu(
       batch_tokens = 0;
       batch_size = 0;
     }
-    TORCH_CHECK(batch_tokens + seq_len <= std::numeric_limits<int32_t>::max(),
+    TORCH_CHECK_VALUE(batch_tokens + seq_len <= std::numeric_limits<int32_t>::max(),
                 "pack_batches: a batch of ", batch_tokens + seq_len,
                 " tokens does not fit the int32 cu_seqlens");
     batch_tokens += seq_len;

@@ -24,6 +24,8 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # Defaults of the transformers config classes for keys a config.json may leave out.
 _MAX_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_MISTRAL_WINDOW_DEFAULT = 4096  # transformers MistralConfig.sliding_window
+_QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # transformers Qwen2Config.max_window_layers
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -89,12 +91,13 @@ class ModelConfig:
 
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
-            window = raw.get("sliding_window") if raw.get("use_sliding_window", False) else None
+            window = raw.get("sliding_window") if _qwen2_has_sliding_layers(raw) else None
         else:
             attention_bias = bool(raw.get("attention_bias", False))
             qkv_bias, o_bias = attention_bias, attention_bias
             mlp_bias = bool(raw.get("mlp_bias", False))
-            window = raw.get("sliding_window") if model_type == "mistral" else None
+            # transformers' Mistral default when the key is absent; an explicit null means no window
+            window = raw.get("sliding_window", _MISTRAL_WINDOW_DEFAULT) if model_type == "mistral" else None
 
         return cls(
             model_type=model_type,
@@ -135,10 +138,27 @@ class ModelConfig:
         return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
 
+def _qwen2_has_sliding_layers(raw: dict[str, Any]) -> bool:
+    """Whether any layer of a Qwen2 model attends through its sliding window: transformers gives it
+    to layers ``i >= max_window_layers`` when ``use_sliding_window`` (or lists ``layer_types``)."""
+    if raw.get("layer_types"):
+        return "sliding_attention" in raw["layer_types"]
+    if not raw.get("use_sliding_window", False):
+        return False
+    return int(raw.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS_DEFAULT)) < int(raw["num_hidden_layers"])
+
+
 def _read_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     """RoPE base and scaling from either the transformers 5 ``rope_parameters`` dict or the older
     top-level ``rope_theta`` + ``rope_scaling`` keys."""
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    parameters, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
+    scaling_keys = {("rope_type" if key == "type" else key): value for key, value in scaling.items()}
+    if parameters and any(parameters.get(key) != value for key, value in scaling_keys.items()):
+        # a model card may say to add rope_scaling to a config saved with rope_parameters: transformers
+        # then takes rope_scaling alone and drops rope_parameters' rope_theta
+        raise ValueError("the config has both rope_parameters and rope_scaling and they differ; keep one of them"
+                         f" (rope_parameters={parameters}, rope_scaling={scaling})")
+    params = dict(parameters or scaling)
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")

@@ -22,6 +22,7 @@ from .batching import plan_batches
 from .cuda_graphs import GraphedEncoder
 from .files import read_json_object, sha256_file
 from .kernels import POOLING_MODES, masked_pool
+from .kernels import attention as attention_kernels
 from .loading import load_model
 from .model import DecoderModel
 
@@ -284,7 +285,10 @@ class LLM2Vec:
                 return tensor
             return tensor.pin_memory().to(device, non_blocking=True)
 
-        for plan in plan_batches([len(i.input_ids) for i in items], budget, max_batch_size):
+        # the attention kernel takes at most MAX_SEQUENCES per launch: many short or empty texts
+        # fit a token budget in more sequences than that
+        size_limit = min(max_batch_size or attention_kernels.MAX_SEQUENCES, attention_kernels.MAX_SEQUENCES)
+        for plan in plan_batches([len(i.input_ids) for i in items], budget, size_limit):
             members = [items[j] for j in plan.indices.tolist()]
             input_ids = torch.tensor([t for item in members for t in item.input_ids], dtype=torch.long)  # (T,)
             pool_mask = torch.tensor([m for item in members for m in item.pool_mask], dtype=torch.bool)  # (T,)

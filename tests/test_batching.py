@@ -151,9 +151,17 @@ def test_bad_input_is_reported(kwargs, error, match):
 
 def test_cpp_op_rejects_bad_input():
     pack_batches = require_extension()
-    with pytest.raises(RuntimeError, match="lengths must be >= 0, got -1 at index 0"):
+    with pytest.raises(ValueError, match="lengths must be >= 0, got -1 at index 0"):
         pack_batches(torch.tensor([-1, 2]), 4, 0, True)
-    with pytest.raises(RuntimeError, match="lengths must be int64"):
+    with pytest.raises(TypeError, match="lengths must be int64"):
         pack_batches(torch.tensor([1, 2], dtype=torch.int32), 4, 0, True)
-    with pytest.raises(RuntimeError, match="max_batch_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):
         pack_batches(torch.tensor([1, 2]), 0, 0, True)
+
+
+def test_both_packers_refuse_a_batch_past_int32_with_the_same_error():
+    pack_batches = require_extension()
+    lengths = torch.tensor([2**30, 2**30, 5])  # the first two would share a batch of 2^31 tokens
+    for packer in (pack_batches, _pack_batches_python):
+        with pytest.raises(ValueError, match="a batch of 2147483648 tokens does not fit the int32 cu_seqlens"):
+            packer(lengths, 2**32, 0, True)

@@ -44,8 +44,22 @@ def test_head_dim_explicit_or_derived():
 
 def test_sliding_window_recorded():
     assert ModelConfig.from_hf_dict(hf_dict("mistral", sliding_window=128)).sliding_window == 128
+    assert ModelConfig.from_hf_dict(hf_dict("mistral", sliding_window=None)).sliding_window is None
+    without_key = {k: v for k, v in hf_dict("mistral").items() if k != "sliding_window"}
+    assert ModelConfig.from_hf_dict(without_key).sliding_window == 4096  # transformers' default
     assert ModelConfig.from_hf_dict(hf_dict("qwen2", sliding_window=128)).sliding_window is None
-    assert ModelConfig.from_hf_dict(hf_dict("qwen2", sliding_window=128, use_sliding_window=True)).sliding_window == 128
+
+
+@pytest.mark.parametrize("max_window_layers", [None, 0, 1, 2])
+def test_qwen2_window_only_when_a_layer_slides(max_window_layers):
+    """transformers gives Qwen2's window to layers i >= max_window_layers (default 28) only."""
+    options = {} if max_window_layers is None else {"max_window_layers": max_window_layers}
+    raw = hf_dict("qwen2", sliding_window=128, use_sliding_window=True, **options)  # 2 layers
+    slides = "sliding_attention" in raw["layer_types"]
+    assert slides == (max_window_layers in (0, 1))
+    assert ModelConfig.from_hf_dict(raw).sliding_window == (128 if slides else None)
+    old_style = {k: v for k, v in raw.items() if k != "layer_types"}  # configs saved before layer_types
+    assert ModelConfig.from_hf_dict(old_style).sliding_window == (128 if slides else None)
 
 
 def test_tie_word_embeddings():
@@ -59,6 +73,18 @@ def test_old_style_rope_keys():
     config = ModelConfig.from_hf_dict(raw)
     assert config.rope_theta == 500000.0
     assert config.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+
+
+def test_rope_scaling_beside_different_rope_parameters_is_refused():
+    """A model card may say to add rope_scaling to a config saved with rope_parameters; transformers
+    then uses rope_scaling alone and silently drops rope_parameters' rope_theta."""
+    raw = hf_dict("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    with pytest.raises(ValueError, match="both rope_parameters and rope_scaling and they differ"):
+        ModelConfig.from_hf_dict({**raw, "rope_scaling": {"rope_type": "llama3", **LLAMA3}})
+    with pytest.raises(ValueError, match="both rope_parameters and rope_scaling and they differ"):
+        ModelConfig.from_hf_dict({**hf_dict("qwen2"), "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    same = {**raw, "rope_scaling": {"type": "default", "rope_theta": 500000.0}}  # the same, old key names
+    assert ModelConfig.from_hf_dict(same).rope_theta == 500000.0
 
 
 @pytest.mark.parametrize(
