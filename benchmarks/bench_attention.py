@@ -11,8 +11,9 @@ dQ pass) and with ``deterministic=False`` (dQ accumulated with atomics in the dK
 config's ``dq`` names which.
 
 FLOPs: forward 4 x sum(s_i^2) x Hq x D, halved when causal; backward 2.5x forward (timed alone,
-from a kept graph). Padded
-baselines are credited with the same (useful) FLOPs, so ratios are time ratios. Ours runs with
+from a kept graph). Padded baselines are credited with the same (useful) FLOPs, so ratios are
+time ratios; they get their inputs already padded, (B, max_len, H, D) as a padded model's
+projections give them, so only SDPA is timed, not padding or unpadding. Ours runs with
 ``check_cu_seqlens=False`` (the kernels alone, as the model runtime calls them).
 
 Run: ``python benchmarks/bench_attention.py [--quick]`` (on a CPU: tiny shapes, reference path).
@@ -131,24 +132,27 @@ def bench_varlen_vs_padded(results, device, dtype, token_budget, max_len, head_d
         def ours(q_, k_, v_):
             return varlen_attention(q_, k_, v_, cu_seqlens, longest, causal=causal, check_cu_seqlens=False)
 
-        def sdpa_padded(q_, k_, v_):
-            padded = []
-            for x in (q_, k_, v_):
-                buffer = x.new_zeros(batch, longest, num_heads, head_dim)
-                buffer[valid] = x
-                padded.append(buffer.transpose(1, 2))  # (B, H, longest, D)
+        def sdpa_padded(q_, k_, v_):  # (B, longest, H, D) each, as a padded pipeline's projections give them
+            padded = [x.transpose(1, 2) for x in (q_, k_, v_)]  # (B, H, longest, D) views
             if causal:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     out = F.scaled_dot_product_attention(*padded, is_causal=True)
             else:
                 out = F.scaled_dot_product_attention(*padded, attn_mask=key_mask)
-            return out.transpose(1, 2)[valid]  # (T, H, D)
+            return out.transpose(1, 2)  # (B, longest, H, D)
+
+        padded_inputs = []  # the same tokens, padded once outside the timings
+        for x in (q, k, v, grad_out):
+            buffer = x.detach().new_zeros(batch, longest, num_heads, head_dim)  # (B, longest, H, D)
+            buffer[valid] = x.detach()
+            padded_inputs.append(buffer.requires_grad_(x.requires_grad))
 
         config = dict(layout="varlen-vs-padded", batch=batch, tokens=total, max_len=longest, heads=num_heads,
                       head_dim=head_dim, causal=causal, dtype=str(dtype).removeprefix("torch."))  # fmt: skip
         flops = attention_flops(lengths, num_heads, head_dim, causal)
         ours_ms = time_forward_backward(ours, (q, k, v), grad_out, device)
-        base_ms = time_forward_backward(sdpa_padded, (q, k, v), grad_out, device)
+        base_ms = time_forward_backward(sdpa_padded, tuple(padded_inputs[:3]), padded_inputs[3], device)
+        del padded_inputs
         name = "sdpa-flash-padded" if causal else "sdpa-padded-key-mask"
         record(results, config, flops, ours_ms, base_ms, name)
 

@@ -80,8 +80,12 @@ def cpu_peak_rss(fn) -> int:
 
 
 def peak_memory(fn, device) -> int:
+    """Peak memory of one ``fn()`` after a warm-up call (the optimizer state exists by then)."""
     measured = harness.peak_memory_bytes(fn, device=device)
-    return cpu_peak_rss(fn) if measured is None else measured
+    if measured is not None:
+        return measured
+    fn()
+    return cpu_peak_rss(fn)
 
 
 def make_sequences(batch: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -94,9 +94,13 @@ def matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: int) -> 
 
 
 def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device | str) -> int | None:
-    """Peak CUDA memory allocated during ``fn()`` above what was allocated before; None on a CPU."""
+    """Peak CUDA memory allocated during ``fn()`` above what was allocated before; None on a CPU.
+
+    One untimed call comes first, so that one-time allocations (optimizer state, library
+    workspaces) do not land on whichever side is measured first."""
     if torch.device(device).type != "cuda":
         return None
+    fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
