@@ -38,8 +38,9 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
 
 def extra_args(parser) -> None:
     parser.add_argument("--model", default=None, help="transformers folder (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--max-len", type=int, default=128, help="longest sequence; lengths spread from a quarter of it")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; --quick: 4)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="longest sequence; lengths spread from a quarter of it (default 128; --quick: 64)")
 
 
 def _release_freed_memory_to_the_os() -> None:
@@ -203,7 +204,8 @@ def main() -> None:
     if device.type == "cpu":
         _release_freed_memory_to_the_os()
     dtype = harness.default_dtype(device)
-    batch, max_len = (4, 64) if args.quick else (args.batch, args.max_len)
+    batch = args.batch or (4 if args.quick else 8)
+    max_len = args.max_len or (64 if args.quick else 128)
     repeats = 2 if args.quick else 5
     path = args.model or default_model_path()
 

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from llm2vec_fast.info import describe_cpu_bf16
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -140,6 +142,7 @@ def environment(device: torch.device | str) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "cpu_bf16": describe_cpu_bf16(),  # decides whether CPU bf16 numbers mean anything
         "git_commit": _git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

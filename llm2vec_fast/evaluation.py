@@ -132,6 +132,7 @@ def _run_sts(args: argparse.Namespace) -> int:
         enable_bidirectional=False if args.causal else None,  # None: as the adapter was trained (else True)
         pooling_mode=args.pooling,
         max_length=args.max_length,
+        doc_max_length=args.max_length,  # --max-length alone decides: no llm2vec word cut at 400 tokens
         dtype=args.dtype,
     )
     result = evaluate_sts(encoder, data, show_progress_bar=True)

@@ -45,6 +45,17 @@ def test_job_embeddings_equal_the_encoders_and_search_reloads_the_model(tmp_path
     assert hits[0][0] == "s2" and hits[0][1] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_max_length_alone_decides_truncation_past_llm2vecs_400_token_word_cut(default_model_folder):
+    """The Python API keeps llm2vec's doc_max_length=400 word rule; the job's --max-length does not."""
+    text = " ".join(f"word{i}" for i in range(300))  # ~ 900 tokens
+    engine = load_engine(str(default_model_folder), max_length=2048, device="cpu", dtype="float32")
+    whole = engine.tokenize([text])[0]
+    assert 400 < len(whole.input_ids) < 2048 and not whole.truncated
+    cut = load_engine(str(default_model_folder), max_length=600, device="cpu", dtype="float32").tokenize([text])[0]
+    assert len(cut.input_ids) == 600 and cut.truncated
+    assert cut.input_ids == whole.input_ids[:600]  # its first tokens, no words dropped
+
+
 def _tiny_corpus_job(tmp_path, name: str, **options) -> tuple[list[str], np.ndarray]:
     """A 300-line corpus (1-120 tokens a line) embedded with a tiny random Llama folder."""
     from model_helpers import VOCAB, save_tiny_folder, tiny_hf_model

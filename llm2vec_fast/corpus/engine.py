@@ -137,6 +137,7 @@ class LLM2VecEngine:
             adapters=list(self.adapters),
             pooling_mode=self.pooling,
             max_length=self.max_length,
+            doc_max_length=self.max_length,  # --max-length alone decides: no llm2vec word cut at 400 tokens
             device=self.device,
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
