@@ -60,7 +60,8 @@ def _load_rows(base, positions, stride, seqlen, MASK_LENGTH: tl.constexpr, HEAD_
     mask = d_valid[None, :]
     if MASK_LENGTH:
         mask = (positions < seqlen)[:, None] & d_valid[None, :]
-    return tl.load(base + positions[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+    # int64: one long sequence's position x token stride (a fused qkv view's, say) can pass 2^31
+    return tl.load(base + positions.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -287,6 +288,10 @@ def _dkdv_query_blocks(
         p_t = tl.exp2(s_t - lse[None, :])
         if MASK_CAUSAL:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        if ATOMIC_DQ:
+            # keys past the sequence (zeros) get p = exp2(-lse): dK/dV never store their rows, but
+            # their ds, overflowing fp16 when lse is very negative, would reach dQ as inf * 0
+            p_t = tl.where((cols < seqlen)[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, head, (seq_start + rows)[None, :], (seq_start + cols)[:, None], dropout_p)

@@ -192,6 +192,25 @@ def test_atomic_dq_matches_reference(triton_backend, dtype, causal, num_q_heads,
                             deterministic=False)
 
 
+def test_atomic_dq_stays_finite_when_every_score_is_very_negative(triton_backend):
+    """fp16, bidirectional, a tail key block past the sequence: its zero keys score 0, far above
+    the real ones (~-22 in log2 units), so unmasked their ds overflowed fp16 into NaN dQ."""
+    generator = torch.Generator().manual_seed(0)
+    length, head_dim = 70, 64
+    k = 1.0 + 0.01 * torch.randn(length, 1, head_dim, generator=generator)
+    q = -1.9 + 0.01 * torch.randn(length, 1, head_dim, generator=generator)
+    v = 4 * torch.randn(length, 1, head_dim, generator=generator)
+    grads = {}
+    for deterministic in (True, False):
+        inputs = [t.half().requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*inputs, cu_seqlens_of([length], "cpu"), length, deterministic=deterministic)
+        out.float().square().sum().backward()
+        grads[deterministic] = [t.grad.float() for t in inputs]
+    assert all(torch.isfinite(g).all() for g in grads[False])
+    for atomic, separate in zip(grads[False], grads[True]):
+        torch.testing.assert_close(atomic, separate, rtol=1e-2, atol=1e-2)
+
+
 def test_atomic_dq_with_dropout(triton_backend):
     check_dropout_against_masked_reference([0, 33, 1, 70], 3, 1, 64, torch.float16, "cpu", causal=True, dropout_p=0.25,
                                            seed=1234, deterministic=False)
