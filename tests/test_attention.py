@@ -381,9 +381,10 @@ def test_gpu_head_dims(triton_backend, dtype, head_dim, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [pytest.param(128, id="D128"), pytest.param(256, id="D256")])
-def test_gpu_fp32(triton_backend, head_dim):
-    check_against_reference(GPU_LENGTHS, 3, 1, head_dim, torch.float32, "cuda", causal=True)
+def test_gpu_fp32(triton_backend):
+    """fp32 at head dim 128 (at 256, compiled for sm_90, its kernels spill registers and take about
+    a minute to build: a cost for the short GPU check; the interpreter tests D256 fp32)."""
+    check_against_reference(GPU_LENGTHS, 3, 1, 128, torch.float32, "cuda", causal=True)
 
 
 @pytest.mark.gpu
