@@ -71,7 +71,6 @@ def main() -> None:
             if ours_peak is not None and theirs_peak is not None:
                 results.add(config, "peak MiB", ours_peak / 2**20, baseline_name="F.linear+F.cross_entropy",
                             baseline=theirs_peak / 2**20, higher_is_better=False)
-            hidden.grad = None
             del weight
     results.save()
 

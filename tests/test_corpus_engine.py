@@ -85,3 +85,19 @@ def test_gpu_job_equals_the_cpu_job_eager_and_with_cuda_graphs(tmp_path):
             assert gpu_ids == ids and gpu.shape == cpu.shape
             cosine = np.sum(gpu * cpu, axis=1)  # both normalized
             assert cosine.min() > min_cosine, (dtype, graphs, float(cosine.min()))
+
+
+def test_a_job_recorded_with_llm2vecs_400_token_word_cut_resumes_and_searches_with_it(tmp_path):
+    """Jobs written before --max-length alone decided recorded doc_max_length 400: rerunning the
+    command continues with that rule (not a settings mismatch) and search embeds queries by it."""
+    from llm2vec_fast.corpus.manifest import atomic_write_json
+
+    _tiny_corpus_job(tmp_path, "out")
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["engine"]["doc_max_length"] == 128  # the job's max_length
+    manifest["engine"]["doc_max_length"] = 400  # as an older version wrote it
+    atomic_write_json(tmp_path / "out" / "manifest.json", manifest)
+    ids, _ = _tiny_corpus_job(tmp_path, "out")  # the same command again: accepted, nothing to do
+    assert len(ids) == 300
+    assert load_manifest(tmp_path / "out")["engine"]["doc_max_length"] == 400
+    assert engine_for_job(tmp_path / "out", device="cpu").describe()["doc_max_length"] == 400

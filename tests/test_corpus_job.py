@@ -216,18 +216,21 @@ class _CallRecordingEngine(HashEngine):
         return super().embed(items, progress)
 
 
-def test_the_engine_gets_whole_shards_in_calls_of_at_most_embed_call_rows(tmp_path, monkeypatch):
+def test_the_engine_gets_whole_shards_in_even_calls_of_at_most_embed_call_rows(tmp_path, monkeypatch):
     """The engine packs its own batches: one call per shard lets a GPU run them without a wait
     for each batch's result; EMBED_CALL_ROWS bounds what one call holds on the device."""
-    (tmp_path / "in.txt").write_text("".join(f"line {i} " + "y" * (i % 9) + "\n" for i in range(25)))
+    lines = ["" if i % 6 == 5 else f"line {i} " + "y" * (i % 9) for i in range(25)]  # 4 empty: error rows
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     engine = _CallRecordingEngine(dim=4, max_length=64)
     _embed(tmp_path / "in.txt", tmp_path / "whole", engine, shard_rows=10, batch_tokens=8)
-    assert engine.calls == [10, 10, 5]
+    assert engine.calls == [9, 8, 4]  # shards of 10 rows, less their error rows
     monkeypatch.setattr("llm2vec_fast.corpus.job.EMBED_CALL_ROWS", 4)
     engine = _CallRecordingEngine(dim=4, max_length=64)
-    _embed(tmp_path / "in.txt", tmp_path / "chunked", engine, shard_rows=10, progress=True)
-    assert engine.calls == [4, 4, 2, 4, 4, 2, 4, 1]
-    assert all(bar is not None for bar in engine.progress_seen)  # the job's bar counts rows as they are done
+    summary = _embed(tmp_path / "in.txt", tmp_path / "chunked", engine, shard_rows=10, progress=True)
+    assert engine.calls == [3, 3, 3, 4, 4, 4]  # 9 rows in 3 even calls, not 4 + 4 + 1
+    bar = engine.progress_seen[-1]
+    assert all(seen is bar for seen in engine.progress_seen)
+    assert bar.n == summary.rows_in == 25  # embedded rows counted once (by the engine), error rows by the job
     np.testing.assert_array_equal(read_embeddings(tmp_path / "whole")[1], read_embeddings(tmp_path / "chunked")[1])
 
 

@@ -122,6 +122,7 @@ class LLM2VecEngine:
     normalize: bool = False
     causal: bool = False
     cuda_graphs: bool = False
+    doc_max_length: int | None = None  # llm2vec's word cut; None: max_length alone decides
     model: object = field(init=False, repr=False)
     _description: dict | None = field(init=False, default=None, repr=False)
 
@@ -137,7 +138,7 @@ class LLM2VecEngine:
             adapters=list(self.adapters),
             pooling_mode=self.pooling,
             max_length=self.max_length,
-            doc_max_length=self.max_length,  # --max-length alone decides: no llm2vec word cut at 400 tokens
+            doc_max_length=self.doc_max_length or self.max_length,
             device=self.device,
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
@@ -165,8 +166,13 @@ class LLM2VecEngine:
 
 def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str = "mean", max_length: int = 512,
                 device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
-                normalize: bool = False, causal: bool = False, cuda_graphs: bool = False) -> Engine:
+                normalize: bool = False, causal: bool = False, cuda_graphs: bool = False,
+                doc_max_length: int | None = None) -> Engine:
     """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
+
+    ``doc_max_length``: llm2vec's rule that drops a text's trailing words past that many tokens;
+    None leaves ``max_length`` alone to decide (a text keeps its first max_length tokens). Jobs
+    recorded before that default reload with the value they recorded.
 
     ``causal`` keeps the model's causal attention (llm2vec's ``enable_bidirectional=False``): the
     better choice for a base model that has not been trained the LLM2Vec way. ``cuda_graphs``
@@ -181,4 +187,4 @@ def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str
 
         model = str(default_model_path())
     return LLM2VecEngine(str(model), tuple(str(a) for a in adapters), pooling, max_length, device, dtype,
-                         max_batch_tokens, normalize, causal, cuda_graphs)
+                         max_batch_tokens, normalize, causal, cuda_graphs, doc_max_length)

@@ -6,8 +6,8 @@ resumed job, or N processes (shard k belongs to rank k % N), know exactly which 
 and each shard's content does not depend on who computed it or when.
 
 Three stages overlap: a reader thread parses rows and hands texts to a tokenizer thread pool
-(fast tokenizers release the GIL); the main thread sorts each shard's items by length, packs
-token-budget batches and runs the engine; a writer thread writes finished shards.
+(fast tokenizers release the GIL); the main thread hands each shard's items to the engine, which
+packs its own token-budget batches; a writer thread writes finished shards.
 """
 
 from __future__ import annotations
@@ -305,9 +305,11 @@ def embed_corpus(
     try:
         if engine is None:
             load_start = time.perf_counter()
+            # a job continues with the word-cut rule it started with (older versions recorded 400)
+            recorded = load_manifest(folder).get("engine", {}) if has_job and not overwrite else {}
             engine = load_engine(model, adapters, pooling=pooling, max_length=max_length, device=device, dtype=dtype,
                                  max_batch_tokens=batch_tokens, normalize=normalize, causal=causal,
-                                 cuda_graphs=cuda_graphs)
+                                 cuda_graphs=cuda_graphs, doc_max_length=recorded.get("doc_max_length"))
             timer.add("load model", time.perf_counter() - load_start)
         identity["engine"] = engine.describe()
         if has_job and not overwrite:
@@ -484,8 +486,9 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             lengths = [len(item.input_ids) for item in items]
             embeddings = np.empty((len(items), dim), dtype=np.float32)  # (n, dim)
             start = time.perf_counter()
-            for first in range(0, len(items), EMBED_CALL_ROWS):
-                embeddings[first:first + EMBED_CALL_ROWS] = engine.embed(items[first:first + EMBED_CALL_ROWS], bar)
+            call_rows = math.ceil(len(items) / max(1, math.ceil(len(items) / EMBED_CALL_ROWS)))  # even calls
+            for first in range(0, len(items), call_rows):
+                embeddings[first:first + call_rows] = engine.embed(items[first:first + call_rows], bar)
             timer.add("compute", time.perf_counter() - start)
             tokens_done += sum(lengths)
             if bar is not None:

@@ -21,7 +21,8 @@ def engine_for_job(folder: str | Path, device: str | None = None, batch_tokens: 
     engine = load_engine(described["model"] if described["model"] != "fake" else f"fake:dim={described['dim']}",
                          adapters, pooling=described["pooling"], max_length=described["max_length"], device=device,
                          dtype=described.get("dtype"), max_batch_tokens=batch_tokens,
-                         normalize=described["normalize"], causal=not described.get("bidirectional", True))
+                         normalize=described["normalize"], causal=not described.get("bidirectional", True),
+                         doc_max_length=described.get("doc_max_length"))
     differences = identity_differences({"engine": described}, {"engine": engine.describe()})
     if differences:
         raise ValueError(f"the model of {folder} changed since the job ran: {'; '.join(differences[:5])}")
