@@ -486,7 +486,8 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             lengths = [len(item.input_ids) for item in items]
             embeddings = np.empty((len(items), dim), dtype=np.float32)  # (n, dim)
             start = time.perf_counter()
-            call_rows = math.ceil(len(items) / max(1, math.ceil(len(items) / EMBED_CALL_ROWS)))  # even calls
+            calls = max(1, math.ceil(len(items) / EMBED_CALL_ROWS))
+            call_rows = max(1, math.ceil(len(items) / calls))  # even calls
             for first in range(0, len(items), call_rows):
                 embeddings[first:first + call_rows] = engine.embed(items[first:first + call_rows], bar)
             timer.add("compute", time.perf_counter() - start)
