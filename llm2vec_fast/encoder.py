@@ -212,8 +212,8 @@ class LLM2Vec:
     def describe(self) -> dict:
         """What produced these embeddings: model files with their sha256, settings, dimension."""
         loaded = getattr(self.model, "loaded_from", None)
-        files = [] if loaded is None else [{"path": str(p), "sha256": sha256_file(p)} for p in loaded.files]
-        adapters = [] if loaded is None else [str(p) for p in loaded.adapters]
+        files = [] if loaded is None else [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)} for p in loaded.files]
+        adapters = [] if loaded is None else [str(Path(p).resolve()) for p in loaded.adapters]
         return {
             "model": None if loaded is None else str(loaded.source),
             "files": files,

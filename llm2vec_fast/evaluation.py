@@ -80,6 +80,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"spearman needs two 1-D arrays of one length, got {a.shape} and {b.shape}")
+    for name, values in (("first", a), ("second", b)):
+        if not np.isfinite(values).all():
+            bad = np.flatnonzero(~np.isfinite(values))
+            raise ValueError(f"spearman: the {name} array holds {len(bad)} NaN/inf values (first at index {bad[0]})")
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
@@ -102,6 +106,10 @@ def evaluate_sts(encoder: Any, data: STSData, *, batch_size: int = 32, show_prog
     embeddings = np.asarray(encoder.encode(unique, batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=True))
     first = embeddings[[index[s] for s in data.sentences1]]
     second = embeddings[[index[s] for s in data.sentences2]]
+    if not np.isfinite(embeddings).all():
+        bad = sorted({unique[i] for i in np.flatnonzero(~np.isfinite(embeddings).all(axis=1))})
+        raise ValueError(f"the encoder gave NaN/inf embeddings for {len(bad)} sentences (first: {bad[0][:80]!r});"
+                         " a 16-bit dtype may overflow: try --dtype float32")
     similarity = cosine_rows(first, second)
     return {"spearman": 100.0 * spearman(similarity, data.scores), "pairs": len(data.scores)}
 

@@ -1,6 +1,7 @@
 """The corpus job with the real engine (the embedded default model, SmolLM2-135M, on the CPU)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,23 @@ def test_a_job_recorded_with_llm2vecs_400_token_word_cut_resumes_and_searches_wi
     assert len(ids) == 300
     assert load_manifest(tmp_path / "out")["engine"]["doc_max_length"] == 400
     assert engine_for_job(tmp_path / "out", device="cpu").describe()["doc_max_length"] == 400
+
+
+def test_search_finds_the_model_of_a_job_embedded_with_a_relative_model_path(tmp_path, monkeypatch):
+    """Model files are recorded resolved, and compared by content: a manifest that recorded them
+    relative (as older versions did) still matches the same files."""
+    from llm2vec_fast.corpus.manifest import atomic_write_json
+
+    _tiny_corpus_job(tmp_path, "absolute")  # writes the tiny model folder and the corpus
+    monkeypatch.chdir(tmp_path)
+    embed_corpus("in.txt", "relative", model="model", max_length=128, shard_rows=100, normalize=True, progress=False)
+    manifest = load_manifest(tmp_path / "relative")
+    assert all(Path(f["path"]).is_absolute() for f in manifest["engine"]["files"])
+    line = (tmp_path / "in.txt").read_text().splitlines()[6]
+    hit = search(tmp_path / "relative", line, k=1)[0]
+    assert hit[0] == "in.txt:7" and hit[1] == pytest.approx(1.0, abs=1e-4)
+    for f in manifest["engine"]["files"]:
+        f["path"] = str(Path(f["path"]).relative_to(tmp_path))  # as an older version recorded them
+    atomic_write_json(tmp_path / "relative" / "manifest.json", manifest)
+    monkeypatch.chdir(Path(__file__).parent)  # another working directory
+    assert search(tmp_path / "relative", line, k=1)[0] == hit

@@ -11,7 +11,7 @@ from model_helpers import save_tiny_folder, tiny_hf_model
 from scipy.stats import spearmanr
 
 from llm2vec_fast import LLM2Vec
-from llm2vec_fast.evaluation import add_parser, read_sts, spearman
+from llm2vec_fast.evaluation import STSData, add_parser, evaluate_sts, read_sts, spearman
 
 
 def _sts_file(path, rows):
@@ -27,6 +27,18 @@ def test_spearman_matches_scipy_with_ties():
     assert spearman(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="constant"):
         spearman(np.ones(4), np.arange(4.0))
+    with pytest.raises(ValueError, match="first array holds 1 NaN/inf values .first at index 1"):
+        spearman(np.array([0.1, np.nan, 0.3, 0.2, 0.5]), np.arange(5.0))  # a rank for NaN would be made up
+
+
+def test_nan_embeddings_are_an_error_not_a_score():
+    class _Overflowing:
+        def encode(self, sentences, **_):
+            return np.array([[np.inf, 0.0] if "boom" in s else [1.0, float(len(s))] for s in sentences])
+
+    data = STSData(["a cat", "boom", "a dog"], ["the cat", "a dog", "dogs"], np.array([4.0, 1.0, 3.0]))
+    with pytest.raises(ValueError, match="NaN/inf embeddings for 1 sentences .first: 'boom'"):
+        evaluate_sts(_Overflowing(), data)
 
 
 def test_read_sts_takes_score_and_sentences_and_reports_bad_lines(tmp_path):

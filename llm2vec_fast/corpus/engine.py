@@ -157,7 +157,7 @@ class LLM2VecEngine:
         """Computed once: it hashes the model and adapter files."""
         if self._description is None:
             description = dict(self.model.describe())
-            description["adapters"] = [{"path": str(a), "sha256": sha256_of_path(a)} for a in self.adapters]
+            description["adapters"] = [{"path": str(Path(a).resolve()), "sha256": sha256_of_path(a)} for a in self.adapters]
             description["pooling"] = description.get("pooling_mode", self.pooling)
             description["normalize"] = self.normalize
             self._description = description

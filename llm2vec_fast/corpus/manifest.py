@@ -84,6 +84,8 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     differences = []
     for key in ("settings", "engine", "inputs"):
         a, b = old.get(key), new.get(key)
+        if key == "engine":
+            a, b = _by_content(a), _by_content(b)
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -93,6 +95,18 @@ def identity_differences(old: dict, new: dict) -> list[str]:
         else:
             differences.append(f"{key}: changed")
     return differences
+
+
+def _by_content(engine: dict | None) -> dict | None:
+    """An engine description with its model and adapter files named by sha256 alone: the same
+    files reached by another path (relative then, resolved now) are the same model."""
+    if not isinstance(engine, dict):
+        return engine
+    same = dict(engine)
+    for key in ("files", "adapters"):
+        if isinstance(same.get(key), list):
+            same[key] = [f.get("sha256") if isinstance(f, dict) else f for f in same[key]]
+    return same
 
 
 def _input_differences(old: list[dict], new: list[dict]) -> list[str]:
