@@ -51,8 +51,9 @@ stage() {  # stage OBJECTIVE: train unless its adapter is already there
 score() {  # score NAME [eval args...]
     local name=$1
     shift
+    # --max-length 512 for every stage: without it an adapter's saved training length would apply
     [ -f "$OUT/sts_$name.json" ] || $CLI eval sts --model "$MODEL" --data "$DATA/stsb/sts-test.csv" \
-        --output "$OUT/sts_$name.json" "$@"
+        --max-length 512 --output "$OUT/sts_$name.json" "$@"
 }
 
 score causal --causal

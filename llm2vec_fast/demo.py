@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .corpus import embed_corpus, search
 from .corpus.engine import load_engine
+from .corpus.manifest import JobMismatchError
 from .default_model import default_model_path
 from .stdlib_docs import iter_stdlib_docstrings
 
@@ -61,10 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = write_corpus(corpus, args.limit)
     print(f"corpus: {rows} docstrings of the Python standard library -> {corpus}")
 
-    summary = embed_corpus(
-        corpus, args.output / "embeddings", model=str(model), id_field="id", text_field="text",
-        pooling="mean", max_length=256, normalize=True, causal=True, batch_tokens=4096, overwrite=args.overwrite,
-    )
+    def embed(overwrite: bool):
+        return embed_corpus(
+            corpus, args.output / "embeddings", model=str(model), id_field="id", text_field="text",
+            pooling="mean", max_length=256, normalize=True, causal=True, batch_tokens=4096, overwrite=overwrite,
+        )
+
+    try:
+        summary = embed(args.overwrite)
+    except JobMismatchError:  # another --limit, or another Python's docstrings: the old job is of no use
+        print("the corpus differs from the last demo run's: embedding it again")
+        summary = embed(True)
     print(summary)
 
     engine = load_engine(str(model), pooling="mean", max_length=256, normalize=True, causal=True)

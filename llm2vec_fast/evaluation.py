@@ -121,10 +121,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sts.add_argument("--model", required=True, help="model folder, .gguf file, or LLM2Vec MNTP adapter folder")
     sts.add_argument("--adapter", action="append", default=[], help="LoRA adapter merged on top (repeatable, in order)")
     sts.add_argument("--data", required=True, help="STS file (tab-separated: genre, file, year, id, score, sentence1, sentence2)")
-    sts.add_argument("--pooling", default="mean", help="pooling mode (mean, weighted_mean, eos_token, last_token, bos_token)")
+    sts.add_argument("--pooling", default=None, help="pooling mode (mean, weighted_mean, eos_token, last_token,"
+                     " bos_token; default: the adapter's llm2vec_config.json, else mean)")
     sts.add_argument("--causal", action="store_true", help="causal attention (the untouched decoder) instead of"
                      " bidirectional (or what the adapter's llm2vec_config.json says)")
-    sts.add_argument("--max-length", type=int, default=512)
+    sts.add_argument("--max-length", type=int, default=None, help="tokens per sentence (default: the adapter's"
+                     " llm2vec_config.json, else 512; without this option llm2vec's rules apply, its word cut at"
+                     " doc_max_length included)")
     sts.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: bf16 on a GPU, fp32 on a CPU)")
     sts.add_argument("--output", help="also write the result as JSON here")
     sts.set_defaults(run=_run_sts)
@@ -140,11 +143,12 @@ def _run_sts(args: argparse.Namespace) -> int:
         enable_bidirectional=False if args.causal else None,  # None: as the adapter was trained (else True)
         pooling_mode=args.pooling,
         max_length=args.max_length,
-        doc_max_length=args.max_length,  # --max-length alone decides: no llm2vec word cut at 400 tokens
+        doc_max_length=args.max_length,  # a given --max-length alone decides: no llm2vec word cut at 400
         dtype=args.dtype,
     )
     result = evaluate_sts(encoder, data, show_progress_bar=True)
-    result.update(model=str(args.model), adapters=list(args.adapter), data=str(args.data), pooling=args.pooling, causal=bool(args.causal))
+    result.update(model=str(args.model), adapters=list(args.adapter), data=str(args.data),
+                  pooling=encoder.pooling_mode, max_length=encoder.max_length, causal=not encoder.enable_bidirectional)
     line = json.dumps(result)
     print(line)
     if args.output:

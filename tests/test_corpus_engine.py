@@ -122,3 +122,16 @@ def test_search_finds_the_model_of_a_job_embedded_with_a_relative_model_path(tmp
     atomic_write_json(tmp_path / "relative" / "manifest.json", manifest)
     monkeypatch.chdir(Path(__file__).parent)  # another working directory
     assert search(tmp_path / "relative", line, k=1)[0] == hit
+
+
+def test_unset_pooling_and_max_length_come_from_llm2vec_config_and_max_length_alone_cuts(tmp_path):
+    """As from_pretrained: the folder's llm2vec_config.json fills what the job does not give."""
+    _tiny_corpus_job(tmp_path, "plain")  # writes the tiny model folder and the corpus
+    (tmp_path / "model" / "llm2vec_config.json").write_text(json.dumps({"pooling_mode": "last_token", "max_length": 48,
+                                                                       "doc_max_length": 20}))
+    saved = embed_corpus(tmp_path / "in.txt", tmp_path / "saved", model=str(tmp_path / "model"), progress=False)
+    engine = load_manifest(tmp_path / "saved")["engine"]
+    assert (engine["pooling"], engine["max_length"], engine["doc_max_length"]) == ("last_token", 48, 48)
+    assert saved.truncated == sum(len(line.split()) > 48 for line in (tmp_path / "in.txt").read_text().splitlines())
+    given = load_engine(str(tmp_path / "model"), pooling="mean", max_length=64, device="cpu").describe()
+    assert (given["pooling"], given["max_length"], given["doc_max_length"]) == ("mean", 64, 64)

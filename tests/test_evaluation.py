@@ -78,6 +78,20 @@ def test_eval_sts_command_reports_spearman_of_cosine(tmp_path, capsys):
     assert result["spearman"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_eval_sts_takes_unset_options_from_llm2vec_config_and_reports_them(tmp_path, capsys):
+    model_dir = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "model")
+    (model_dir / "llm2vec_config.json").write_text(json.dumps({"pooling_mode": "last_token", "max_length": 48,
+                                                              "bidirectional": False}))
+    data_path = _sts_file(tmp_path / "sts.csv", [(1.0, "w3 w4", "w5"), (3.0, "w6 w7 w8", "w6 w7"), (2.0, "w9", "w10")])
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    for extra, expected in (([], ("last_token", 48, True)), (["--pooling", "mean", "--max-length", "64"], ("mean", 64, True))):
+        args = parser.parse_args(["eval", "sts", "--model", str(model_dir), "--data", str(data_path), *extra])
+        assert args.run(args) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (result["pooling"], result["max_length"], result["causal"]) == expected
+
+
 def test_unreadable_sts_files_name_the_line_and_the_command_prints_one_line(tmp_path, capsys):
     from llm2vec_fast.cli import main
 

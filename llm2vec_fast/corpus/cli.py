@@ -46,10 +46,11 @@ def add_parser(subparsers) -> None:
     which = embed.add_mutually_exclusive_group()
     which.add_argument("--instruction", default=None, help="instruction put before every text (not pooled)")
     which.add_argument("--instruction-field", default=None, help="field or column holding a per-row instruction")
-    embed.add_argument("--pooling", default="mean", choices=["mean", "weighted_mean", "eos_token", "last_token",
-                                                             "bos_token"], help="how token states become one vector"
-                       " (default: mean)")
-    embed.add_argument("--max-length", type=_positive, default=512, help="tokens per text (default: 512)")
+    embed.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "eos_token", "last_token",
+                                                           "bos_token"], help="how token states become one vector"
+                       " (default: the adapter's llm2vec_config.json, else mean)")
+    embed.add_argument("--max-length", type=_positive, default=None, help="tokens per text; a longer text keeps its"
+                       " first tokens (default: the adapter's llm2vec_config.json, else 512)")
     embed.add_argument("--batch-tokens", type=_positive, default=16384,
                        help="tokens per packed batch, no padding (default: 16384)")
     embed.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")

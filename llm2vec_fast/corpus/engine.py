@@ -49,6 +49,7 @@ class Engine(Protocol):
 
 
 FAKE_PREFIX = "fake:"
+DEFAULT_MAX_LENGTH = 512  # the encoder's, when neither the call nor llm2vec_config.json gives one
 
 
 class HashEngine:
@@ -114,8 +115,8 @@ class LLM2VecEngine:
 
     model_path: str
     adapters: Sequence[str] = ()
-    pooling: str = "mean"
-    max_length: int = 512
+    pooling: str | None = None  # None: the folder's llm2vec_config.json, else mean
+    max_length: int | None = None  # None: the folder's llm2vec_config.json, else 512
     device: str | None = None
     dtype: str | None = None
     max_batch_tokens: int = 16384
@@ -138,13 +139,16 @@ class LLM2VecEngine:
             adapters=list(self.adapters),
             pooling_mode=self.pooling,
             max_length=self.max_length,
-            doc_max_length=self.doc_max_length or self.max_length,
+            doc_max_length=self.doc_max_length,
             device=self.device,
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
             enable_bidirectional=False if self.causal else None,  # None: as the adapter was trained (else True)
             cuda_graphs=self.cuda_graphs,
         )
+        if self.doc_max_length is None:  # max_length alone decides: no llm2vec word cut (at 400 tokens)
+            self.model.doc_max_length = self.model.max_length
+        self.pooling, self.max_length = self.model.pooling_mode, self.model.max_length
 
     def tokenize(self, texts: list[Text]) -> list[Item]:
         return self.model.tokenize(texts)  # TokenizedText: input_ids, pool_mask, truncated
@@ -164,7 +168,8 @@ class LLM2VecEngine:
         return dict(self._description)
 
 
-def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str = "mean", max_length: int = 512,
+def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str | None = None,
+                max_length: int | None = None,
                 device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
                 normalize: bool = False, causal: bool = False, cuda_graphs: bool = False,
                 doc_max_length: int | None = None) -> Engine:
@@ -181,7 +186,7 @@ def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str
     if model is not None and str(model).startswith(FAKE_PREFIX):
         if adapters:
             raise ValueError("the fake model takes no adapters")
-        return HashEngine.from_spec(str(model), max_length=max_length, normalize=normalize)
+        return HashEngine.from_spec(str(model), max_length=max_length or DEFAULT_MAX_LENGTH, normalize=normalize)
     if model is None:
         from llm2vec_fast.default_model import default_model_path
 

@@ -247,8 +247,8 @@ def embed_corpus(
     text_field: str = "text",
     instruction: str | None = None,
     instruction_field: str | None = None,
-    pooling: str = "mean",
-    max_length: int = 512,
+    pooling: str | None = None,
+    max_length: int | None = None,
     batch_tokens: int = 16384,
     normalize: bool = False,
     causal: bool = False,
@@ -277,7 +277,7 @@ def embed_corpus(
     if instruction is not None and instruction_field is not None:
         raise ValueError("give --instruction or --instruction-field, not both")
     for name, value in (("shard_rows", shard_rows), ("batch_tokens", batch_tokens), ("max_length", max_length)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -325,7 +325,7 @@ def embed_corpus(
                                  dict(done))
             written, total_rows, tokens, docs = _run(
                 files, fields, instruction, limit, shard_rows, rank, world, set(done), engine, on_long,
-                max_length, writer, timer, tokenize_workers, progress, identity["engine"])
+                writer, timer, tokenize_workers, progress, identity["engine"])
             if world > 1:
                 _barrier(group)
             if rank == 0:
@@ -425,11 +425,10 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
         put(exc)
 
 
-def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, on_long, max_length,
+def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, on_long,
          writer: ShardWriter, timer: _Timer, tokenize_workers, progress, description: dict) -> tuple[int, int, int, int]:
     """Embed this rank's missing shards; returns (shards written, total input rows, tokens and rows embedded)."""
-    dim = description["dim"]
-    max_length = description.get("max_length", max_length)
+    dim, max_length = description["dim"], description["max_length"]
     stop = threading.Event()
     prepared: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
     finished: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
