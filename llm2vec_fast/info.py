@@ -59,7 +59,7 @@ def describe_cuda_devices() -> list[str]:
         memory_gib = props.total_memory / 2**30
         devices.append(
             f"cuda:{index} {props.name} (sm_{props.major}{props.minor}, {memory_gib:.0f} GiB, "
-            f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+            f"bf16 {'yes' if props.major >= 8 else 'no'})"  # Ampere on; per device, not the current one
         )
     return devices
 

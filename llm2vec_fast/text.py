@@ -227,12 +227,14 @@ def _cut_at_max_length(
     candidates = [i for i, ids in enumerate(input_ids) if len(ids) == max_length]
     if not candidates:
         return set()
-    untruncated = tokenizer(
+    one_more = tokenizer(  # max_length + 1 tells a cut, without transformers' "too long" warning
         [full_texts[i] for i in candidates],
+        truncation=True,
+        max_length=max_length + 1,
         return_attention_mask=False,
         return_token_type_ids=False,
     )["input_ids"]
-    return {i for i, ids in zip(candidates, untruncated) if len(ids) > max_length}
+    return {i for i, ids in zip(candidates, one_more) if len(ids) > max_length}
 
 
 def _token_counts(tokenizer, texts: list[str], max_length: int) -> list[int]:

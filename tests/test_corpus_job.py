@@ -254,6 +254,10 @@ def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys)
     assert main(["search", str(tmp_path / "out"), "--query", "beta", "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split() == ["1", "1.0000", "in.txt:2"]
+    assert main(["search", str(tmp_path / "out"), "--query", "  ", "-k", "2"]) == 2  # not k arbitrary rows at 0.0
+    assert "the query is empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has no tokens to pool"):
+        search(tmp_path / "out", "xxx", engine=_DroppingEngine(dim=4, max_length=512))
 
 
 def test_an_edit_that_keeps_the_size_is_caught_anywhere_in_the_file(tmp_path):

@@ -7,6 +7,7 @@ transformers' own fp32 error plus 1e-6.
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -73,3 +74,23 @@ def test_conversion_runs_once_and_lands_whole(monkeypatch, tmp_path):
     assert calls[0] != first and not calls[0].exists()  # written elsewhere, then renamed into place
     assert sorted(path.name for path in tmp_path.iterdir()) == [first.name]
     assert (first / "config.json").is_file()
+    assert first.stat().st_mode & 0o777 == 0o777 & ~_current_umask()  # not mkdtemp's 0700: a shared cache
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_an_unfinished_folder_or_an_unwritable_cache_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(default_model, "convert_gguf", lambda gguf_path, folder: pytest.fail("converted"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    (tmp_path / default_model.FOLDER_NAME).mkdir()  # left by something else, without the completion mark
+    with pytest.raises(FileExistsError, match="is not a finished conversion .* delete it"):
+        default_model_path()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "cache"))  # a cache path under a file: cannot be created
+    with pytest.raises(OSError, match=f"cannot write the model cache .*set {CACHE_ENV} to a writable folder"):
+        default_model_path()

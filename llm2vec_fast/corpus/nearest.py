@@ -59,11 +59,15 @@ def search(folder: str | Path, query: str, k: int = 10, *, instruction: str | No
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if not query.strip():
+        raise ValueError("the query is empty: it has no tokens to embed")
     manifest = load_manifest(Path(folder))
     engine = engine or engine_for_job(folder, device)
     if instruction is None:
         instruction = manifest["settings"].get("instruction")
     item = engine.tokenize([(instruction, query) if instruction else query])
+    if not any(item[0].pool_mask):  # a zero vector would score 0 against every row
+        raise ValueError(f"the query {query[:80]!r} has no tokens to pool (the tokenizer kept none of it)")
     query_embedding = engine.embed(item)[0]  # (dim,)
     ids: list[str] = []
 
