@@ -47,6 +47,8 @@ def default_model_path() -> Path:
     if (target / SOURCE_FILE).is_file():
         return target
     if target.exists():
+        if (target / SOURCE_FILE).is_file():  # a concurrent conversion landed since the first look
+            return target
         raise FileExistsError(f"{target} exists but is not a finished conversion (no {SOURCE_FILE}): delete it"
                               " and run again")
     gguf_path = default_gguf_path()
@@ -68,7 +70,6 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
 
 
 def convert_gguf(gguf_path: Path, folder: Path) -> None:

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = embed(args.overwrite)
-    except JobMismatchError:  # another --limit, or another Python's docstrings: the old job is of no use
-        print("the corpus differs from the last demo run's: embedding it again")
+    except JobMismatchError as exc:  # another --limit, another Python's docstrings: the old job is of no use
+        print(f"the last demo run's embeddings do not fit ({exc}): embedding again")
         summary = embed(True)
     print(summary)
 

@@ -135,3 +135,14 @@ def test_unset_pooling_and_max_length_come_from_llm2vec_config_and_max_length_al
     assert saved.truncated == sum(len(line.split()) > 48 for line in (tmp_path / "in.txt").read_text().splitlines())
     given = load_engine(str(tmp_path / "model"), pooling="mean", max_length=64, device="cpu").describe()
     assert (given["pooling"], given["max_length"], given["doc_max_length"]) == ("mean", 64, 64)
+
+
+def test_a_rerun_without_pooling_or_max_length_continues_with_what_the_job_recorded(tmp_path, capsys):
+    _tiny_corpus_job(tmp_path, "plain")  # writes the tiny model folder and the corpus
+    options = dict(model=str(tmp_path / "model"), shard_rows=100, limit=150)
+    embed_corpus(tmp_path / "in.txt", tmp_path / "out", pooling="last_token", max_length=64, **options)
+    summary = embed_corpus(tmp_path / "in.txt", tmp_path / "out", **{**options, "limit": 150})  # the same job
+    assert summary.complete and summary.shards_written == 0
+    assert str(summary).splitlines()[0] == f"model {tmp_path / 'model'}: last_token pooling, max length 64, float32," \
+                                           " bidirectional attention"
+    assert "last_token pooling, max length 64" in capsys.readouterr().err  # said before the work, too

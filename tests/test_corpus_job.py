@@ -234,6 +234,13 @@ def test_the_engine_gets_whole_shards_in_even_calls_of_at_most_embed_call_rows(t
     np.testing.assert_array_equal(read_embeddings(tmp_path / "whole")[1], read_embeddings(tmp_path / "chunked")[1])
 
 
+def test_a_shard_of_error_rows_only_makes_no_engine_call(tmp_path):
+    (tmp_path / "in.txt").write_text("a\nb\n\n \nc\n")
+    engine = _CallRecordingEngine(dim=4, max_length=64)
+    summary = _embed(tmp_path / "in.txt", tmp_path / "out", engine, shard_rows=2)
+    assert engine.calls == [2, 1] and (summary.embedded, summary.errors, summary.shards_total) == (3, 2, 3)
+
+
 def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys):
     from llm2vec_fast.corpus.cli import main
 

@@ -69,18 +69,16 @@ def test_conversion_runs_once_and_lands_whole(monkeypatch, tmp_path):
         (folder / SOURCE_FILE).write_text("{}")
 
     monkeypatch.setattr(default_model, "convert_gguf", fake)
-    first = default_model_path()
+    previous_umask = os.umask(0o022)  # mkdtemp's 0700 would differ from this umask's 0755
+    try:
+        first = default_model_path()
+    finally:
+        os.umask(previous_umask)
     assert default_model_path() == first and len(calls) == 1
     assert calls[0] != first and not calls[0].exists()  # written elsewhere, then renamed into place
     assert sorted(path.name for path in tmp_path.iterdir()) == [first.name]
     assert (first / "config.json").is_file()
-    assert first.stat().st_mode & 0o777 == 0o777 & ~_current_umask()  # not mkdtemp's 0700: a shared cache
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    assert first.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a shared cache is readable by others
 
 
 def test_an_unfinished_folder_or_an_unwritable_cache_says_what_to_do(monkeypatch, tmp_path):

@@ -61,7 +61,8 @@ class HashEngine:
     a call per shard).
     """
 
-    def __init__(self, dim: int = 16, max_length: int = 512, normalize: bool = False, delay: float = 0.0):
+    def __init__(self, dim: int = 16, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = False,
+                 delay: float = 0.0):
         if dim < 1 or max_length < 1:
             raise ValueError(f"HashEngine needs dim >= 1 and max_length >= 1, got dim={dim}, max_length={max_length}")
         self.dim = dim
@@ -70,7 +71,7 @@ class HashEngine:
         self.delay = delay
 
     @classmethod
-    def from_spec(cls, spec: str, max_length: int = 512, normalize: bool = False) -> "HashEngine":
+    def from_spec(cls, spec: str, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = False) -> "HashEngine":
         """``fake:`` or ``fake:dim=16,delay=0.01``."""
         options: dict[str, float] = {}
         body = spec[len(FAKE_PREFIX):]

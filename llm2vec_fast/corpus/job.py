@@ -87,9 +87,11 @@ class JobSummary:
     tokens: int = 0  # embedded by this process in this run
     rank: int = 0  # under torchrun: the process that returned this summary (timings are its own)
     docs: int = 0  # embedded by this process in this run
+    engine: dict = field(default_factory=dict)  # the engine's description, as the manifest records it
 
     def __str__(self) -> str:
-        lines = [f"{self.output}: rows in {self.rows_in} = embedded {self.embedded} + errors {self.errors}"
+        lines = [engine_line(self.engine)] if self.engine else []
+        lines += [f"{self.output}: rows in {self.rows_in} = embedded {self.embedded} + errors {self.errors}"
                  f" ({ERRORS}); truncated {self.truncated}; shards written now {self.shards_written}, total {self.shards_total}"
                  + ("" if self.complete else " (incomplete)")]
         if self.seconds:
@@ -228,6 +230,15 @@ def _finalize(folder: Path, header: dict, total_rows: int, shard_rows: int) -> d
     return manifest
 
 
+def engine_line(description: dict) -> str:
+    """One line saying what embeds the rows: model, pooling, max length (which may have come from an
+    adapter's llm2vec_config.json), dtype, attention."""
+    attention = "causal" if description.get("bidirectional") is False else "bidirectional"
+    return (f"model {description.get('model')}: {description.get('pooling')} pooling, max length"
+            f" {description.get('max_length')}, {description.get('dtype')}, {attention} attention"
+            + (", normalized" if description.get("normalize") else ""))
+
+
 def _progress(enabled: bool, rank: int):
     if not enabled or rank != 0:
         return None
@@ -305,13 +316,17 @@ def embed_corpus(
     try:
         if engine is None:
             load_start = time.perf_counter()
-            # a job continues with the word-cut rule it started with (older versions recorded 400)
+            # a job continues with what it started with where this run does not say (pooling and length
+            # may have come from an adapter's llm2vec_config.json; older versions recorded a 400 word cut)
             recorded = load_manifest(folder).get("engine", {}) if has_job and not overwrite else {}
-            engine = load_engine(model, adapters, pooling=pooling, max_length=max_length, device=device, dtype=dtype,
+            engine = load_engine(model, adapters, pooling=pooling or recorded.get("pooling"),
+                                 max_length=max_length or recorded.get("max_length"), device=device, dtype=dtype,
                                  max_batch_tokens=batch_tokens, normalize=normalize, causal=causal,
                                  cuda_graphs=cuda_graphs, doc_max_length=recorded.get("doc_max_length"))
             timer.add("load model", time.perf_counter() - load_start)
         identity["engine"] = engine.describe()
+        if progress and rank == 0:
+            print(engine_line(identity["engine"]), file=sys.stderr)
         if has_job and not overwrite:
             _check_identity(folder, identity, ("engine",))
         _collective_call(rank, group, world, lambda: _prepare_folder(folder, identity, overwrite))
@@ -341,7 +356,8 @@ def embed_corpus(
     timer.add("wall", time.perf_counter() - started)
     counts = manifest["counts"]
     return JobSummary(folder, counts["rows_in"], counts["embedded"], counts["errors"], counts["truncated"], written,
-                      counts["shards"], manifest.get("status") == "complete", dict(timer.seconds), tokens, rank, docs)
+                      counts["shards"], manifest.get("status") == "complete", dict(timer.seconds), tokens, rank, docs,
+                      manifest.get("engine", {}))
 
 
 def _barrier(group) -> None:
@@ -428,7 +444,8 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
 def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, on_long,
          writer: ShardWriter, timer: _Timer, tokenize_workers, progress, description: dict) -> tuple[int, int, int, int]:
     """Embed this rank's missing shards; returns (shards written, total input rows, tokens and rows embedded)."""
-    dim, max_length = description["dim"], description["max_length"]
+    dim = description["dim"]
+    too_long = f"max_length={description['max_length']} tokens" if "max_length" in description else "the engine's max length"
     stop = threading.Event()
     prepared: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
     finished: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
@@ -475,7 +492,7 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             items: list[Item] = [item for future in work.tokenized for item in future.result()]
             for row, item in zip(work.rows, items):
                 if item.truncated and on_long == "error":
-                    raise InputError(f"{row.file}:{row.line}: text is longer than max_length={max_length} tokens"
+                    raise InputError(f"{row.file}:{row.line}: text is longer than {too_long}"
                                      " (--on-long error; use --on-long truncate to embed its first tokens)")
                 if not any(item.pool_mask):  # pooling nothing would give a zero vector
                     row.error = "the text has no tokens to pool (the tokenizer kept none of it)"
