@@ -1,6 +1,7 @@
 """The corpus job in-process with the hash engine: outputs, bad input, settings, reading, search."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -195,6 +196,9 @@ def test_read_embeddings_memory_mapped_and_search(tmp_path):
     assert isinstance(mapped, np.memmap) and mapped_ids == ids
     np.testing.assert_array_equal(mapped, in_memory)
     assert read_embeddings(tmp_path / "out", mmap=True)[1].filename == mapped.filename
+    elsewhere = read_embeddings(tmp_path / "out", mmap=True, matrix_path=tmp_path / "m" / "corpus.npy")[1]
+    assert Path(elsewhere.filename) == tmp_path / "m" / "corpus.npy"  # a read-only job folder needs this
+    np.testing.assert_array_equal(elsewhere, in_memory)
     (tmp_path / "out" / "embeddings.npy.tmp-99999").write_bytes(b"left by a killed reader")
     assert _embed(tmp_path / "in.txt", tmp_path / "out", shard_rows=7, overwrite=True).embedded == 40
     hits = search(tmp_path / "out", "sentence 17", k=3)

@@ -50,13 +50,14 @@ def verify(folder: str | Path) -> None:
                 raise ValueError(f"{folder / shard[name]}: checksum differs from the manifest's; the file is damaged")
 
 
-def read_embeddings(folder: str | Path, *, mmap: bool = False,
-                    allow_incomplete: bool = False) -> tuple[list[str], np.ndarray]:
+def read_embeddings(folder: str | Path, *, mmap: bool = False, allow_incomplete: bool = False,
+                    matrix_path: str | Path | None = None) -> tuple[list[str], np.ndarray]:
     """``(ids, matrix)`` of a job folder, rows in input order, matrix in the stored dtype.
 
     ``mmap=False`` fills one array shard by shard (no second copy in memory). ``mmap=True`` writes
-    the matrix once to ``embeddings.npy`` in the folder and returns it memory-mapped (read-only),
-    for corpora larger than memory; later calls reuse that file while the manifest is unchanged.
+    the matrix once to ``embeddings.npy`` in the folder (or to ``matrix_path``: for a read-only job
+    folder, or another disk) and returns it memory-mapped (read-only), for corpora larger than
+    memory; later calls reuse that file while the job's shards are unchanged.
     """
     folder = Path(folder)
     shards = _shards(folder, allow_incomplete)
@@ -65,8 +66,8 @@ def read_embeddings(folder: str | Path, *, mmap: bool = False,
     dtype = np.dtype(manifest["settings"]["output_dtype"])
     dim = manifest["engine"]["dim"]
     ids: list[str] = []
-    cache = folder / MATRIX_CACHE
-    stamp = folder / (MATRIX_CACHE + ".source")
+    cache = Path(matrix_path) if matrix_path is not None else folder / MATRIX_CACHE
+    stamp = cache.with_name(cache.name + ".source")  # the shards' checksums the matrix was built from
     source = json.dumps([s["sha256"] for s in shards])
     if mmap and cache.is_file() and stamp.is_file() and stamp.read_text() == source:
         for shard_ids, _ in iter_embeddings(folder, allow_incomplete=allow_incomplete):
@@ -74,7 +75,12 @@ def read_embeddings(folder: str | Path, *, mmap: bool = False,
         return ids, np.load(cache, mmap_mode="r")
     if mmap:
         tmp = temporary_name(cache)  # a reader killed here leaves a leftover the next job run removes
-        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
+        except PermissionError as exc:
+            raise PermissionError(f"cannot write the memory-mapped matrix {cache} ({exc.strerror}): pass"
+                                  " matrix_path= a writable file") from exc
     else:
         matrix = np.empty((total, dim), dtype=dtype)
     row = 0
