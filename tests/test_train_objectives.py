@@ -124,3 +124,26 @@ def test_supervised_loss_pools_queries_without_instruction(tmp_path):
         expected = reference.contrastive_loss(queries, docs, scale=50.0)
         torch.testing.assert_close(objective.loss(model, indices, 0), expected, rtol=1e-5, atol=1e-5)
     assert objective.queries[0].pool_mask[:2] == [False, False]
+
+
+def test_supervised_texts_get_the_models_wrappers_as_llm2vec_trains_them(tmp_path):
+    """llm2vec's supervised collator runs its prepare_for_tokenization: a Mistral-Instruct base
+    (by config.json's _name_or_path) trains on "[INST] ... [/INST]", as the encoder then reads."""
+    from llm2vec_fast.text import tokenize
+
+    base = tmp_path / "base"
+    base.mkdir()
+    name = "mistralai/Mistral-7B-Instruct-v0.2"
+    (base / "config.json").write_text(json.dumps({"_name_or_path": name}))
+    texts = _lines(3, seed=4)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"query": texts[0], "positive": texts[1], "negative": texts[2],
+                                                      "instruction": "w90 w91"}) + "\n")
+    config = config_from_dict("supervised", {"model_name_or_path": str(base), "output_dir": "o",
+                                             "dataset_file_path": str(tmp_path / "train.jsonl")})
+    tokenizer = tiny_tokenizer()
+    objective = SupervisedObjective(config, tokenizer, runtime_from_hf(tiny_hf_model("mistral", seed=3)), DistContext())
+    options = dict(max_length=config.max_seq_length, doc_max_length=config.max_seq_length, model_type="mistral")
+    wrapped = tokenize(tokenizer, [("w90 w91", texts[0]), texts[1]], model_name=name, **options)
+    bare = tokenize(tokenizer, [("w90 w91", texts[0])], **options)
+    assert objective.queries[0] == wrapped[0] and objective.positives[0] == wrapped[1]
+    assert wrapped[0].input_ids != bare[0].input_ids

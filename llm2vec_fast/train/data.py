@@ -144,11 +144,13 @@ def encode_texts(
     config: TrainConfig,
     model_type: str,
     report: DataReport | None = None,
+    model_name: str = "",
 ) -> list[TokenizedText]:
     """Tokenize ``(instruction, text)`` pairs exactly as the encoder will at inference time.
 
     ``text.tokenize`` (llm2vec's rules): the model reads ``instruction + " " + text`` and pools
-    only the text's own tokens. Texts longer than ``max_seq_length`` tokens are cut the way the
+    only the text's own tokens; ``model_name`` (llm2vec's ``_name_or_path``) selects its
+    model-specific wrappers (``[INST] ... [/INST]`` for Mistral-Instruct, say). Texts longer than ``max_seq_length`` tokens are cut the way the
     encoder cuts them (whole words first, ``doc_max_length = max_seq_length``); each cut is
     counted in ``report``.
     """
@@ -159,6 +161,7 @@ def encode_texts(
         doc_max_length=config.max_seq_length,
         skip_instruction=True,
         pooling_mode=config.pooling_mode,
+        model_name=model_name,
         model_type=model_type,
     )
     if report is not None:

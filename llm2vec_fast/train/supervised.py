@@ -13,6 +13,7 @@ import torch
 
 from .. import kernels
 from ..model import DecoderModel
+from ..text import model_identity
 from .config import TrainConfig
 from .data import DataReport, encode_texts, pack_sequences, read_supervised_records
 from .distributed import DistContext
@@ -22,9 +23,15 @@ class SupervisedObjective:
     def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
         records, self.report = read_supervised_records(config.data_path, config.max_train_samples)
         kind = model.config.model_type
-        self.queries = encode_texts(tokenizer, [(r["instruction"], r["query"]) for r in records], config, kind, self.report)
-        self.positives = encode_texts(tokenizer, [("", r["positive"]) for r in records], config, kind, self.report)
-        self.negatives = encode_texts(tokenizer, [("", r["negative"]) for r in records], config, kind, self.report)
+        # llm2vec's supervised collator applies the model's wrappers (as its encoder does); its SimCSE does not
+        name = model_identity(config.model_name_or_path)
+
+        def encode(pairs):
+            return encode_texts(tokenizer, pairs, config, kind, self.report, model_name=name)
+
+        self.queries = encode([(r["instruction"], r["query"]) for r in records])
+        self.positives = encode([("", r["positive"]) for r in records])
+        self.negatives = encode([("", r["negative"]) for r in records])
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context
