@@ -29,6 +29,7 @@ from .model import DecoderModel
 logger = logging.getLogger(__name__)
 
 LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
+TRAIN_CONFIG_FILE = "train_config.json"  # written by llm2vec_fast.train beside each adapter
 DEFAULT_MAX_BATCH_TOKENS = 8192
 # from_pretrained keywords that transformers users pass out of habit: accepted, with no effect here.
 _IGNORED_HF_KWARGS = ("device_map", "attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "cache_dir")
@@ -61,6 +62,19 @@ def _check_tokenizer_adds_bos(tokenizer: Any) -> None:
         raise ValueError("pooling_mode='bos_token' needs a tokenizer that puts a BOS token first; this one does not"
                          f" (bos_token_id={tokenizer.bos_token_id}, 'a' -> {ids}): use mean, weighted_mean,"
                          " eos_token or last_token")
+
+
+def _read_settings(path: Path, keys: Sequence[str]) -> dict:
+    """The ``keys`` present in the JSON file at ``path`` (none if it is missing), checked."""
+    if not path.is_file():
+        return {}
+    saved = read_json_object(path)
+    settings = {key: saved[key] for key in keys if key in saved}
+    for key, value in settings.items():
+        if not _valid_setting(key, value):
+            raise ValueError(f"{path}: {key} = {value!r} is not valid (pooling modes: {', '.join(POOLING_MODES)};"
+                             " lengths: positive ints; skip_instruction, bidirectional: true or false)")
+    return settings
 
 
 def _valid_setting(key: str, value: Any) -> bool:
@@ -179,16 +193,12 @@ class LLM2Vec:
 
     @staticmethod
     def _saved_settings(folder: Path) -> dict:
-        path = folder / LLM2VEC_CONFIG_FILE
-        if not path.is_file():
-            return {}
-        saved = read_json_object(path)
+        """llm2vec_config.json's settings, and ``bidirectional`` as our trainer recorded it (in
+        train_config.json; adapters of older versions have it in llm2vec_config.json)."""
         keys = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "bidirectional")
-        settings = {key: saved[key] for key in keys if key in saved}
-        for key, value in settings.items():
-            if not _valid_setting(key, value):
-                raise ValueError(f"{path}: {key} = {value!r} is not valid (pooling modes: {', '.join(POOLING_MODES)};"
-                                 " lengths: positive ints; skip_instruction, bidirectional: true or false)")
+        settings = _read_settings(folder / LLM2VEC_CONFIG_FILE, keys)
+        if "bidirectional" not in settings:
+            settings.update(_read_settings(folder / TRAIN_CONFIG_FILE, ("bidirectional",)))
         return settings
 
     # ------------------------------------------------------------------ properties

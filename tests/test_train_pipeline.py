@@ -36,6 +36,14 @@ def test_mntp_then_simcse_adapters_load_as_an_encoder(tmp_path, caplog):
     simcse_config.write_text(json.dumps(dict(common, output_dir=str(tmp_path / "simcse"), peft_model_name_or_path=str(tmp_path / "mntp"))))
     assert _train_command("simcse", simcse_config) == 0
 
+    # llm2vec's LLM2Vec.__init__ takes every key of llm2vec_config.json: only its own keys there
+    saved = json.loads((tmp_path / "simcse" / "llm2vec_config.json").read_text())
+    assert saved == {"pooling_mode": "mean", "max_length": 8, "doc_max_length": 8, "skip_instruction": True}
+    assert LLM2Vec.from_pretrained(tmp_path / "simcse").enable_bidirectional is True  # from train_config.json
+    trained = json.loads((tmp_path / "simcse" / "train_config.json").read_text())
+    (tmp_path / "simcse" / "train_config.json").write_text(json.dumps({**trained, "bidirectional": False}))
+    assert LLM2Vec.from_pretrained(tmp_path / "simcse").enable_bidirectional is False
+
     adapter = json.loads((tmp_path / "simcse" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((tmp_path / "mntp").resolve()) and adapter["r"] == 4
 

@@ -176,11 +176,12 @@ def special_token_ids(tokenizer: Any) -> set[int]:
 def mntp_chunks(
     tokenizer: Any, texts: list[str], max_length: int, line_by_line: bool, report: DataReport
 ) -> list[list[int]]:
-    """Token blocks for MNTP, as transformers' ``run_mlm`` (which llm2vec's ``run_mntp`` adapts) builds them.
+    """Token blocks for MNTP, close to transformers' ``run_mlm`` (which llm2vec's ``run_mntp`` adapts).
 
     ``line_by_line=False``: all lines tokenized (with special tokens), concatenated and cut into
-    blocks of ``max_length`` tokens; the last, shorter block is kept. ``True``: one block per
-    line, truncated to ``max_length`` (counted in the report).
+    blocks of ``max_length`` tokens. Unlike run_mlm, which cuts each group of 1,000 lines apart
+    and drops each group's short remainder, the stream is one group and its last, shorter block
+    is kept. ``True``: one block per line, truncated to ``max_length`` (counted in the report).
     """
     ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False)["input_ids"]
     if line_by_line:

@@ -314,12 +314,13 @@ class Trainer:
         """The trained adapter in ``output_dir``, with the tokenizer and encoder settings beside it."""
         save_adapter(self.model, self.output_dir, self._base_path())
         self.tokenizer.save_pretrained(str(self.output_dir))
+        # llm2vec's own keys only: its LLM2Vec.__init__ takes every key of this file. The attention
+        # direction the encoder restores comes from train_config.json's "bidirectional".
         settings = {
             "pooling_mode": self.config.pooling_mode,
             "max_length": self.config.max_seq_length,
-            "bidirectional": self.config.bidirectional,
-            "objective": self.config.objective,
-            "steps": self.total_steps,
+            "doc_max_length": self.config.max_seq_length,  # as training tokenized (encode_texts)
+            "skip_instruction": True,
         }
         write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
         write_atomically(self.output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
