@@ -175,6 +175,26 @@ def test_batch_order_is_a_deterministic_partition_across_ranks():
         BatchOrder(num_examples=3, per_device=2, world=2, seed=0)
 
 
+def test_grouped_batches_hold_one_group_each_and_cover_its_full_batches():
+    """Supervised data from several files: each batch is one file's records (llm2vec's per-dataset batches)."""
+    groups = [list(range(0, 9)), list(range(9, 15)), [15]]  # 9, 6 and 1 records
+    single = BatchOrder(num_examples=16, per_device=2, world=1, seed=5, groups=groups)
+    split = BatchOrder(num_examples=16, per_device=1, world=2, seed=5, groups=groups)
+    assert single.batches_per_epoch == 4 + 3 + 0
+    epochs = []
+    for epoch in range(2):
+        batches = [single.indices(epoch * 7 + b, 0) for b in range(7)]
+        for b, batch in enumerate(batches):
+            assert batch == split.indices(epoch * 7 + b, 0) + split.indices(epoch * 7 + b, 1)
+            assert any(set(batch) <= set(group) for group in groups), batch
+        flat = [i for batch in batches for i in batch]
+        assert len(set(flat)) == 14 and sum(i < 9 for i in flat) == 8  # one of the 9 left over
+        epochs.append(flat)
+    assert epochs[0] != epochs[1]
+    with pytest.raises(ValueError, match="in any of its 2 files"):
+        BatchOrder(num_examples=4, per_device=3, world=1, seed=0, groups=[[0, 1], [2, 3]])
+
+
 def test_pack_sequences():
     batch = pack_sequences([[5, 6, 7], [], [8]], torch.device("cpu"))
     assert batch.input_ids.tolist() == [5, 6, 7, 8]

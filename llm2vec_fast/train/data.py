@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -124,7 +124,8 @@ def read_supervised_records(path: str | Path, limit: int | None = None) -> tuple
             for name in SUPERVISED_FIELDS:
                 if not record[name].strip():
                     raise ValueError(f"{file}:{number}: field {name} is empty")
-            records.append({name: record.get(name, "") for name in (*SUPERVISED_FIELDS, "instruction")})
+            records.append({**{name: record.get(name, "") for name in (*SUPERVISED_FIELDS, "instruction")},
+                            "source": str(file)})
             if limit is not None and len(records) == limit:
                 break
     report.records = len(records)
@@ -201,19 +202,27 @@ class BatchOrder:
     A micro-batch is ``per_device * world`` examples of the epoch's permutation; rank ``r``
     takes the ``r``-th slice of ``per_device``. Examples past the last full micro-batch of an
     epoch are unused in that epoch (another permutation uses them in the next).
+
+    ``groups`` (lists of example indices): a micro-batch holds examples of one group only, as
+    llm2vec's supervised runs draw each batch from one dataset (in-batch negatives of the same
+    task are the hard ones); each group's remainder is unused in that epoch.
     """
 
-    def __init__(self, num_examples: int, per_device: int, world: int, seed: int) -> None:
+    def __init__(self, num_examples: int, per_device: int, world: int, seed: int,
+                 groups: Sequence[Sequence[int]] | None = None) -> None:
         self.num_examples = num_examples
         self.per_device = per_device
         self.world = world
         self.seed = seed
         self.global_batch = per_device * world
-        self.batches_per_epoch = num_examples // self.global_batch
+        self.groups = [list(group) for group in groups] if groups is not None and len(groups) > 1 else None
+        sizes = [len(group) for group in self.groups] if self.groups else [num_examples]
+        self.batches_per_epoch = sum(size // self.global_batch for size in sizes)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the data has {num_examples} example(s), fewer than one batch of {self.global_batch} "
                 f"(per_device_train_batch_size={per_device} x {world} process(es))"
+                + (f" in any of its {len(sizes)} files (a batch holds one file's records)" if self.groups else "")
             )
         self._epoch = -1
         self._permutation = torch.empty(0, dtype=torch.long)
@@ -228,11 +237,23 @@ class BatchOrder:
     def indices(self, micro_batch: int, rank: int) -> list[int]:
         epoch = self.epoch_of(micro_batch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._permutation = torch.randperm(self.num_examples, generator=generator)
+            self._permutation = self._epoch_order(epoch)
             self._epoch = epoch
         start = (micro_batch % self.batches_per_epoch) * self.global_batch + rank * self.per_device
         return self._permutation[start : start + self.per_device].tolist()
+
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's examples in batch order: a permutation, or each group's full batches shuffled."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.groups is None:
+            return torch.randperm(self.num_examples, generator=generator)
+        batches = []
+        for group in self.groups:
+            shuffled = torch.tensor(group)[torch.randperm(len(group), generator=generator)]
+            full = len(group) // self.global_batch * self.global_batch
+            batches += list(shuffled[:full].view(-1, self.global_batch))
+        return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
 
 
 def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:

@@ -129,7 +129,8 @@ class Trainer:
         self.objective = OBJECTIVES[config.objective](config, self.tokenizer, self.model, self.context)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.forward_model = distributed.data_parallel(self.model, self.context)
-        self.order = BatchOrder(len(self.objective), config.per_device_train_batch_size, self.context.world, config.seed)
+        self.order = BatchOrder(len(self.objective), config.per_device_train_batch_size, self.context.world, config.seed,
+                                groups=getattr(self.objective, "groups", None))
         self.objective.data_report.dropped_tail_examples = self.order.unused_per_epoch
         if config.max_steps <= 0 and self.order.batches_per_epoch < config.gradient_accumulation_steps:
             raise ValueError(

@@ -32,6 +32,10 @@ class SupervisedObjective:
         self.queries = encode([(r["instruction"], r["query"]) for r in records])
         self.positives = encode([("", r["positive"]) for r in records])
         self.negatives = encode([("", r["negative"]) for r in records])
+        by_file: dict[str, list[int]] = {}
+        for index, record in enumerate(records):
+            by_file.setdefault(record["source"], []).append(index)
+        self.groups = list(by_file.values())  # a batch holds one file's (one task's) records
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context
