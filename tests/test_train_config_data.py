@@ -200,3 +200,20 @@ def test_pack_sequences():
     assert batch.input_ids.tolist() == [5, 6, 7, 8]
     assert batch.cu_seqlens.tolist() == [0, 3, 3, 4] and batch.cu_seqlens.dtype == torch.int32
     assert batch.position_ids.tolist() == [0, 1, 2, 0] and batch.max_seqlen == 3
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant", "constant_with_warmup", "cosine"])
+def test_learning_rate_schedules_equal_transformers(kind):
+    from transformers import get_scheduler
+
+    from llm2vec_fast.train.loop import lr_lambda
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(kind, optimizer, num_warmup_steps=3, num_training_steps=10)
+    ours = lr_lambda(kind, warmup=3, horizon=10)
+    expected = []
+    for _ in range(12):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        theirs.step()
+    assert [ours(step) for step in range(12)] == pytest.approx(expected, abs=1e-12)

@@ -91,12 +91,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def lr_lambda(kind: str, warmup: int, horizon: int) -> Callable[[int], float]:
-    """transformers' schedules: linear warmup, then linear / cosine decay to 0 at ``horizon``."""
+    """transformers' schedules: linear warmup, then linear / cosine decay to 0 at ``horizon``;
+    ``constant`` ignores the warmup, as transformers' does."""
 
     def factor(step: int) -> float:
+        if kind == "constant":
+            return 1.0
         if step < warmup:
             return step / max(1, warmup)
-        if kind in ("constant", "constant_with_warmup"):
+        if kind == "constant_with_warmup":
             return 1.0
         progress = (step - warmup) / max(1, horizon - warmup)
         if kind == "cosine":
