@@ -158,7 +158,8 @@ class LLM2Vec:
         Adapters are always merged (``merge_peft`` is accepted for compatibility: merging gives the
         same numbers and runs faster). Encoder settings not given come from an
         ``llm2vec_config.json`` beside the last adapter (else the base), then llm2vec's defaults;
-        so does ``enable_bidirectional`` (``bidirectional`` there, as training writes it; else True).
+        ``enable_bidirectional`` not given comes from the ``train_config.json`` our trainer writes
+        there (adapters of older versions: llm2vec_config.json), else True.
         ``cuda_graphs``: on a CUDA device, replay each batch's forward pass from a CUDA graph
         (see ``llm2vec_fast.cuda_graphs``; pays for small models, where launches dominate).
         """

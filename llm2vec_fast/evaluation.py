@@ -124,7 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sts.add_argument("--pooling", default=None, help="pooling mode (mean, weighted_mean, eos_token, last_token,"
                      " bos_token; default: the adapter's llm2vec_config.json, else mean)")
     sts.add_argument("--causal", action="store_true", help="causal attention (the untouched decoder) instead of"
-                     " bidirectional (or what the adapter's llm2vec_config.json says)")
+                     " bidirectional (or what the adapter was trained with)")
     sts.add_argument("--max-length", type=int, default=None, help="tokens per sentence (default: the adapter's"
                      " llm2vec_config.json, else 512; without this option llm2vec's rules apply, its word cut at"
                      " doc_max_length included)")

@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
     embed.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     embed.add_argument("--causal", action="store_true",
                        help="keep causal attention (for a base model not trained the LLM2Vec way; default:"
-                       " bidirectional, or what the adapter's llm2vec_config.json says)")
+                       " bidirectional, or what the adapter was trained with)")
     embed.add_argument("--cuda-graphs", action="store_true",
                        help="replay each batch's forward pass from a CUDA graph (pays for small models, where kernel"
                        " launches dominate: measure with benchmarks/bench_encode.py; without a GPU and the Triton"

@@ -74,13 +74,13 @@ def read_embeddings(folder: str | Path, *, mmap: bool = False, allow_incomplete:
             ids += shard_ids
         return ids, np.load(cache, mmap_mode="r")
     if mmap:
-        tmp = temporary_name(cache)  # a reader killed here leaves a leftover the next job run removes
+        tmp = temporary_name(cache)  # a reader killed here leaves a leftover (in a job folder, the next run removes it)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
-        except PermissionError as exc:
-            raise PermissionError(f"cannot write the memory-mapped matrix {cache} ({exc.strerror}): pass"
-                                  " matrix_path= a writable file") from exc
+        except OSError as exc:  # permissions, a read-only mount, ...
+            raise OSError(f"cannot write the memory-mapped matrix {cache} ({exc.strerror or exc}): pass"
+                          " matrix_path= a writable file") from exc
     else:
         matrix = np.empty((total, dim), dtype=dtype)
     row = 0
@@ -91,6 +91,7 @@ def read_embeddings(folder: str | Path, *, mmap: bool = False, allow_incomplete:
     if mmap:
         matrix.flush()
         del matrix
+        stamp.unlink(missing_ok=True)  # never a new matrix beside an old stamp (a matrix_path shared by jobs)
         tmp.replace(cache)
         stamp.write_text(source)
         return ids, np.load(cache, mmap_mode="r")

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from ..encoder import LLM2VEC_CONFIG_FILE, TRAIN_CONFIG_FILE
 from ..encoder import resolve_dtype as resolve_compute_dtype
 from ..files import fsync_dir
 from ..loading import load_model
+from ..text import model_identity
 from . import distributed
 from .config import TrainConfig, config_from_dict, load_config
 from .data import BatchOrder
@@ -44,12 +46,11 @@ logger = logging.getLogger("llm2vec_fast.train")
 
 OBJECTIVES = {"mntp": MNTPObjective, "simcse": SimCSEObjective, "supervised": SupervisedObjective}
 CHECKPOINT_PREFIX = "checkpoint-"
-CONFIG_FILE = "train_config.json"
+CONFIG_FILE = TRAIN_CONFIG_FILE
 # what a resumed run may set differently from the run that wrote the checkpoint
 RESUMABLE_CHANGES = frozenset({"stop_after_n_steps", "save_steps", "logging_steps"})
 PATH_KEYS = ("model_name_or_path", "peft_model_name_or_path", "dataset_file_path", "train_file", "output_dir")
 LOG_FILE = "train_log.jsonl"
-LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
 
 
 @dataclass
@@ -150,6 +151,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.lr_scheduler_type, config.warmup_steps, self.horizon)
         )
+        if config.lr_scheduler_type == "constant" and config.warmup_steps:
+            logger.warning("lr_scheduler_type constant ignores warmup_steps=%d, as transformers' does"
+                           " (constant_with_warmup uses it)", config.warmup_steps)
 
     # ------------------------------------------------------------------ training
 
@@ -263,6 +267,17 @@ class Trainer:
         previous = self.config.peft_model_name_or_path or self.config.model_name_or_path
         return str(Path(previous).expanduser().resolve())
 
+    def _write_base_config(self) -> None:
+        """The base model's config.json in the output folder, as llm2vec's own adapter folders have
+        it: the llm2vec package reads it, and its ``_name_or_path`` (the base's identity, which picks
+        llm2vec's text wrappers) is what training used, however the stages are loaded later."""
+        base_config = Path(self.config.model_name_or_path).expanduser() / "config.json"
+        if not base_config.is_file():
+            return  # a GGUF base: no config.json to carry
+        config = json.loads(base_config.read_text())
+        config["_name_or_path"] = model_identity(self.config.model_name_or_path)
+        write_atomically(self.output_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+
     def _save_checkpoint(self, step: int) -> None:
         """Write ``checkpoint-<step>`` atomically (temporary folder renamed into place)."""
         if not self.context.is_main:
@@ -319,14 +334,12 @@ class Trainer:
         save_adapter(self.model, self.output_dir, self._base_path())
         self.tokenizer.save_pretrained(str(self.output_dir))
         # llm2vec's own keys only: its LLM2Vec.__init__ takes every key of this file. The attention
-        # direction the encoder restores comes from train_config.json's "bidirectional".
-        settings = {
-            "pooling_mode": self.config.pooling_mode,
-            "max_length": self.config.max_seq_length,
-            "doc_max_length": self.config.max_seq_length,  # as training tokenized (encode_texts)
-            "skip_instruction": True,
-        }
+        # direction the encoder restores comes from train_config.json's "bidirectional". No
+        # doc_max_length: llm2vec's default applies, and a larger max_length given at load is not capped.
+        settings = {"pooling_mode": self.config.pooling_mode, "max_length": self.config.max_seq_length,
+                    "skip_instruction": True}
         write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+        self._write_base_config()
         write_atomically(self.output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
         logger.info("saved the adapter to %s", self.output_dir)
 

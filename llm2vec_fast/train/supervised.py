@@ -7,6 +7,7 @@ every hard negative of the batch, gathered across ranks under ``torchrun``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,11 @@ class SupervisedObjective:
         for index, record in enumerate(records):
             by_file.setdefault(record["source"], []).append(index)
         self.groups = list(by_file.values())  # a batch holds one file's (one task's) records
+        batch = config.per_device_train_batch_size * context.world
+        too_small = [Path(f).name for f, rows in by_file.items() if len(rows) < batch] if len(by_file) > 1 else []
+        if too_small:
+            self.report.notes.append(f"{len(too_small)} file(s) hold fewer records than one batch of {batch} and are"
+                                     f" never trained on: {', '.join(too_small[:5])}")
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context
