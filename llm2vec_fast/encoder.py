@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
 TRAIN_CONFIG_FILE = "train_config.json"  # written by llm2vec_fast.train beside each adapter
+LLM2VEC_DOC_MAX_LENGTH = 400  # llm2vec's default doc_max_length
 DEFAULT_MAX_BATCH_TOKENS = 8192
 # from_pretrained keywords that transformers users pass out of habit: accepted, with no effect here.
 _IGNORED_HF_KWARGS = ("device_map", "attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "cache_dir")
@@ -99,7 +100,7 @@ class LLM2Vec:
         tokenizer: Any,
         pooling_mode: str = "mean",
         max_length: int = 512,
-        doc_max_length: int = 400,
+        doc_max_length: int = LLM2VEC_DOC_MAX_LENGTH,
         skip_instruction: bool = True,
         *,
         enable_bidirectional: bool = True,

@@ -41,10 +41,10 @@ def test_mntp_then_simcse_adapters_load_as_an_encoder(tmp_path, caplog):
 
     # llm2vec's LLM2Vec.__init__ takes every key of llm2vec_config.json: only its own keys there
     saved = json.loads((tmp_path / "simcse" / "llm2vec_config.json").read_text())
-    assert saved == {"pooling_mode": "mean", "max_length": 8, "skip_instruction": True}
+    assert saved == {"pooling_mode": "mean", "max_length": 8, "doc_max_length": 400, "skip_instruction": True}
     # each stage carries the base's config.json and identity, as llm2vec's MNTP folders do: loaded
     # the llm2vec way (MNTP folder as the base), the text wrappers are those training used
-    for stage in ("mntp", "simcse"):
+    for stage in ("mntp", "simcse", "simcse/checkpoint-2"):
         carried = json.loads((tmp_path / stage / "config.json").read_text())
         assert carried["_name_or_path"] == model_identity(base) == "tiny/llama-base"
     assert LLM2Vec.from_pretrained(tmp_path / "mntp", peft_model_name_or_path=tmp_path / "simcse").model_name == \

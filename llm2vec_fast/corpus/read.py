@@ -79,8 +79,8 @@ def read_embeddings(folder: str | Path, *, mmap: bool = False, allow_incomplete:
             cache.parent.mkdir(parents=True, exist_ok=True)
             matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
         except OSError as exc:  # permissions, a read-only mount, ...
-            raise OSError(f"cannot write the memory-mapped matrix {cache} ({exc.strerror or exc}): pass"
-                          " matrix_path= a writable file") from exc
+            raise OSError(exc.errno, f"cannot write the memory-mapped matrix {cache} ({exc.strerror or exc}):"
+                          " pass matrix_path= a writable file") from exc  # errno kept: PermissionError stays one
     else:
         matrix = np.empty((total, dim), dtype=dtype)
     row = 0

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..encoder import LLM2VEC_CONFIG_FILE, TRAIN_CONFIG_FILE
+from ..encoder import LLM2VEC_CONFIG_FILE, LLM2VEC_DOC_MAX_LENGTH, TRAIN_CONFIG_FILE
 from ..encoder import resolve_dtype as resolve_compute_dtype
 from ..files import fsync_dir
 from ..loading import load_model
@@ -151,7 +151,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.lr_scheduler_type, config.warmup_steps, self.horizon)
         )
-        if config.lr_scheduler_type == "constant" and config.warmup_steps:
+        if config.lr_scheduler_type == "constant" and config.warmup_steps and self.context.is_main:
             logger.warning("lr_scheduler_type constant ignores warmup_steps=%d, as transformers' does"
                            " (constant_with_warmup uses it)", config.warmup_steps)
 
@@ -267,16 +267,17 @@ class Trainer:
         previous = self.config.peft_model_name_or_path or self.config.model_name_or_path
         return str(Path(previous).expanduser().resolve())
 
-    def _write_base_config(self) -> None:
-        """The base model's config.json in the output folder, as llm2vec's own adapter folders have
+    def _write_base_config(self, folder: Path) -> None:
+        """The base model's config.json in an adapter folder, as llm2vec's own adapter folders have
         it: the llm2vec package reads it, and its ``_name_or_path`` (the base's identity, which picks
         llm2vec's text wrappers) is what training used, however the stages are loaded later."""
         base_config = Path(self.config.model_name_or_path).expanduser() / "config.json"
-        if not base_config.is_file():
-            return  # a GGUF base: no config.json to carry
+        if not base_config.is_file():  # a GGUF base: no config.json to carry (nor a stale one)
+            (folder / "config.json").unlink(missing_ok=True)
+            return
         config = json.loads(base_config.read_text())
-        config["_name_or_path"] = model_identity(self.config.model_name_or_path)
-        write_atomically(self.output_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        config["_name_or_path"] = model_identity(self.config.model_name_or_path)  # "" when it has none
+        write_atomically(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
     def _save_checkpoint(self, step: int) -> None:
         """Write ``checkpoint-<step>`` atomically (temporary folder renamed into place)."""
@@ -284,6 +285,7 @@ class Trainer:
             distributed.barrier(self.context)
             return
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"))
+        self._write_base_config(tmp)
         save_adapter(self.model, tmp, self._base_path())
         save_training_state(tmp, step, self.context.world, self.optimizer, self.scheduler)
         (tmp / CONFIG_FILE).write_text(json.dumps(_with_resolved_paths(self.config.to_dict()), indent=2) + "\n")
@@ -331,15 +333,16 @@ class Trainer:
 
     def _save_final(self) -> None:
         """The trained adapter in ``output_dir``, with the tokenizer and encoder settings beside it."""
+        self._write_base_config(self.output_dir)  # before the adapter: its identity never lags the weights
         save_adapter(self.model, self.output_dir, self._base_path())
         self.tokenizer.save_pretrained(str(self.output_dir))
         # llm2vec's own keys only: its LLM2Vec.__init__ takes every key of this file. The attention
-        # direction the encoder restores comes from train_config.json's "bidirectional". No
-        # doc_max_length: llm2vec's default applies, and a larger max_length given at load is not capped.
+        # direction the encoder restores comes from train_config.json's "bidirectional". Training
+        # cut texts at max_seq_length tokens alone; a doc_max_length of at least llm2vec's default
+        # keeps that, without capping a larger max_length given at load below llm2vec's own 400.
         settings = {"pooling_mode": self.config.pooling_mode, "max_length": self.config.max_seq_length,
-                    "skip_instruction": True}
+                    "doc_max_length": max(self.config.max_seq_length, LLM2VEC_DOC_MAX_LENGTH), "skip_instruction": True}
         write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
-        self._write_base_config()
         write_atomically(self.output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
         logger.info("saved the adapter to %s", self.output_dir)
 
