@@ -64,9 +64,9 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
     assert child.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # it did not finish
     assert sorted(p.name for p in (killed / "checkpoint-4").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "train_config.json", "training_state.json",
+        "adapter_config.json", "adapter_model.safetensors", "config.json", "train_config.json", "training_state.json",
         "training_state.safetensors",
-    ]  # no pickle: the optimizer state is safetensors + JSON
+    ]  # no pickle: the optimizer state is safetensors + JSON; config.json: the base's, as llm2vec's folders have it
 
     resumed = run("mntp", dict(config, output_dir=str(killed)), resume=True)
     assert resumed.steps == STEPS and len(resumed.losses) == STEPS - 4  # continued from checkpoint-4
