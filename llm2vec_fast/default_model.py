@@ -44,10 +44,8 @@ def default_gguf_path() -> Path:
 def default_model_path() -> Path:
     """The converted default model folder, converting it on first use (atomically)."""
     target = model_cache_dir() / FOLDER_NAME
-    if (target / SOURCE_FILE).is_file():
-        return target
     if target.exists():
-        if (target / SOURCE_FILE).is_file():  # a concurrent conversion landed since the first look
+        if (target / SOURCE_FILE).is_file():  # converted (a concurrent conversion may just have landed)
             return target
         raise FileExistsError(f"{target} exists but is not a finished conversion (no {SOURCE_FILE}): delete it"
                               " and run again")

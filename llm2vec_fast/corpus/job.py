@@ -292,6 +292,8 @@ def embed_corpus(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if resume and overwrite:  # before hashing the inputs: a refusal should not wait for that
+        raise ValueError("--resume continues the job in the output folder and --overwrite deletes it: give one")
     started = time.perf_counter()
     timer = _Timer()
     folder = Path(output)
@@ -303,8 +305,6 @@ def embed_corpus(
                      "output_dtype": output_dtype, "limit": limit},
         "inputs": [fingerprint(f) for f in files],
     }
-    if resume and overwrite:
-        raise ValueError("--resume continues the job in the output folder and --overwrite deletes it: give one")
     has_job = (folder / MANIFEST).is_file()
     if resume and not has_job:
         raise FileNotFoundError(f"--resume: {folder} holds no embedding job to resume")
@@ -511,7 +511,6 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             if bar is not None:
                 elapsed = time.perf_counter() - compute_start
                 bar.set_postfix_str(f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
-            if bar is not None:
                 bar.update(len(error_rows))
                 if counted and bar.total is None:
                     bar.total = _rank_rows(min(counted[0], limit if limit is not None else counted[0]),

@@ -279,7 +279,9 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
             line, start = start, reader.line_num + 1
             if not any(cells):
                 continue  # a blank line is no row
-            if any("\udc80" <= ch <= "\udcff" for cell in cells for ch in cell):
+            try:  # bytes that are not UTF-8 were decoded as lone surrogates (surrogateescape)
+                "".join(cells).encode("utf-8")
+            except UnicodeEncodeError:
                 yield RawRow(line, None, None, None, "invalid UTF-8")
                 continue
             if len(cells) != len(header):

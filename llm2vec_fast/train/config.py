@@ -127,7 +127,9 @@ class TrainConfig:
                                  f" got {value!r}")
 
     def _validate(self) -> None:
-        from ..kernels.reference import POOLING_MODES  # here, not at the top: `llm2vec-fast --help` must not import torch
+        # here, not at the top: `llm2vec-fast --help` must not import torch
+        from ..kernels.reference import POOLING_MODES
+        from ..text import is_positive_int
 
         def check(ok: bool, message: str) -> None:
             if not ok:
@@ -135,7 +137,7 @@ class TrainConfig:
 
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r", "save_steps", "logging_steps"):
             value = getattr(self, key)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{key} must be an integer >= 1, got {value!r}")
+            check(is_positive_int(value), f"{key} must be an integer >= 1, got {value!r}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0.0 < self.mlm_probability <= 1.0, f"mlm_probability must be in (0, 1], got {self.mlm_probability}")

@@ -151,9 +151,9 @@ def encode_texts(
 
     ``text.tokenize`` (llm2vec's rules): the model reads ``instruction + " " + text`` and pools
     only the text's own tokens; ``model_name`` (llm2vec's ``_name_or_path``) selects its
-    model-specific wrappers (``[INST] ... [/INST]`` for Mistral-Instruct, say). Texts longer than ``max_seq_length`` tokens are cut the way the
-    encoder cuts them (whole words first, ``doc_max_length = max_seq_length``); each cut is
-    counted in ``report``.
+    model-specific wrappers (``[INST] ... [/INST]`` for Mistral-Instruct, say). Texts longer than
+    ``max_seq_length`` tokens keep their first tokens (``doc_max_length = max_seq_length``: no
+    llm2vec word cut); each cut is counted in ``report``.
     """
     items = tokenize(
         tokenizer,
@@ -241,7 +241,6 @@ class BatchOrder:
             self._epoch = epoch
         start = (micro_batch % self.batches_per_epoch) * self.global_batch + rank * self.per_device
         return self._permutation[start : start + self.per_device].tolist()
-
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """The epoch's examples in batch order: a permutation, or each group's full batches shuffled."""

@@ -29,9 +29,9 @@ import torch
 
 from ..encoder import LLM2VEC_CONFIG_FILE, LLM2VEC_DOC_MAX_LENGTH, TRAIN_CONFIG_FILE
 from ..encoder import resolve_dtype as resolve_compute_dtype
-from ..files import fsync_dir
+from ..files import fsync_dir, read_json_object
+from ..loading import CONFIG_FILE as MODEL_CONFIG_FILE
 from ..loading import load_model
-from ..text import model_identity
 from . import distributed
 from .config import TrainConfig, config_from_dict, load_config
 from .data import BatchOrder
@@ -46,7 +46,6 @@ logger = logging.getLogger("llm2vec_fast.train")
 
 OBJECTIVES = {"mntp": MNTPObjective, "simcse": SimCSEObjective, "supervised": SupervisedObjective}
 CHECKPOINT_PREFIX = "checkpoint-"
-CONFIG_FILE = TRAIN_CONFIG_FILE
 # what a resumed run may set differently from the run that wrote the checkpoint
 RESUMABLE_CHANGES = frozenset({"stop_after_n_steps", "save_steps", "logging_steps"})
 PATH_KEYS = ("model_name_or_path", "peft_model_name_or_path", "dataset_file_path", "train_file", "output_dir")
@@ -236,11 +235,11 @@ class Trainer:
         if not checkpoints:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir} to resume from")
         folder = checkpoints[-1][1]
-        saved_path = folder / CONFIG_FILE
+        saved_path = folder / TRAIN_CONFIG_FILE
         if not saved_path.is_file():  # written by an older version
-            logger.warning("%s does not record its config (%s): resuming without checking it", folder, CONFIG_FILE)
+            logger.warning("%s does not record its config (%s): resuming without checking it", folder, TRAIN_CONFIG_FILE)
             return folder
-        saved = json.loads(saved_path.read_text())
+        saved = read_json_object(saved_path)
         current = _with_resolved_paths(self.config.to_dict())
         changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
                    if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
@@ -271,13 +270,12 @@ class Trainer:
         """The base model's config.json in an adapter folder, as llm2vec's own adapter folders have
         it: the llm2vec package reads it, and its ``_name_or_path`` (the base's identity, which picks
         llm2vec's text wrappers) is what training used, however the stages are loaded later."""
-        base_config = Path(self.config.model_name_or_path).expanduser() / "config.json"
+        base_config = Path(self.config.model_name_or_path).expanduser() / MODEL_CONFIG_FILE
         if not base_config.is_file():  # a GGUF base: no config.json to carry (nor a stale one)
-            (folder / "config.json").unlink(missing_ok=True)
+            (folder / MODEL_CONFIG_FILE).unlink(missing_ok=True)
             return
-        config = json.loads(base_config.read_text())
-        config["_name_or_path"] = model_identity(self.config.model_name_or_path)  # "" when it has none
-        write_atomically(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        # a copy keeps the base's _name_or_path, which model_identity reads from this file
+        write_atomically(folder / MODEL_CONFIG_FILE, lambda tmp: shutil.copyfile(base_config, tmp))
 
     def _save_checkpoint(self, step: int) -> None:
         """Write ``checkpoint-<step>`` atomically (temporary folder renamed into place)."""
@@ -288,7 +286,7 @@ class Trainer:
         self._write_base_config(tmp)
         save_adapter(self.model, tmp, self._base_path())
         save_training_state(tmp, step, self.context.world, self.optimizer, self.scheduler)
-        (tmp / CONFIG_FILE).write_text(json.dumps(_with_resolved_paths(self.config.to_dict()), indent=2) + "\n")
+        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(_with_resolved_paths(self.config.to_dict()), indent=2) + "\n")
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -343,7 +341,7 @@ class Trainer:
         settings = {"pooling_mode": self.config.pooling_mode, "max_length": self.config.max_seq_length,
                     "doc_max_length": max(self.config.max_seq_length, LLM2VEC_DOC_MAX_LENGTH), "skip_instruction": True}
         write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
-        write_atomically(self.output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+        write_atomically(self.output_dir / TRAIN_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
         logger.info("saved the adapter to %s", self.output_dir)
 
 
