@@ -1,4 +1,4 @@
-# Developer entry points: `make venv`, `make test`, `make demo`.
+# Developer entry points: `make venv`, `make test`, `make lint`, `make demo`.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.llm2vec-fast-installed
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: venv test demo
+.PHONY: venv test lint format demo
 
 venv: $(STAMP)
 
@@ -23,6 +23,15 @@ $(STAMP): $(VENV_PYTHON) $(BUILD_INPUTS)
 
 test: venv
 	$(VENV_PYTHON) -m pytest -q
+
+# ruff's format and its rule set (pyproject.toml); `make format` rewrites, `make lint` only checks.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: venv
 	$(VENV_PYTHON) -m llm2vec_fast.demo

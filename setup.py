@@ -53,6 +53,7 @@ TEST_REQUIRES = [
     "sentence-transformers>=3",
     "matplotlib>=3.7",
     "scipy>=1.10",
+    "ruff==0.17.5",
 ]
 
 
@@ -189,7 +190,9 @@ def plan_extension() -> tuple[list[Extension], dict]:
         from torch.utils.cpp_extension import BuildExtension
     except ImportError as error:
         if mode == "on":
-            raise SystemExit(f"LLM2VEC_FAST_CUDA=1 but torch cannot be imported: {error}")
+            raise SystemExit(
+                f"LLM2VEC_FAST_CUDA=1 but torch cannot be imported: {error}"
+            ) from error
         build_warning(
             f"torch cannot be imported ({error}); installing without the compiled extension. "
             "Install torch first and use `pip install --no-build-isolation` to build it."

@@ -25,9 +25,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from harness import Results, measure_ms, parse_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness import Results, measure_ms, parse_args
 from llm2vec_fast.kernels import varlen_attention
 
 HIDDEN = 2048  # Hq x D
@@ -48,7 +48,9 @@ def time_forward_backward(forward, inputs, grad_out, device) -> tuple[float, flo
     with torch.no_grad():
         fwd_ms = measure_ms(lambda: forward(*inputs), device=device)
     out = forward(*inputs)
-    bwd_ms = measure_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), device=device)
+    bwd_ms = measure_ms(
+        lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), device=device
+    )
     del out
 
     def step():
@@ -59,41 +61,73 @@ def time_forward_backward(forward, inputs, grad_out, device) -> tuple[float, flo
 
 def record(results, config, flops, ours_ms, base_ms, baseline_name) -> None:
     """TFLOP/s of forward, backward and forward+backward, ours vs the baseline."""
-    for metric, work, ours, base in zip(("fwd_tflops", "bwd_tflops", "fwd_bwd_tflops"), (flops, 2.5 * flops, 3.5 * flops), ours_ms, base_ms):
+    for metric, work, ours, base in zip(
+        ("fwd_tflops", "bwd_tflops", "fwd_bwd_tflops"),
+        (flops, 2.5 * flops, 3.5 * flops),
+        ours_ms,
+        base_ms,
+    ):
         results.add(
-            config, metric, work / ours / 1e9, baseline_name=baseline_name, baseline=work / base / 1e9,
-            ours_ms=ours, baseline_ms=base,
-        )  # fmt: skip
+            config,
+            metric,
+            work / ours / 1e9,
+            baseline_name=baseline_name,
+            baseline=work / base / 1e9,
+            ours_ms=ours,
+            baseline_ms=base,
+        )
 
 
 def bench_equal_lengths(results, device, dtype, token_budget, seqlens, head_dims) -> None:
     gen = torch.Generator().manual_seed(0)
-    for head_dim, seqlen, causal in ((d, s, c) for d in head_dims for s in seqlens for c in (False, True)):
+    for head_dim, seqlen, causal in (
+        (d, s, c) for d in head_dims for s in seqlens for c in (False, True)
+    ):
         num_heads = max(1, HIDDEN // head_dim) if device == "cuda" else 2
         batch = max(1, token_budget // seqlen)
         lengths = [seqlen] * batch
         total = batch * seqlen
         q, k, v, grad_out = (
-            torch.randn(total, num_heads, head_dim, generator=gen).to(device=device, dtype=dtype).requires_grad_(i < 3)
+            torch.randn(total, num_heads, head_dim, generator=gen)
+            .to(device=device, dtype=dtype)
+            .requires_grad_(i < 3)
             for i in range(4)
         )
         cu_seqlens = cu_seqlens_of(lengths, device)
 
         def ours(q_, k_, v_, deterministic=True):
-            return varlen_attention(q_, k_, v_, cu_seqlens, seqlen, causal=causal, check_cu_seqlens=False,
-                                    deterministic=deterministic)
+            return varlen_attention(
+                q_,
+                k_,
+                v_,
+                cu_seqlens,
+                seqlen,
+                causal=causal,
+                check_cu_seqlens=False,
+                deterministic=deterministic,
+            )
 
         def ours_atomic(q_, k_, v_):
             return ours(q_, k_, v_, deterministic=False)
 
         def sdpa_flash(q_, k_, v_):
-            views = [x.view(batch, seqlen, num_heads, head_dim).transpose(1, 2) for x in (q_, k_, v_)]  # (B, H, s, D)
+            views = [
+                x.view(batch, seqlen, num_heads, head_dim).transpose(1, 2) for x in (q_, k_, v_)
+            ]  # (B, H, s, D)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 out = F.scaled_dot_product_attention(*views, is_causal=causal)
             return out.transpose(1, 2).reshape(total, num_heads, head_dim)
 
-        config = dict(layout="equal", seqlen=seqlen, batch=batch, heads=num_heads, head_dim=head_dim,
-                      causal=causal, dtype=str(dtype).removeprefix("torch."), dq="deterministic")  # fmt: skip
+        config = dict(
+            layout="equal",
+            seqlen=seqlen,
+            batch=batch,
+            heads=num_heads,
+            head_dim=head_dim,
+            causal=causal,
+            dtype=str(dtype).removeprefix("torch."),
+            dq="deterministic",
+        )
         flops = attention_flops(lengths, num_heads, head_dim, causal)
         ours_ms = time_forward_backward(ours, (q, k, v), grad_out, device)
         base_ms = time_forward_backward(sdpa_flash, (q, k, v), grad_out, device)
@@ -125,14 +159,20 @@ def bench_varlen_vs_padded(results, device, dtype, token_budget, max_len, head_d
     key_mask = valid[:, None, None, :]  # (B, 1, 1, longest)
     for causal in (False, True):
         q, k, v, grad_out = (
-            torch.randn(total, num_heads, head_dim, generator=gen).to(device=device, dtype=dtype).requires_grad_(i < 3)
+            torch.randn(total, num_heads, head_dim, generator=gen)
+            .to(device=device, dtype=dtype)
+            .requires_grad_(i < 3)
             for i in range(4)
         )
 
         def ours(q_, k_, v_):
-            return varlen_attention(q_, k_, v_, cu_seqlens, longest, causal=causal, check_cu_seqlens=False)
+            return varlen_attention(
+                q_, k_, v_, cu_seqlens, longest, causal=causal, check_cu_seqlens=False
+            )
 
-        def sdpa_padded(q_, k_, v_):  # (B, longest, H, D) each, as a padded pipeline's projections give them
+        def sdpa_padded(
+            q_, k_, v_
+        ):  # (B, longest, H, D) each, as a padded pipeline's projections give them
             padded = [x.transpose(1, 2) for x in (q_, k_, v_)]  # (B, H, longest, D) views
             if causal:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -147,11 +187,21 @@ def bench_varlen_vs_padded(results, device, dtype, token_budget, max_len, head_d
             buffer[valid] = x.detach()
             padded_inputs.append(buffer.requires_grad_(x.requires_grad))
 
-        config = dict(layout="varlen-vs-padded", batch=batch, tokens=total, max_len=longest, heads=num_heads,
-                      head_dim=head_dim, causal=causal, dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+        config = dict(
+            layout="varlen-vs-padded",
+            batch=batch,
+            tokens=total,
+            max_len=longest,
+            heads=num_heads,
+            head_dim=head_dim,
+            causal=causal,
+            dtype=str(dtype).removeprefix("torch."),
+        )
         flops = attention_flops(lengths, num_heads, head_dim, causal)
         ours_ms = time_forward_backward(ours, (q, k, v), grad_out, device)
-        base_ms = time_forward_backward(sdpa_padded, tuple(padded_inputs[:3]), padded_inputs[3], device)
+        base_ms = time_forward_backward(
+            sdpa_padded, tuple(padded_inputs[:3]), padded_inputs[3], device
+        )
         del padded_inputs
         name = "sdpa-flash-padded" if causal else "sdpa-padded-key-mask"
         record(results, config, flops, ours_ms, base_ms, name)

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from harness import Results, default_dtype, measure_ms, parse_args, peak_memory_bytes
+
 from llm2vec_fast.kernels import contrastive_loss
 
 BASELINE = "torch similarity matrix"
 
 
-def similarity_matrix_loss(queries: torch.Tensor, docs: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+def similarity_matrix_loss(
+    queries: torch.Tensor, docs: torch.Tensor, scale: float = 20.0
+) -> torch.Tensor:
     """The plain loss: (B, N) cosine logits in the input dtype, cross-entropy in fp32."""
     logits = scale * F.normalize(queries, dim=-1) @ F.normalize(docs, dim=-1).T  # (B, N)
     return F.cross_entropy(logits.float(), torch.arange(queries.shape[0], device=queries.device))
@@ -49,7 +51,9 @@ def main() -> None:
     on_gpu = torch.device(device).type == "cuda"
     dtype = default_dtype(device)
     if on_gpu:
-        batches = [1024, 4096, 8192] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+        batches = (
+            [1024, 4096, 8192] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+        )
         dims = [1024, 4096]
     else:
         batches, dims = [64, 128], [64]
@@ -59,8 +63,12 @@ def main() -> None:
         for batch in batches:
             config = {"B": batch, "N": 2 * batch, "D": dim, "dtype": str(dtype)}
             try:
-                queries = torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype)
-                docs = torch.randn(2 * batch, dim, generator=generator).to(device=device, dtype=dtype)
+                queries = torch.randn(batch, dim, generator=generator).to(
+                    device=device, dtype=dtype
+                )
+                docs = torch.randn(2 * batch, dim, generator=generator).to(
+                    device=device, dtype=dtype
+                )
             except torch.OutOfMemoryError:
                 break
             queries.requires_grad_()
@@ -70,11 +78,23 @@ def main() -> None:
             del queries, docs
             if ours_ms is None:
                 break
-            results.add(config, "fwd_bwd_ms", ours_ms, baseline_name=BASELINE, baseline=base_ms,
-                        higher_is_better=False)  # fmt: skip
+            results.add(
+                config,
+                "fwd_bwd_ms",
+                ours_ms,
+                baseline_name=BASELINE,
+                baseline=base_ms,
+                higher_is_better=False,
+            )
             if ours_peak is not None:
-                results.add(config, "peak_MiB", ours_peak / 2**20, baseline_name=BASELINE,
-                            baseline=None if base_peak is None else base_peak / 2**20, higher_is_better=False)  # fmt: skip
+                results.add(
+                    config,
+                    "peak_MiB",
+                    ours_peak / 2**20,
+                    baseline_name=BASELINE,
+                    baseline=None if base_peak is None else base_peak / 2**20,
+                    higher_is_better=False,
+                )
     results.save()
 
 

@@ -24,15 +24,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Results, parse_args, synchronize  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsup_corpus" / "wiki1m_for_simcse_first11914.txt"
+CORPUS = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "unsup_corpus"
+    / "wiki1m_for_simcse_first11914.txt"
+)
 
 
 def _extra(parser) -> None:
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
-    parser.add_argument("--docs", type=int, default=None, help="documents to embed (default 1000, quick 64)")
+    parser.add_argument(
+        "--model", default=None, help="model folder (default: the embedded default model)"
+    )
+    parser.add_argument(
+        "--docs", type=int, default=None, help="documents to embed (default 1000, quick 64)"
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=8192)
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per padded batch in the baseline")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="texts per padded batch in the baseline"
+    )
     parser.add_argument("--corpus", type=Path, default=CORPUS)
 
 
@@ -41,33 +53,58 @@ def run_job(engine, corpus: Path, docs: int, batch_tokens: int) -> tuple[float, 
 
     out = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     start = time.perf_counter()
-    summary = embed_corpus(corpus, out, engine=engine, limit=docs, batch_tokens=batch_tokens, progress=False)
+    summary = embed_corpus(
+        corpus, out, engine=engine, limit=docs, batch_tokens=batch_tokens, progress=False
+    )
     return time.perf_counter() - start, summary, out
 
 
-def padded_loop(model_path: str, texts: list[str], max_length: int, batch_size: int, device: str,
-                dtype: torch.dtype) -> tuple[float, np.ndarray, int, int]:
+def padded_loop(
+    model_path: str,
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+    device: str,
+    dtype: torch.dtype,
+) -> tuple[float, np.ndarray, int, int]:
     """(seconds, embeddings, real tokens, padded tokens) of the sentence-transformers-style loop."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    order = np.argsort([-len(t) for t in texts], kind="stable")  # sentence-transformers sorts by length
+    model = (
+        AutoModel.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+        .to(device)
+        .eval()
+    )
+    order = np.argsort(
+        [-len(t) for t in texts], kind="stable"
+    )  # sentence-transformers sorts by length
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
     real = padded = 0
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(texts), batch_size):
-            rows = order[first:first + batch_size]
-            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(device)
+            rows = order[first : first + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
             mask = batch["attention_mask"]  # (B, L)
-            bidirectional = torch.zeros(mask.shape[0], 1, mask.shape[1], mask.shape[1], dtype=dtype, device=device)
-            bidirectional.masked_fill_(~mask.bool()[:, None, None, :], torch.finfo(dtype).min)  # (B, 1, L, L)
-            hidden = model(input_ids=batch["input_ids"], attention_mask=bidirectional).last_hidden_state  # (B, L, H)
+            bidirectional = torch.zeros(
+                mask.shape[0], 1, mask.shape[1], mask.shape[1], dtype=dtype, device=device
+            )
+            bidirectional.masked_fill_(
+                ~mask.bool()[:, None, None, :], torch.finfo(dtype).min
+            )  # (B, 1, L, L)
+            hidden = model(
+                input_ids=batch["input_ids"], attention_mask=bidirectional
+            ).last_hidden_state  # (B, L, H)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1)  # (B, H)
             out[rows] = pooled.float().cpu().numpy()
@@ -89,8 +126,13 @@ def main() -> None:
         from llm2vec_fast.default_model import default_model_path
 
         model_path = str(default_model_path())
-    engine = load_engine(model_path, pooling="mean", max_length=args.max_length, device=args.device,
-                         max_batch_tokens=args.batch_tokens)
+    engine = load_engine(
+        model_path,
+        pooling="mean",
+        max_length=args.max_length,
+        device=args.device,
+        max_batch_tokens=args.batch_tokens,
+    )
     dtype = getattr(torch, engine.describe()["dtype"])
     warm_seconds, _, warm_out = run_job(engine, args.corpus, min(64, docs), args.batch_tokens)
     shutil.rmtree(warm_out)
@@ -99,26 +141,60 @@ def main() -> None:
 
     ids, ours = read_embeddings(out)
     shutil.rmtree(out)
-    lines = args.corpus.read_bytes().decode("utf-8").split("\n")  # numbered as the job's text reader does
-    texts = [lines[int(i.rsplit(":", 1)[1]) - 1].removesuffix("\r") for i in ids]  # the rows the job embedded
-    padded_loop(model_path, texts[:64], args.max_length, args.batch_size, args.device, dtype)  # warm-up
-    base_seconds, base, real_tokens, padded_tokens = padded_loop(model_path, texts, args.max_length,
-                                                                 args.batch_size, args.device, dtype)
+    lines = (
+        args.corpus.read_bytes().decode("utf-8").split("\n")
+    )  # numbered as the job's text reader does
+    texts = [
+        lines[int(i.rsplit(":", 1)[1]) - 1].removesuffix("\r") for i in ids
+    ]  # the rows the job embedded
+    padded_loop(
+        model_path, texts[:64], args.max_length, args.batch_size, args.device, dtype
+    )  # warm-up
+    base_seconds, base, real_tokens, padded_tokens = padded_loop(
+        model_path, texts, args.max_length, args.batch_size, args.device, dtype
+    )
     cosine = np.sum(ours * base, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(base, axis=1))
 
-    config = {"model": Path(model_path).name, "docs": docs, "max_length": args.max_length,
-              "batch_tokens": args.batch_tokens, "dtype": str(dtype).removeprefix("torch.")}
+    config = {
+        "model": Path(model_path).name,
+        "docs": docs,
+        "max_length": args.max_length,
+        "batch_tokens": args.batch_tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     split = {k: round(v, 4) for k, v in summary.seconds.items()}
-    shares = {f"share_{k}": round(summary.seconds.get(k, 0.0) / seconds, 4) for k in ("tokenize", "compute", "write")}
+    shares = {
+        f"share_{k}": round(summary.seconds.get(k, 0.0) / seconds, 4)
+        for k in ("tokenize", "compute", "write")
+    }
     results = Results("embed-corpus", args.device, args.out)
     baseline_name = f"HF padded loop, batch {args.batch_size}"
-    results.add(config, "docs/s", summary.embedded / seconds, baseline_name=baseline_name,
-                baseline=len(texts) / base_seconds, seconds=round(seconds, 3), baseline_seconds=round(base_seconds, 3),
-                stage_seconds=split, **shares)
-    results.add(config, "tokens/s", summary.tokens / seconds, baseline_name=baseline_name + " (real tokens)",
-                baseline=real_tokens / base_seconds, baseline_padding_fraction=round(1 - real_tokens / padded_tokens, 4))
+    results.add(
+        config,
+        "docs/s",
+        summary.embedded / seconds,
+        baseline_name=baseline_name,
+        baseline=len(texts) / base_seconds,
+        seconds=round(seconds, 3),
+        baseline_seconds=round(base_seconds, 3),
+        stage_seconds=split,
+        **shares,
+    )
+    results.add(
+        config,
+        "tokens/s",
+        summary.tokens / seconds,
+        baseline_name=baseline_name + " (real tokens)",
+        baseline=real_tokens / base_seconds,
+        baseline_padding_fraction=round(1 - real_tokens / padded_tokens, 4),
+    )
     results.add(config, "tokenize share", shares["share_tokenize"], higher_is_better=False)
-    results.add(config, "median cosine ours vs baseline", float(np.median(cosine)), min_cosine=float(cosine.min()))
+    results.add(
+        config,
+        "median cosine ours vs baseline",
+        float(np.median(cosine)),
+        min_cosine=float(cosine.min()),
+    )
     results.save()
 
 

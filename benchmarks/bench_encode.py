@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-from transformers import AutoModel, AutoTokenizer
-
 import harness
+import torch
 from random_model import MODEL_CONFIGS, config_dict, parameter_count, random_hf_model
+from transformers import AutoModel, AutoTokenizer
 from workloads import lengths_for_tokens, mixed_length_texts
 
 from llm2vec_fast import LLM2Vec
@@ -69,12 +68,14 @@ def fixed_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by length (longest first), ``batch_size`` per batch: sentence-transformers'
     encode loop (it sorts by text length)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def bidirectional_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask ``(B, 1, L, L)`` hiding pad keys from every query: attention is not causal."""
-    additive = torch.zeros(keep.shape[0], 1, keep.shape[1], keep.shape[1], dtype=dtype, device=keep.device)
+    additive = torch.zeros(
+        keep.shape[0], 1, keep.shape[1], keep.shape[1], dtype=dtype, device=keep.device
+    )
     return additive.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
 
 
@@ -85,16 +86,22 @@ def transformers_encode(model, tokenizer, texts: list[str], budget: int) -> torc
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     out = torch.empty(len(texts), model.config.hidden_size)
     for batch in padded_batches(lengths, budget):
-        features = tokenizer([texts[i] for i in batch], padding=True, return_tensors="pt").to(device)
+        features = tokenizer([texts[i] for i in batch], padding=True, return_tensors="pt").to(
+            device
+        )
         keep = features["attention_mask"].bool()  # (B, L)
-        hidden = model(input_ids=features["input_ids"], attention_mask=bidirectional_mask(keep, model.dtype)).last_hidden_state
+        hidden = model(
+            input_ids=features["input_ids"], attention_mask=bidirectional_mask(keep, model.dtype)
+        ).last_hidden_state
         weights = keep.unsqueeze(-1).to(hidden.dtype)
         out[batch] = ((hidden * weights).sum(1) / weights.sum(1)).float().cpu()
     return out
 
 
 @torch.inference_mode()
-def transformers_encode_ids(model, sequences: list[list[int]], batches: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+def transformers_encode_ids(
+    model, sequences: list[list[int]], batches: list[list[int]], pad_id: int = 0
+) -> torch.Tensor:
     """Mean-pooled bidirectional embeddings ``(n, hidden)`` of token id lists, one padded batch per
     entry of ``batches`` (right padding, pads masked out as keys and from the mean)."""
     device = next(model.parameters()).device
@@ -106,16 +113,23 @@ def transformers_encode_ids(model, sequences: list[list[int]], batches: list[lis
             ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
         lengths = torch.tensor([len(sequences[i]) for i in batch])
         keep = (torch.arange(longest)[None, :] < lengths[:, None]).to(device)  # (B, L)
-        hidden = model(input_ids=ids.to(device), attention_mask=bidirectional_mask(keep, model.dtype)).last_hidden_state
+        hidden = model(
+            input_ids=ids.to(device), attention_mask=bidirectional_mask(keep, model.dtype)
+        ).last_hidden_state
         weights = keep.unsqueeze(-1).to(hidden.dtype)
         out[batch] = ((hidden * weights).sum(1) / weights.sum(1)).float().cpu()
     return out
 
 
-def encode_flops(lengths: list[int], layer_params: int, num_layers: int, attention_width: int) -> float:
+def encode_flops(
+    lengths: list[int], layer_params: int, num_layers: int, attention_width: int
+) -> float:
     """Useful FLOPs of one bidirectional encode pass over sequences of these lengths."""
     tokens = sum(lengths)
-    return 2.0 * layer_params * tokens + 4.0 * sum(s * s for s in lengths) * num_layers * attention_width
+    return (
+        2.0 * layer_params * tokens
+        + 4.0 * sum(s * s for s in lengths) * num_layers * attention_width
+    )
 
 
 def our_encoder_from(hf_model, dtype: torch.dtype, device: torch.device) -> LLM2Vec:
@@ -145,11 +159,17 @@ def random_ids(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]
 def bench_random(args, device: torch.device, results: harness.Results) -> None:
     dtype = harness.default_dtype(device)
     peak = harness.matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
-    results.note(f"dense {dtype} matmul rate measured on this device: {peak:.4g} TFLOP/s (the MFU denominator)")
+    results.note(
+        f"dense {dtype} matmul rate measured on this device: {peak:.4g} TFLOP/s (the MFU denominator)"
+    )
     on_gpu = device.type == "cuda"
-    tokens = args.tokens or ((16384 if args.quick else 131072) if on_gpu else (256 if args.quick else 1024))
+    tokens = args.tokens or (
+        (16384 if args.quick else 131072) if on_gpu else (256 if args.quick else 1024)
+    )
     repeats = 1 if args.quick and not on_gpu else (2 if args.quick else 5)
-    sweep_lengths, sweep_budgets = (SWEEP_LENGTHS, SWEEP_BUDGETS) if on_gpu or not args.quick else ((64, 128), (512, 1024))
+    sweep_lengths, sweep_budgets = (
+        (SWEEP_LENGTHS, SWEEP_BUDGETS) if on_gpu or not args.quick else ((64, 128), (512, 1024))
+    )
     names = args.configs.split(",")
     for position, name in enumerate(names):
         ok, why = fits_in_memory(name, dtype, device)
@@ -161,9 +181,13 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
         cfg = config_dict(name)
         layer_params = sum(p.numel() for p in ours.model.layers.parameters() if p.ndim == 2)
         width = ours.model.config.num_heads * ours.model.config.head_dim
-        workloads = [("mix", lengths_for_tokens(tokens, max_tokens=max(SWEEP_LENGTHS)), args.batch_tokens)]
+        workloads = [
+            ("mix", lengths_for_tokens(tokens, max_tokens=max(SWEEP_LENGTHS)), args.batch_tokens)
+        ]
         if position == 0 and not args.no_sweeps:
-            workloads += [("seqlen", [s] * max(1, tokens // s), args.batch_tokens) for s in sweep_lengths]
+            workloads += [
+                ("seqlen", [s] * max(1, tokens // s), args.batch_tokens) for s in sweep_lengths
+            ]
             workloads += [("batch_tokens", workloads[0][1], b) for b in sweep_budgets]
         for sweep, lengths, budget in workloads:
             sequences = random_ids(lengths, cfg["vocab_size"], seed=len(lengths))
@@ -186,33 +210,78 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
             st_ms = harness.time_calls_ms(run_st, device=device, warmup=1, repeats=repeats)
             flops = encode_flops(lengths, layer_params, cfg["num_hidden_layers"], width)
             total = sum(lengths)
-            config = {"model": name, "dtype": str(dtype).removeprefix("torch."), "sweep": sweep, "seqs": len(lengths),
-                      "tokens": total, "max_len": max(lengths), "batch_tokens": budget}  # fmt: skip
+            config = {
+                "model": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "sweep": sweep,
+                "seqs": len(lengths),
+                "tokens": total,
+                "max_len": max(lengths),
+                "batch_tokens": budget,
+            }
             sorted_padded = sum(len(b) * max(lengths[i] for i in b) for b in sorted_batches)
             st_padded = sum(len(b) * max(lengths[i] for i in b) for b in st_batches)
-            results.add(config, "tokens/s", total / ours_ms * 1e3, baseline_name="transformers-sdpa-sorted",
-                        baseline=total / sorted_ms * 1e3, ours_ms=ours_ms, baseline_ms=sorted_ms,
-                        baseline_padding_fraction=1 - total / sorted_padded, min_cosine_vs_baseline=agreement)  # fmt: skip
-            results.add(config, "tokens/s", total / ours_ms * 1e3, baseline_name=f"st-loop-{args.st_batch_size}",
-                        baseline=total / st_ms * 1e3, ours_ms=ours_ms, baseline_ms=st_ms,
-                        baseline_padding_fraction=1 - total / st_padded)  # fmt: skip
-            results.add(config, "MFU", flops / ours_ms / 1e9 / peak, baseline_name="transformers-sdpa-sorted",
-                        baseline=flops / sorted_ms / 1e9 / peak, matmul_tflops=peak, flops=flops)  # fmt: skip
+            results.add(
+                config,
+                "tokens/s",
+                total / ours_ms * 1e3,
+                baseline_name="transformers-sdpa-sorted",
+                baseline=total / sorted_ms * 1e3,
+                ours_ms=ours_ms,
+                baseline_ms=sorted_ms,
+                baseline_padding_fraction=1 - total / sorted_padded,
+                min_cosine_vs_baseline=agreement,
+            )
+            results.add(
+                config,
+                "tokens/s",
+                total / ours_ms * 1e3,
+                baseline_name=f"st-loop-{args.st_batch_size}",
+                baseline=total / st_ms * 1e3,
+                ours_ms=ours_ms,
+                baseline_ms=st_ms,
+                baseline_padding_fraction=1 - total / st_padded,
+            )
+            results.add(
+                config,
+                "MFU",
+                flops / ours_ms / 1e9 / peak,
+                baseline_name="transformers-sdpa-sorted",
+                baseline=flops / sorted_ms / 1e9 / peak,
+                matmul_tflops=peak,
+                flops=flops,
+            )
             if position == 0 and (on_gpu or args.quick):  # quick on a CPU: rehearses this code path
-                bench_cuda_graphs(ours, items, budget, config, total, ours_ms, sorted_ms, repeats, device, results)
+                bench_cuda_graphs(
+                    ours, items, budget, config, total, ours_ms, sorted_ms, repeats, device, results
+                )
         del hf_model, ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results.save()  # after every config: a run cut short by its time limit keeps what it measured
 
 
-def bench_cuda_graphs(ours: LLM2Vec, items: list[TokenizedText], budget: int, config: dict, total: int,
-                      eager_ms: float, sorted_ms: float, repeats: int, device: torch.device,
-                      results: harness.Results) -> None:
+def bench_cuda_graphs(
+    ours: LLM2Vec,
+    items: list[TokenizedText],
+    budget: int,
+    config: dict,
+    total: int,
+    eager_ms: float,
+    sorted_ms: float,
+    repeats: int,
+    device: torch.device,
+    results: harness.Results,
+) -> None:
     """The same workload with ``cuda_graphs=True``: the first call captures (timed apart), then
     replays. On a CPU the encoder runs eagerly (0 graphs): only a rehearsal of this code."""
-    graphed = LLM2Vec(ours.model, tokenizer=None, pooling_mode=ours.pooling_mode, max_length=ours.max_length,
-                      cuda_graphs=True)
+    graphed = LLM2Vec(
+        ours.model,
+        tokenizer=None,
+        pooling_mode=ours.pooling_mode,
+        max_length=ours.max_length,
+        cuda_graphs=True,
+    )
 
     def run_graphed():
         with warnings.catch_warnings():
@@ -221,15 +290,35 @@ def bench_cuda_graphs(ours: LLM2Vec, items: list[TokenizedText], budget: int, co
 
     first_call_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=1)
     graphed_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=repeats)
-    agreement = torch.nn.functional.cosine_similarity(
-        run_graphed(), ours.embed_tokenized(items, max_batch_tokens=budget)).min().item()  # fmt: skip
+    agreement = (
+        torch.nn.functional.cosine_similarity(
+            run_graphed(), ours.embed_tokenized(items, max_batch_tokens=budget)
+        )
+        .min()
+        .item()
+    )
     config = dict(config, variant="cuda-graphs")
-    results.add(config, "tokens/s", total / graphed_ms * 1e3, baseline_name="ours-eager",
-                baseline=total / eager_ms * 1e3, ours_ms=graphed_ms, baseline_ms=eager_ms,
-                first_call_ms=first_call_ms, graphs=graphed._graphed.num_graphs if graphed._graphed else 0,
-                min_cosine_vs_baseline=agreement)  # fmt: skip
-    results.add(config, "tokens/s", total / graphed_ms * 1e3, baseline_name="transformers-sdpa-sorted",
-                baseline=total / sorted_ms * 1e3, ours_ms=graphed_ms, baseline_ms=sorted_ms)  # fmt: skip
+    results.add(
+        config,
+        "tokens/s",
+        total / graphed_ms * 1e3,
+        baseline_name="ours-eager",
+        baseline=total / eager_ms * 1e3,
+        ours_ms=graphed_ms,
+        baseline_ms=eager_ms,
+        first_call_ms=first_call_ms,
+        graphs=graphed._graphed.num_graphs if graphed._graphed else 0,
+        min_cosine_vs_baseline=agreement,
+    )
+    results.add(
+        config,
+        "tokens/s",
+        total / graphed_ms * 1e3,
+        baseline_name="transformers-sdpa-sorted",
+        baseline=total / sorted_ms * 1e3,
+        ours_ms=graphed_ms,
+        baseline_ms=sorted_ms,
+    )
 
 
 def bench_texts(args, device: torch.device, results: harness.Results) -> None:
@@ -245,31 +334,61 @@ def bench_texts(args, device: torch.device, results: harness.Results) -> None:
     hf_rate = {}
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
-        hf_model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        hf_model = (
+            AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            .to(device)
+            .eval()
+        )
         # doc_max_length=512: no word-level cut below max_length, so ours runs every token the baseline does
-        ours = LLM2Vec.from_pretrained(path, dtype=dtype, device=device, pooling_mode="mean", max_length=512,
-                                       doc_max_length=512)
+        ours = LLM2Vec.from_pretrained(
+            path,
+            dtype=dtype,
+            device=device,
+            pooling_mode="mean",
+            max_length=512,
+            doc_max_length=512,
+        )
         reference = transformers_encode(hf_model, tokenizer, texts, args.batch_tokens)
         mine = ours.encode(texts, show_progress_bar=False, max_batch_tokens=args.batch_tokens)
         agreement = torch.nn.functional.cosine_similarity(reference, mine).min().item()
 
         hf_ms = harness.time_calls_ms(
-            lambda: transformers_encode(hf_model, tokenizer, texts, args.batch_tokens), device=device, warmup=0, repeats=repeats
+            lambda: transformers_encode(hf_model, tokenizer, texts, args.batch_tokens),
+            device=device,
+            warmup=0,
+            repeats=repeats,
         )
         our_ms = harness.time_calls_ms(
             lambda: ours.encode(texts, show_progress_bar=False, max_batch_tokens=args.batch_tokens),
-            device=device, warmup=0, repeats=repeats,
-        )  # fmt: skip
+            device=device,
+            warmup=0,
+            repeats=repeats,
+        )
         hf_rate[name] = total_tokens / (hf_ms / 1e3)
-        config = {"model": "SmolLM2-135M" if args.model is None else str(path), "dtype": name,
-                  "texts": len(texts), "tokens": total_tokens, "batch_tokens": args.batch_tokens}  # fmt: skip
-        results.add(config, "tokens/s", total_tokens / (our_ms / 1e3),
-                    baseline_name=f"transformers-sdpa-padded-{name}", baseline=hf_rate[name],
-                    min_cosine_vs_baseline=agreement)  # fmt: skip
+        config = {
+            "model": "SmolLM2-135M" if args.model is None else str(path),
+            "dtype": name,
+            "texts": len(texts),
+            "tokens": total_tokens,
+            "batch_tokens": args.batch_tokens,
+        }
+        results.add(
+            config,
+            "tokens/s",
+            total_tokens / (our_ms / 1e3),
+            baseline_name=f"transformers-sdpa-padded-{name}",
+            baseline=hf_rate[name],
+            min_cosine_vs_baseline=agreement,
+        )
         if name != "float32" and "float32" in hf_rate:
-            results.add(config, "tokens/s", total_tokens / (our_ms / 1e3),
-                        baseline_name="transformers-sdpa-padded-float32", baseline=hf_rate["float32"],
-                        min_cosine_vs_baseline=agreement)  # fmt: skip
+            results.add(
+                config,
+                "tokens/s",
+                total_tokens / (our_ms / 1e3),
+                baseline_name="transformers-sdpa-padded-float32",
+                baseline=hf_rate["float32"],
+                min_cosine_vs_baseline=agreement,
+            )
         del hf_model, ours
 
 
@@ -277,18 +396,39 @@ def main() -> None:
     args = harness.parse_args(
         __doc__.splitlines()[0],
         lambda p: (
-            p.add_argument("--source", choices=["random", "texts"], default=None,
-                           help="random weights + random ids (default on a GPU) or real model + texts (default on a CPU)"),
-            p.add_argument("--configs", default=None, help=f"random source: configs among {', '.join(MODEL_CONFIGS)} "
-                           f"(default on a GPU: {GPU_CONFIGS}; on a CPU: tiny)"),
-            p.add_argument("--tokens", type=int, default=None, help="random source: tokens per workload"),
+            p.add_argument(
+                "--source",
+                choices=["random", "texts"],
+                default=None,
+                help="random weights + random ids (default on a GPU) or real model + texts (default on a CPU)",
+            ),
+            p.add_argument(
+                "--configs",
+                default=None,
+                help=f"random source: configs among {', '.join(MODEL_CONFIGS)} "
+                f"(default on a GPU: {GPU_CONFIGS}; on a CPU: tiny)",
+            ),
+            p.add_argument(
+                "--tokens", type=int, default=None, help="random source: tokens per workload"
+            ),
             p.add_argument("--st-batch-size", type=int, default=32),
-            p.add_argument("--no-sweeps", action="store_true", help="random source: the length mix only"),
-            p.add_argument("--model", default=None, help="texts source: model folder (default: the embedded SmolLM2)"),
+            p.add_argument(
+                "--no-sweeps", action="store_true", help="random source: the length mix only"
+            ),
+            p.add_argument(
+                "--model",
+                default=None,
+                help="texts source: model folder (default: the embedded SmolLM2)",
+            ),
             p.add_argument("--dtypes", default="float32,bfloat16", help="texts source"),
-            p.add_argument("--texts", type=int, default=None, help="texts source: number of texts (default 256, quick 48)"),
+            p.add_argument(
+                "--texts",
+                type=int,
+                default=None,
+                help="texts source: number of texts (default 256, quick 48)",
+            ),
             p.add_argument("--batch-tokens", type=int, default=4096),
-        ),  # fmt: skip
+        ),
     )
     device = torch.device(args.device)
     source = args.source or ("random" if device.type == "cuda" else "texts")
@@ -296,7 +436,9 @@ def main() -> None:
         args.configs = args.configs or (GPU_CONFIGS if device.type == "cuda" else "tiny")
         unknown = [name for name in args.configs.split(",") if name not in MODEL_CONFIGS]
         if unknown:
-            raise SystemExit(f"unknown --configs {', '.join(unknown)}; expected names among {', '.join(MODEL_CONFIGS)}")
+            raise SystemExit(
+                f"unknown --configs {', '.join(unknown)}; expected names among {', '.join(MODEL_CONFIGS)}"
+            )
     results = harness.Results("encode" if source == "texts" else "encode-random", device, args.out)
     if source == "random":
         bench_random(args, device, results)

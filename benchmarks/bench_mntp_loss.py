@@ -33,7 +33,13 @@ def configs(quick: bool, device: str) -> list[tuple[int, int, int]]:
         return [(64, 1000, 64)]
     if quick:
         return [(8192, 49152, 576), (8192, 128256, 4096)]
-    return [(4096, 49152, 576), (16384, 49152, 576), (4096, 128256, 4096), (8192, 128256, 4096), (16384, 128256, 4096)]
+    return [
+        (4096, 49152, 576),
+        (16384, 49152, 576),
+        (4096, 128256, 4096),
+        (8192, 128256, 4096),
+        (16384, 128256, 4096),
+    ]
 
 
 def main() -> None:
@@ -57,20 +63,38 @@ def main() -> None:
                 return lambda: torch.autograd.grad(loss_fn(hidden, weight, labels), inputs)
 
             ours, theirs = step(mntp_loss), step(baseline_loss)
-            config = {"N": rows, "V": vocab, "H": hidden_size, "dtype": str(dtype).removeprefix("torch."),
-                      "weight": "trainable" if trainable else "frozen"}
+            config = {
+                "N": rows,
+                "V": vocab,
+                "H": hidden_size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "weight": "trainable" if trainable else "frozen",
+            }
             ours_ms = measure_ms(ours, device=device, repeats=repeats)
             theirs_ms = measure_ms(theirs, device=device, repeats=repeats)
             matmuls = 3 if trainable else 2  # logits, grad hidden, grad weight
             flops = 2.0 * rows * vocab * hidden_size * matmuls
-            results.add(config, "fwd+bwd ms", ours_ms, baseline_name="F.linear+F.cross_entropy",
-                        baseline=theirs_ms, higher_is_better=False,
-                        tflops=flops / ours_ms / 1e9, baseline_tflops=flops / theirs_ms / 1e9)
+            results.add(
+                config,
+                "fwd+bwd ms",
+                ours_ms,
+                baseline_name="F.linear+F.cross_entropy",
+                baseline=theirs_ms,
+                higher_is_better=False,
+                tflops=flops / ours_ms / 1e9,
+                baseline_tflops=flops / theirs_ms / 1e9,
+            )
             ours_peak = peak_memory_bytes(ours, device=device)
             theirs_peak = peak_memory_bytes(theirs, device=device)
             if ours_peak is not None and theirs_peak is not None:
-                results.add(config, "peak MiB", ours_peak / 2**20, baseline_name="F.linear+F.cross_entropy",
-                            baseline=theirs_peak / 2**20, higher_is_better=False)
+                results.add(
+                    config,
+                    "peak MiB",
+                    ours_peak / 2**20,
+                    baseline_name="F.linear+F.cross_entropy",
+                    baseline=theirs_peak / 2**20,
+                    higher_is_better=False,
+                )
             del weight
     results.save()
 

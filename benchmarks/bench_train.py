@@ -21,10 +21,9 @@ import os
 import threading
 import time
 
+import harness
 import torch
 import torch.nn.functional as F
-
-import harness
 
 from llm2vec_fast import kernels
 from llm2vec_fast.default_model import default_model_path
@@ -37,10 +36,18 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
 
 
 def extra_args(parser) -> None:
-    parser.add_argument("--model", default=None, help="transformers folder (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; --quick: 4)")
-    parser.add_argument("--max-len", type=int, default=None,
-                        help="longest sequence; lengths spread from a quarter of it (default 128; --quick: 64)")
+    parser.add_argument(
+        "--model", default=None, help="transformers folder (default: the embedded SmolLM2-135M)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="sequences per step (default 8; --quick: 4)"
+    )
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="longest sequence; lengths spread from a quarter of it (default 128; --quick: 64)",
+    )
 
 
 def _release_freed_memory_to_the_os() -> None:
@@ -95,7 +102,9 @@ def make_sequences(batch: int, max_len: int, vocab: int, seed: int = 0) -> list[
     return [torch.randint(10, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-def masked(sequences: list[list[int]], mask_id: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
+def masked(
+    sequences: list[list[int]], mask_id: int, vocab: int
+) -> tuple[list[list[int]], list[list[int]]]:
     inputs, labels = [], []
     for i, seq in enumerate(sequences):
         a, b = mask_block(seq, set(), 0.2, False, mask_id, vocab, torch.Generator().manual_seed(i))
@@ -119,14 +128,24 @@ def ours_steps(model, sequences, device, mask_id: int):
 
     def mntp() -> None:
         model.set_dropout(attention=0.0, hidden=0.0)
-        hidden = model(mntp_batch.input_ids, mntp_batch.cu_seqlens, mntp_batch.max_seqlen, mntp_batch.position_ids)
+        hidden = model(
+            mntp_batch.input_ids,
+            mntp_batch.cu_seqlens,
+            mntp_batch.max_seqlen,
+            mntp_batch.position_ids,
+        )
         kernels.mntp_loss(hidden[rows], model.lm_head_weight, targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def simcse() -> None:
         model.set_dropout(attention=0.3, hidden=0.0)
-        hidden = model(simcse_batch.input_ids, simcse_batch.cu_seqlens, simcse_batch.max_seqlen, simcse_batch.position_ids)
+        hidden = model(
+            simcse_batch.input_ids,
+            simcse_batch.cu_seqlens,
+            simcse_batch.max_seqlen,
+            simcse_batch.position_ids,
+        )
         pooled = kernels.masked_pool(hidden, simcse_batch.cu_seqlens, "mean").float()
         first, second = pooled.chunk(2)
         kernels.contrastive_loss(first, second, scale=20.0).backward()
@@ -151,7 +170,9 @@ def padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 def bidirectional_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, L, L) additive mask: every token sees every non-pad token of its row."""
-    blocked = torch.zeros(valid.shape[0], 1, valid.shape[1], valid.shape[1], dtype=dtype, device=valid.device)
+    blocked = torch.zeros(
+        valid.shape[0], 1, valid.shape[1], valid.shape[1], dtype=dtype, device=valid.device
+    )
     return blocked.masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
 
 
@@ -166,7 +187,13 @@ def set_hf_attention_dropout(hf_model, p: float) -> None:
 def hf_steps(hf_model, sequences, device, mask_id: int):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=list(TARGET_MODULES), bias="none")
+    config = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=list(TARGET_MODULES),
+        bias="none",
+    )
     model = get_peft_model(hf_model, config).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -179,19 +206,29 @@ def hf_steps(hf_model, sequences, device, mask_id: int):
 
     def mntp() -> None:
         set_hf_attention_dropout(hf_model, 0.0)
-        logits = model(input_ids=mntp_ids, attention_mask=bidirectional_mask(mntp_valid, dtype)).logits  # (B, L, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), label_ids[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        logits = model(
+            input_ids=mntp_ids, attention_mask=bidirectional_mask(mntp_valid, dtype)
+        ).logits  # (B, L, V)
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            label_ids[:, 1:].flatten(),
+            ignore_index=IGNORE_INDEX,
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def simcse() -> None:
         set_hf_attention_dropout(hf_model, 0.3)
-        hidden = model.base_model.model.model(input_ids=simcse_ids, attention_mask=bidirectional_mask(simcse_valid, dtype)).last_hidden_state
+        hidden = model.base_model.model.model(
+            input_ids=simcse_ids, attention_mask=bidirectional_mask(simcse_valid, dtype)
+        ).last_hidden_state
         weights = simcse_valid[..., None].to(hidden.dtype)
         pooled = ((hidden * weights).sum(1) / weights.sum(1)).float()
         first, second = F.normalize(pooled, dim=-1).chunk(2)
-        F.cross_entropy(20.0 * first @ second.T, torch.arange(first.shape[0], device=device)).backward()
+        F.cross_entropy(
+            20.0 * first @ second.T, torch.arange(first.shape[0], device=device)
+        ).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -214,7 +251,9 @@ def main() -> None:
     ours, tokenizer = load_model(path, dtype=dtype, device=device)
     torch.manual_seed(0)
     add_lora(ours, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]).train()
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").to(device)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="sdpa"
+    ).to(device)
     sequences = make_sequences(batch, max_len, ours.config.vocab_size)
     mask_id = tokenizer.convert_tokens_to_ids("_")
     real_tokens = sum(len(s) for s in sequences)
@@ -223,14 +262,38 @@ def main() -> None:
     hf_mntp, hf_simcse = hf_steps(copy.deepcopy(hf_model), sequences, device, mask_id)
     del hf_model
     results = harness.Results("train", device, args.out)
-    for name, ours_fn, hf_fn, tokens in (("mntp", ours_mntp, hf_mntp, real_tokens), ("simcse", ours_simcse, hf_simcse, 2 * real_tokens)):
-        config = {"step": name, "model": os.path.basename(str(path)), "batch": batch, "max_len": max_len, "dtype": str(dtype).removeprefix("torch.")}
+    for name, ours_fn, hf_fn, tokens in (
+        ("mntp", ours_mntp, hf_mntp, real_tokens),
+        ("simcse", ours_simcse, hf_simcse, 2 * real_tokens),
+    ):
+        config = {
+            "step": name,
+            "model": os.path.basename(str(path)),
+            "batch": batch,
+            "max_len": max_len,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         our_peak = peak_memory(ours_fn, device)
         hf_peak = peak_memory(hf_fn, device)
         our_ms = harness.measure_ms(ours_fn, device=device, warmup=1, repeats=repeats)
         hf_ms = harness.measure_ms(hf_fn, device=device, warmup=1, repeats=repeats)
-        results.add(config, "tokens/s", tokens / our_ms * 1e3, baseline_name="transformers+peft", baseline=tokens / hf_ms * 1e3, step_ms=our_ms, baseline_step_ms=hf_ms)
-        results.add(config, "peak MiB", our_peak / 2**20, baseline_name="transformers+peft", baseline=hf_peak / 2**20, higher_is_better=False)
+        results.add(
+            config,
+            "tokens/s",
+            tokens / our_ms * 1e3,
+            baseline_name="transformers+peft",
+            baseline=tokens / hf_ms * 1e3,
+            step_ms=our_ms,
+            baseline_step_ms=hf_ms,
+        )
+        results.add(
+            config,
+            "peak MiB",
+            our_peak / 2**20,
+            baseline_name="transformers+peft",
+            baseline=hf_peak / 2**20,
+            higher_is_better=False,
+        )
     results.save()
 
 

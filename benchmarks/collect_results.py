@@ -24,7 +24,14 @@ def read_steps(path: Path) -> list[dict]:
     steps = []
     for line in path.read_text().splitlines():
         name, rc, seconds, status = line.split("\t")
-        steps.append({"step": name, "exit_code": None if rc == "-" else int(rc), "seconds": float(seconds), "status": status})
+        steps.append(
+            {
+                "step": name,
+                "exit_code": None if rc == "-" else int(rc),
+                "seconds": float(seconds),
+                "status": status,
+            }
+        )
     return steps
 
 
@@ -35,7 +42,14 @@ def read_junit(path: Path) -> dict | None:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:  # pytest cut mid-write: keep the rest of the results
-        return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "passed": 0, "failed": [f"unreadable {path.name}: {exc}"]}
+        return {
+            "tests": 0,
+            "failures": 0,
+            "errors": 1,
+            "skipped": 0,
+            "passed": 0,
+            "failed": [f"unreadable {path.name}: {exc}"],
+        }
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     failed = [
         f"{case.get('classname')}::{case.get('name')}"
@@ -43,17 +57,27 @@ def read_junit(path: Path) -> dict | None:
         if case.find("failure") is not None or case.find("error") is not None
     ]
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"], "failed": failed}
+    return {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": failed,
+    }
 
 
 def read_micro(path: Path) -> dict:
     """pytest-benchmark's JSON reduced to one record per micro-benchmark (median milliseconds)."""
     raw = json.loads(path.read_text())
     records = [
-        {"config": {"test": bench["name"]}, "metric": "median_ms", "value": bench["stats"]["median"] * 1e3,
-         "baseline_name": None, "baseline": None, "ratio": None}
+        {
+            "config": {"test": bench["name"]},
+            "metric": "median_ms",
+            "value": bench["stats"]["median"] * 1e3,
+            "baseline_name": None,
+            "baseline": None,
+            "ratio": None,
+        }
         for bench in raw.get("benchmarks", [])
-    ]  # fmt: skip
+    ]
     return {"benchmark": "micro", "records": records, "notes": []}
 
 
@@ -63,7 +87,11 @@ def read_benchmarks(folder: Path) -> list[dict]:
         try:
             run = read_micro(path) if path.name == "micro.json" else json.loads(path.read_text())
         except (ValueError, KeyError) as exc:  # one unreadable file must not lose the others
-            run = {"benchmark": path.stem, "records": [], "notes": [f"skipped: unreadable {path.name}: {exc}"]}
+            run = {
+                "benchmark": path.stem,
+                "records": [],
+                "notes": [f"skipped: unreadable {path.name}: {exc}"],
+            }
         run["file"] = path.name
         runs.append(run)
     return runs
@@ -79,14 +107,21 @@ def headline(run: dict) -> str:
 
 def table(combined: dict) -> str:
     env = combined["environment"]
-    lines = [f"GPU check ({combined['mode']}) on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-             f"CUDA {env['cuda']}, commit {env['git_commit']}"]  # fmt: skip
+    lines = [
+        f"GPU check ({combined['mode']}) on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}, commit {env['git_commit']}"
+    ]
     width = max(len(s["step"]) for s in combined["steps"]) if combined["steps"] else 10
-    lines += [f"  {s['step'].ljust(width)}  {s['seconds']:7.1f}s  {s['status']}" for s in combined["steps"]]
+    lines += [
+        f"  {s['step'].ljust(width)}  {s['seconds']:7.1f}s  {s['status']}"
+        for s in combined["steps"]
+    ]
     pytest = combined["pytest_gpu"]
     if pytest is not None:
-        lines.append(f"pytest -m gpu: {pytest['passed']} passed, {pytest['failures']} failed, {pytest['errors']} errors, "
-                     f"{pytest['skipped']} skipped of {pytest['tests']}")  # fmt: skip
+        lines.append(
+            f"pytest -m gpu: {pytest['passed']} passed, {pytest['failures']} failed, {pytest['errors']} errors, "
+            f"{pytest['skipped']} skipped of {pytest['tests']}"
+        )
         lines += [f"  FAILED {test}" for test in pytest["failed"][:20]]
     for run in combined["benchmarks"]:
         lines.append(f"{run['benchmark']:>14}: {headline(run)}")
@@ -125,8 +160,15 @@ def split(args: argparse.Namespace) -> int:
     env = combined["environment"]
     for run in combined["benchmarks"]:
         run_env = run.get("environment", env)
-        path = args.dest / f"{run_env['date'][:10]}-{_slug(run_env['device'])}-{run['benchmark']}.json"
-        body = {"benchmark": run["benchmark"], "environment": run_env, "records": run["records"], "notes": run.get("notes", [])}
+        path = (
+            args.dest / f"{run_env['date'][:10]}-{_slug(run_env['device'])}-{run['benchmark']}.json"
+        )
+        body = {
+            "benchmark": run["benchmark"],
+            "environment": run_env,
+            "records": run["records"],
+            "notes": run.get("notes", []),
+        }
         path.write_text(json.dumps(body, indent=2) + "\n")
         print(path)
     return 0

@@ -26,10 +26,14 @@ from llm2vec_fast.info import describe_cpu_bf16
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
     """Common flags: ``--quick`` (small shapes, few repeats), ``--device``, ``--out``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke test / GPU check)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes and few repeats (smoke test / GPU check)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON result")
     if extra is not None:
@@ -47,12 +51,18 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, repeats: int = 10) -> float:
+def measure_ms(
+    fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, repeats: int = 10
+) -> float:
     """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
     if torch.device(device).type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=max(warmup, 1) * 10, rep=max(repeats, 1) * 20, return_mode="median"))
+        return float(
+            triton.testing.do_bench(
+                fn, warmup=max(warmup, 1) * 10, rep=max(repeats, 1) * 20, return_mode="median"
+            )
+        )
     for _ in range(warmup):
         fn()
     samples = []
@@ -63,7 +73,9 @@ def measure_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: 
     return statistics.median(samples)
 
 
-def time_calls_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 1, repeats: int = 3) -> float:
+def time_calls_ms(
+    fn: Callable[[], object], *, device: torch.device | str, warmup: int = 1, repeats: int = 3
+) -> float:
     """Median wall time in milliseconds of whole calls of a long ``fn()`` (an end-to-end encode,
     host work included), synchronizing the device around each call, after ``warmup`` calls.
 
@@ -86,12 +98,18 @@ def matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: int) -> 
     measured now: the denominator of MFU, taken on the same card in the same run. On a GPU the
     median of ``do_bench``; on a (possibly shared) CPU the fastest of 10 calls, as a peak."""
     generator = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+    a, b = (
+        torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+        for _ in range(2)
+    )
     if torch.device(device).type == "cuda":
         ms = measure_ms(lambda: torch.matmul(a, b), device=device, warmup=2, repeats=5)
     else:
         torch.matmul(a, b)
-        ms = min(measure_ms(lambda: torch.matmul(a, b), device=device, warmup=0, repeats=1) for _ in range(10))
+        ms = min(
+            measure_ms(lambda: torch.matmul(a, b), device=device, warmup=0, repeats=1)
+            for _ in range(10)
+        )
     return 2 * size**3 / ms / 1e9
 
 
@@ -120,7 +138,11 @@ def device_name(device: torch.device | str) -> str:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -201,7 +223,9 @@ class Results:
         rows = [("config", "metric", "ours", "baseline", "ratio")]
         for r in self.records:
             config = " ".join(f"{k}={v}" for k, v in r["config"].items())
-            baseline = "" if r["baseline"] is None else f"{r['baseline']:.4g} ({r['baseline_name']})"
+            baseline = (
+                "" if r["baseline"] is None else f"{r['baseline']:.4g} ({r['baseline_name']})"
+            )
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
             rows.append((config, r["metric"], f"{r['value']:.4g}", baseline, ratio))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -215,7 +239,18 @@ class Results:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{env['date'][:10]}-{_slug(env['device'])}-{self.name}.json"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"benchmark": self.name, "environment": env, "records": self.records, "notes": self.notes}, indent=2) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "benchmark": self.name,
+                    "environment": env,
+                    "records": self.records,
+                    "notes": self.notes,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         os.replace(tmp, path)
         return path
 

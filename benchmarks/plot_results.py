@@ -19,7 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SWEEPS = {"seqlen": ("max_len", "sequence length (tokens, all equal)"), "batch_tokens": ("batch_tokens", "batch token budget")}
+SWEEPS = {
+    "seqlen": ("max_len", "sequence length (tokens, all equal)"),
+    "batch_tokens": ("batch_tokens", "batch token budget"),
+}
 
 
 def newest_runs(folder: Path) -> dict[str, dict]:
@@ -41,7 +44,9 @@ def series(records: list[dict], sweep: str) -> dict[str, list[tuple[float, float
             continue
         x = record["config"][key]
         graphs = record["config"].get("variant") == "cuda-graphs"
-        lines.setdefault("ours (packed, CUDA graphs)" if graphs else "ours (packed)", {})[x] = record["value"]
+        lines.setdefault("ours (packed, CUDA graphs)" if graphs else "ours (packed)", {})[x] = (
+            record["value"]
+        )
         if record["baseline_name"] != "ours-eager":  # that is the "ours (packed)" line
             lines.setdefault(record["baseline_name"], {})[x] = record["baseline"]
     return {side: sorted(points.items()) for side, points in lines.items()}
@@ -49,7 +54,9 @@ def series(records: list[dict], sweep: str) -> dict[str, list[tuple[float, float
 
 def plot_run(run: dict, out_dir: Path) -> list[Path]:
     env = run["environment"]
-    model = next((r["config"]["model"] for r in run["records"] if r["config"].get("sweep") == "seqlen"), "?")
+    model = next(
+        (r["config"]["model"] for r in run["records"] if r["config"].get("sweep") == "seqlen"), "?"
+    )
     written = []
     for sweep, (_, label) in SWEEPS.items():
         lines = series(run["records"], sweep)
@@ -63,7 +70,9 @@ def plot_run(run: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel("tokens/s")
         ax.set_ylim(bottom=0)  # ratios read true: no zoomed-in axis
-        ax.set_title(f"encode {model}, {env['device']}\ntorch {env['torch']}, {env['date'][:10]}", fontsize=9)
+        ax.set_title(
+            f"encode {model}, {env['device']}\ntorch {env['torch']}, {env['date'][:10]}", fontsize=9
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -82,7 +91,9 @@ def main() -> None:
     args = parser.parse_args()
     runs = newest_runs(args.results)
     if not runs:
-        raise SystemExit(f"no *-encode-random.json in {args.results}: run benchmarks/bench_encode.py --source random first")
+        raise SystemExit(
+            f"no *-encode-random.json in {args.results}: run benchmarks/bench_encode.py --source random first"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     for run in runs.values():
         for path in plot_run(run, args.out):

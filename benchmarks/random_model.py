@@ -16,44 +16,96 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from workloads import stdlib_text
 
 _COMMON = {"hidden_act": "silu", "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2}
 
 MODEL_CONFIGS: dict[str, dict] = {
     "tiny": {
-        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 2048,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": True,
+        **_COMMON,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 2048,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
     },
     "smollm2-135m": {
-        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152,
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0, "tie_word_embeddings": True, "initializer_range": 0.041666666666666664,
+        **_COMMON,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.041666666666666664,
     },
     "qwen2-1.5b": {
-        **_COMMON, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
-        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-        "num_key_value_heads": 2, "max_position_embeddings": 32768, "max_window_layers": 28,
-        "sliding_window": 32768, "use_sliding_window": False, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151643,
+        **_COMMON,
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
     },
     "mistral-7b": {
-        **_COMMON, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 32000,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 32768, "sliding_window": None,
-        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        **_COMMON,
+        "model_type": "mistral",
+        "architectures": ["MistralForCausalLM"],
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
     },
     "llama-3-8b": {
-        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+        **_COMMON,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
     },
-}  # fmt: skip
+}
 
 
 def config_dict(name: str) -> dict:
@@ -68,7 +120,11 @@ def parameter_count(name: str) -> int:
     hidden, inner = c["hidden_size"], c["intermediate_size"]
     head_dim = hidden // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * head_dim
-    attention = hidden * hidden * 2 + 2 * hidden * kv + (hidden + 2 * kv if c["model_type"] == "qwen2" else 0)
+    attention = (
+        hidden * hidden * 2
+        + 2 * hidden * kv
+        + (hidden + 2 * kv if c["model_type"] == "qwen2" else 0)
+    )
     layer = attention + 3 * hidden * inner + 2 * hidden
     return c["vocab_size"] * hidden + c["num_hidden_layers"] * layer + hidden
 
@@ -81,7 +137,14 @@ def hf_config(name: str, **overrides):
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def random_hf_model(name: str, *, dtype: torch.dtype, device: str | torch.device, causal_lm: bool = False, seed: int = 0):
+def random_hf_model(
+    name: str,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    causal_lm: bool = False,
+    seed: int = 0,
+):
     """A transformers model of this config with random weights, created directly on ``device``,
     eval mode, sdpa attention. ``causal_lm`` adds the LM head (for saving a full checkpoint)."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -109,7 +172,9 @@ def bpe_tokenizer(vocab_size: int):
     )
     text = stdlib_text(max_chars=50 * vocab_size)
     backend.train_from_iterator((text[i : i + 2000] for i in range(0, len(text), 2000)), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def write_model_folder(name: str, folder: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -36,17 +36,23 @@ def stdlib_text(max_chars: int = 4_000_000) -> str:
     return " ".join(parts)
 
 
-def token_lengths(count: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0) -> np.ndarray:
+def token_lengths(
+    count: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0
+) -> np.ndarray:
     """``count`` lengths, log-normal around ``median`` (sigma 0.9), clipped to [4, max_tokens]."""
     rng = np.random.default_rng(seed)
     lengths = np.exp(rng.normal(np.log(median), 0.9, size=count))
     return np.clip(lengths.round(), 4, max_tokens).astype(int)
 
 
-def mixed_length_texts(tokenizer, count: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0) -> list[str]:
+def mixed_length_texts(
+    tokenizer, count: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0
+) -> list[str]:
     """``count`` documents whose token counts follow ``token_lengths`` under ``tokenizer``."""
     lengths = token_lengths(count, median=median, max_tokens=max_tokens, seed=seed)
-    ids = tokenizer(stdlib_text(max_chars=max(200_000, 8 * int(lengths.sum()))), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(
+        stdlib_text(max_chars=max(200_000, 8 * int(lengths.sum()))), add_special_tokens=False
+    )["input_ids"]
     texts = []
     start = 0
     for length in lengths:
@@ -57,9 +63,13 @@ def mixed_length_texts(tokenizer, count: int, *, median: int = 48, max_tokens: i
     return texts
 
 
-def lengths_for_tokens(total_tokens: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0) -> list[int]:
+def lengths_for_tokens(
+    total_tokens: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0
+) -> list[int]:
     """The shortest prefix of a ``token_lengths`` draw that holds at least ``total_tokens`` tokens."""
-    lengths = token_lengths(max(1, 4 * total_tokens // median), median=median, max_tokens=max_tokens, seed=seed)
+    lengths = token_lengths(
+        max(1, 4 * total_tokens // median), median=median, max_tokens=max_tokens, seed=seed
+    )
     needed = int(np.searchsorted(np.cumsum(lengths), total_tokens)) + 1
     return lengths[:needed].tolist()
 

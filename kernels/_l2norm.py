@@ -16,7 +16,9 @@ TILE_ELEMENTS = 2048
 
 
 @triton.jit
-def _inverse_norm_kernel(x_ptr, inv_ptr, n_rows, width, stride_x, eps, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _inverse_norm_kernel(
+    x_ptr, inv_ptr, n_rows, width, stride_x, eps, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr
+):
     """inv[r] = 1 / max(||x[r]||, eps) for a block of rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -24,7 +26,9 @@ def _inverse_norm_kernel(x_ptr, inv_ptr, n_rows, width, stride_x, eps, BLOCK_R: 
     for col0 in range(0, width, BLOCK_W):
         cols = col0 + tl.arange(0, BLOCK_W)
         ok = row_ok[:, None] & (cols < width)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
         sum_sq += x * x
     norm = tl.sqrt(tl.sum(sum_sq, axis=1))
     tl.store(inv_ptr + rows, 1.0 / tl.maximum(norm, eps), mask=row_ok)
@@ -32,7 +36,15 @@ def _inverse_norm_kernel(x_ptr, inv_ptr, n_rows, width, stride_x, eps, BLOCK_R: 
 
 @triton.jit
 def _scale_rows_kernel(
-    x_ptr, inv_ptr, out_ptr, n_rows, width, stride_x, stride_out, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr
+    x_ptr,
+    inv_ptr,
+    out_ptr,
+    n_rows,
+    width,
+    stride_x,
+    stride_out,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     """out[r] = x[r] * inv[r], cast to out's dtype."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -41,16 +53,31 @@ def _scale_rows_kernel(
     for col0 in range(0, width, BLOCK_W):
         cols = col0 + tl.arange(0, BLOCK_W)
         ok = row_ok[:, None] & (cols < width)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
         y = x * inv[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(
+            out_ptr + rows[:, None] * stride_out + cols[None, :],
+            y.to(out_ptr.dtype.element_ty),
+            mask=ok,
+        )
 
 
 @triton.jit
 def _normalize_backward_kernel(
-    x_ptr, grad_y_ptr, grad_x_ptr, n_rows, width, stride_x, stride_gy, stride_gx, eps,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    grad_y_ptr,
+    grad_x_ptr,
+    n_rows,
+    width,
+    stride_x,
+    stride_gy,
+    stride_gx,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """Gradient of y = x / max(||x||, eps) for a block of rows.
 
     With n = ||x|| and d = max(n, eps): dx = dy / d - x (x . dy) / n^3 where n >= eps (there
@@ -63,8 +90,12 @@ def _normalize_backward_kernel(
     for col0 in range(0, width, BLOCK_W):
         cols = col0 + tl.arange(0, BLOCK_W)
         ok = row_ok[:, None] & (cols < width)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(grad_y_ptr + rows[:, None] * stride_gy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
+        dy = tl.load(grad_y_ptr + rows[:, None] * stride_gy + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
         sum_sq += x * x
         x_dot_dy += x * dy
     norm = tl.sqrt(tl.sum(sum_sq, axis=1))
@@ -73,10 +104,18 @@ def _normalize_backward_kernel(
     for col0 in range(0, width, BLOCK_W):
         cols = col0 + tl.arange(0, BLOCK_W)
         ok = row_ok[:, None] & (cols < width)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(grad_y_ptr + rows[:, None] * stride_gy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
+        dy = tl.load(grad_y_ptr + rows[:, None] * stride_gy + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
         dx = dy / denom[:, None] - x * projection[:, None]
-        tl.store(grad_x_ptr + rows[:, None] * stride_gx + cols[None, :], dx.to(grad_x_ptr.dtype.element_ty), mask=ok)
+        tl.store(
+            grad_x_ptr + rows[:, None] * stride_gx + cols[None, :],
+            dx.to(grad_x_ptr.dtype.element_ty),
+            mask=ok,
+        )
 
 
 def _blocks(width: int) -> dict:
@@ -105,7 +144,9 @@ def scale_rows(x: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> torch.
     out = torch.empty(rows, width, device=x.device, dtype=dtype)
     if rows:
         blocks = _blocks(width)
-        _scale_rows_kernel[_grid(rows, blocks)](x, inv, out, rows, width, x.stride(0), out.stride(0), **blocks)
+        _scale_rows_kernel[_grid(rows, blocks)](
+            x, inv, out, rows, width, x.stride(0), out.stride(0), **blocks
+        )
     return out
 
 
@@ -118,6 +159,15 @@ def normalize_backward(
     if rows:
         blocks = _blocks(width)
         _normalize_backward_kernel[_grid(rows, blocks)](
-            x, grad_y, grad_x, rows, width, x.stride(0), grad_y.stride(0), grad_x.stride(0), eps, **blocks
+            x,
+            grad_y,
+            grad_x,
+            rows,
+            width,
+            x.stride(0),
+            grad_y.stride(0),
+            grad_x.stride(0),
+            eps,
+            **blocks,
         )
     return grad_x

@@ -52,7 +52,15 @@ def _dropout_keep(seed, head, q_tokens, k_tokens, dropout_p):
 
 
 @triton.jit
-def _load_rows(base, positions, stride, seqlen, MASK_LENGTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(
+    base,
+    positions,
+    stride,
+    seqlen,
+    MASK_LENGTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Rows ``positions`` of one head's ``(seqlen, HEAD_DIM)`` slice at ``base`` as a ``(len, BLOCK_D)``
     tile; zeros past HEAD_DIM and, with MASK_LENGTH, at positions >= seqlen."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -61,7 +69,9 @@ def _load_rows(base, positions, stride, seqlen, MASK_LENGTH: tl.constexpr, HEAD_
     if MASK_LENGTH:
         mask = (positions < seqlen)[:, None] & d_valid[None, :]
     # int64: one long sequence's position x token stride (a fused qkv view's, say) can pass 2^31
-    return tl.load(base + positions.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+    return tl.load(
+        base + positions.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask, other=0.0
+    )
 
 
 @triton.jit
@@ -75,7 +85,9 @@ def _visible_keys(rows, cols, seqlen, MASK_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_block_split(start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_block_split(
+    start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Key range ends for the query block at ``start_m``: the key blocks in [0, full_end) need no
     mask, those in [full_end, masked_end) do (the diagonal block if causal, else the tail block)."""
     if CAUSAL:
@@ -118,7 +130,9 @@ def _fwd_key_blocks(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
-        k = _load_rows(k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        k = _load_rows(
+            k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+        )  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASK_LENGTH:
             s = tl.where(_visible_keys(rows, cols, seqlen, MASK_CAUSAL), s, float("-inf"))
@@ -128,9 +142,13 @@ def _fwd_key_blocks(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p)
+            keep = _dropout_keep(
+                seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p
+            )
             p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(
+            v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+        )  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -167,7 +185,9 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (causal: heavy) blocks first
+    start_m = (
+        tl.num_programs(0) - 1 - tl.program_id(0)
+    ) * BLOCK_M  # late (causal: heavy) blocks first
     head = tl.program_id(1)
     seq = tl.program_id(2)
     seq_start = tl.load(cu_seqlens + seq)
@@ -181,7 +201,11 @@ def _attn_fwd_kernel(
     row_valid = rows < seqlen
     io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     tokens = (seq_start + rows).to(tl.int64)
-    q = tl.load(Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    q = tl.load(
+        Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
     k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
     v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
 
@@ -190,20 +214,66 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     full_end, masked_end = _key_block_split(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, 0, full_end,
-        head, qk_scale, dropout_p, seed,
-        False, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        rows,
+        seq_start,
+        seqlen,
+        0,
+        full_end,
+        head,
+        qk_scale,
+        dropout_p,
+        seed,
+        False,
+        False,
+        HAS_DROPOUT,
+        PRECISION,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+    )
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, full_end, masked_end,
-        head, qk_scale, dropout_p, seed,
-        True, CAUSAL, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        rows,
+        seq_start,
+        seqlen,
+        full_end,
+        masked_end,
+        head,
+        qk_scale,
+        dropout_p,
+        seed,
+        True,
+        CAUSAL,
+        HAS_DROPOUT,
+        PRECISION,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+    )
 
     out = acc / l_i[:, None]
     if HAS_DROPOUT:
         out = out * keep_scale
-    tl.store(Out + tokens[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
+    tl.store(
+        Out + tokens[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=io_mask,
+    )
     lse = m_i + tl.log2(l_i)  # (BLOCK_M,) log2 units
     tl.store(Lse + head.to(tl.int64) * total_tokens + tokens, lse, mask=row_valid)
 
@@ -227,8 +297,14 @@ def _bwd_delta_kernel(
     head = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (tokens < total_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(dOut + tokens[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(
+        Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0
+    )
+    do = tl.load(
+        dOut + tokens[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + head * total_tokens + tokens, delta, mask=tokens < total_tokens)
 
@@ -277,12 +353,16 @@ def _dkdv_query_blocks(
         rows = start_m + offs_m  # (BLOCK_M,) query positions in the sequence
         if MASK_LENGTH:
             row_valid = rows < seqlen
-            lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))  # padded rows get p = 0
+            lse = tl.load(
+                lse_base + rows, mask=row_valid, other=float("inf")
+            )  # padded rows get p = 0
             delta = tl.load(delta_base + rows, mask=row_valid, other=0.0)
         else:
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
-        q = _load_rows(q_base, rows, stride_qt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        q = _load_rows(
+            q_base, rows, stride_qt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+        )  # (BLOCK_M, BLOCK_D)
         do = _load_rows(do_base, rows, stride_dot, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
@@ -294,18 +374,31 @@ def _dkdv_query_blocks(
             p_t = tl.where((cols < seqlen)[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, head, (seq_start + rows)[None, :], (seq_start + cols)[:, None], dropout_p)
-            dv = tl.dot(tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            keep = _dropout_keep(
+                seed, head, (seq_start + rows)[None, :], (seq_start + cols)[:, None], dropout_p
+            )
+            dv = tl.dot(
+                tl.where(keep, p_t * keep_scale, 0.0).to(do.dtype),
+                do,
+                dv,
+                input_precision=PRECISION,
+            )
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * sm_scale  # (BLOCK_M, BLOCK_D)
+            dq = (
+                tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            )  # (BLOCK_M, BLOCK_D)
             dq_mask = (rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            tl.atomic_add(dq_base + rows.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq, mask=dq_mask,
-                          sem="relaxed")
+            tl.atomic_add(
+                dq_base + rows.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :],
+                dq,
+                mask=dq_mask,
+                sem="relaxed",
+            )
     return dk, dv
 
 
@@ -364,8 +457,16 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tokens = (seq_start + cols).to(tl.int64)
-    k = tl.load(K + tokens[:, None] * stride_kt + kv_head.to(tl.int64) * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + tokens[:, None] * stride_vt + kv_head.to(tl.int64) * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + tokens[:, None] * stride_kt + kv_head.to(tl.int64) * stride_kh + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + tokens[:, None] * stride_vt + kv_head.to(tl.int64) * stride_vh + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -385,24 +486,116 @@ def _attn_bwd_dkdv_kernel(
         dq_base = dQacc + seq_start.to(tl.int64) * stride_dqt + head.to(tl.int64) * stride_dqh
         if CAUSAL:
             dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt, cols,
-                seq_start, seqlen, start_n, tl.minimum(start_n + BLOCK_N, seqlen), head, sm_scale, qk_scale, dropout_p,
-                keep_scale, seed, True, True, HAS_DROPOUT, ATOMIC_DQ, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
-            )  # fmt: skip
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                dq_base,
+                stride_qt,
+                stride_dot,
+                stride_dqt,
+                cols,
+                seq_start,
+                seqlen,
+                start_n,
+                tl.minimum(start_n + BLOCK_N, seqlen),
+                head,
+                sm_scale,
+                qk_scale,
+                dropout_p,
+                keep_scale,
+                seed,
+                True,
+                True,
+                HAS_DROPOUT,
+                ATOMIC_DQ,
+                PRECISION,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+            )
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt, cols,
-            seq_start, seqlen, full_start, full_end, head, sm_scale, qk_scale, dropout_p, keep_scale, seed,
-            False, False, HAS_DROPOUT, ATOMIC_DQ, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            dq_base,
+            stride_qt,
+            stride_dot,
+            stride_dqt,
+            cols,
+            seq_start,
+            seqlen,
+            full_start,
+            full_end,
+            head,
+            sm_scale,
+            qk_scale,
+            dropout_p,
+            keep_scale,
+            seed,
+            False,
+            False,
+            HAS_DROPOUT,
+            ATOMIC_DQ,
+            PRECISION,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+        )
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt, cols,
-            seq_start, seqlen, tail_start, seqlen, head, sm_scale, qk_scale, dropout_p, keep_scale, seed,
-            True, False, HAS_DROPOUT, ATOMIC_DQ, PRECISION, HEAD_DIM, BLOCK_M, BLOCK_D,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            dq_base,
+            stride_qt,
+            stride_dot,
+            stride_dqt,
+            cols,
+            seq_start,
+            seqlen,
+            tail_start,
+            seqlen,
+            head,
+            sm_scale,
+            qk_scale,
+            dropout_p,
+            keep_scale,
+            seed,
+            True,
+            False,
+            HAS_DROPOUT,
+            ATOMIC_DQ,
+            PRECISION,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+        )
 
     dk = dk * sm_scale
-    tl.store(dK + tokens[:, None] * stride_dkt + kv_head.to(tl.int64) * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + tokens[:, None] * stride_dvt + kv_head.to(tl.int64) * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dK + tokens[:, None] * stride_dkt + kv_head.to(tl.int64) * stride_dkh + offs_d[None, :],
+        dk.to(dK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        dV + tokens[:, None] * stride_dvt + kv_head.to(tl.int64) * stride_dvh + offs_d[None, :],
+        dv.to(dV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
@@ -438,7 +631,9 @@ def _dq_key_blocks(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
-        k = _load_rows(k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        k = _load_rows(
+            k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+        )  # (BLOCK_N, BLOCK_D)
         v = _load_rows(v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
@@ -446,7 +641,9 @@ def _dq_key_blocks(
             p = tl.where(_visible_keys(rows, cols, seqlen, MASK_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p)
+            keep = _dropout_keep(
+                seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p
+            )
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -489,7 +686,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (causal: heavy) blocks first
+    start_m = (
+        tl.num_programs(0) - 1 - tl.program_id(0)
+    ) * BLOCK_M  # late (causal: heavy) blocks first
     head = tl.program_id(1)
     seq = tl.program_id(2)
     seq_start = tl.load(cu_seqlens + seq)
@@ -503,8 +702,16 @@ def _attn_bwd_dq_kernel(
     row_valid = rows < seqlen
     io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     tokens = (seq_start + rows).to(tl.int64)
-    q = tl.load(Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
-    do = tl.load(dOut + tokens[:, None] * stride_dot + head.to(tl.int64) * stride_doh + offs_d[None, :], mask=io_mask, other=0.0)
+    q = tl.load(
+        Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        dOut + tokens[:, None] * stride_dot + head.to(tl.int64) * stride_doh + offs_d[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
     lse = tl.load(Lse + head.to(tl.int64) * total_tokens + tokens, mask=row_valid, other=0.0)
     delta = tl.load(Delta + head.to(tl.int64) * total_tokens + tokens, mask=row_valid, other=0.0)
     k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
@@ -513,17 +720,67 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, masked_end = _key_block_split(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, 0, full_end,
-        head, qk_scale, dropout_p, keep_scale, seed,
-        False, False, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        rows,
+        seq_start,
+        seqlen,
+        0,
+        full_end,
+        head,
+        qk_scale,
+        dropout_p,
+        keep_scale,
+        seed,
+        False,
+        False,
+        HAS_DROPOUT,
+        PRECISION,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+    )
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, seq_start, seqlen, full_end, masked_end,
-        head, qk_scale, dropout_p, keep_scale, seed,
-        True, CAUSAL, HAS_DROPOUT, PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        rows,
+        seq_start,
+        seqlen,
+        full_end,
+        masked_end,
+        head,
+        qk_scale,
+        dropout_p,
+        keep_scale,
+        seed,
+        True,
+        CAUSAL,
+        HAS_DROPOUT,
+        PRECISION,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+    )
     dq = dq * sm_scale
-    tl.store(dQ + tokens[:, None] * stride_dqt + head.to(tl.int64) * stride_dqh + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=io_mask)
+    tl.store(
+        dQ + tokens[:, None] * stride_dqt + head.to(tl.int64) * stride_dqh + offs_d[None, :],
+        dq.to(dQ.dtype.element_ty),
+        mask=io_mask,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -539,7 +796,11 @@ def _dropout_mask_kernel(
     k_tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     head = tl.program_id(2)
     keep = _dropout_keep(seed, head, q_tokens[:, None], k_tokens[None, :], dropout_p)
-    offsets = head.to(tl.int64) * total_tokens * total_tokens + q_tokens[:, None].to(tl.int64) * total_tokens + k_tokens[None, :]
+    offsets = (
+        head.to(tl.int64) * total_tokens * total_tokens
+        + q_tokens[:, None].to(tl.int64) * total_tokens
+        + k_tokens[None, :]
+    )
     mask = (q_tokens < total_tokens)[:, None] & (k_tokens < total_tokens)[None, :]
     tl.store(Keep + offsets, keep.to(tl.int8), mask=mask)
 
@@ -620,12 +881,33 @@ def _attention_forward(
     config = _configs(head_dim, q.dtype)[0]
     grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), num_heads, batch)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total, num_heads // k.shape[1], softmax_scale * LOG2E, dropout_p, _keep_scale(dropout_p), seed,
-        CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), HEAD_DIM=head_dim,
-        BLOCK_D=_block_d(head_dim), **config,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        total,
+        num_heads // k.shape[1],
+        softmax_scale * LOG2E,
+        dropout_p,
+        _keep_scale(dropout_p),
+        seed,
+        CAUSAL=causal,
+        HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION=_precision(q.dtype),
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        **config,
+    )
     return out, lse
 
 
@@ -658,38 +940,104 @@ def _attention_backward(
     delta = _empty((num_heads, total), dtype=torch.float32, device=q.device)
     block_t = 64
     _bwd_delta_kernel[(triton.cdiv(total, block_t), num_heads)](
-        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), total,
-        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d,
-    )  # fmt: skip
+        out,
+        grad_out,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        total,
+        HEAD_DIM=head_dim,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )
 
     dq = _empty(q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
-    dq_acc = dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (T, Hq, D)
+    dq_acc = (
+        dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    )  # (T, Hq, D)
     _, dkdv_config, dq_config = _configs(head_dim, q.dtype)
     common = dict(
-        CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_D=block_d
+        CAUSAL=causal,
+        HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION=_precision(q.dtype),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
     )
-    scalars = (total, num_heads // num_kv_heads, softmax_scale, softmax_scale * LOG2E, dropout_p, _keep_scale(dropout_p), seed)
+    scalars = (
+        total,
+        num_heads // num_kv_heads,
+        softmax_scale,
+        softmax_scale * LOG2E,
+        dropout_p,
+        _keep_scale(dropout_p),
+        seed,
+    )
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_config["BLOCK_N"]), num_kv_heads, batch)](
-        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
-        grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
-        *scalars, ATOMIC_DQ=not deterministic, **common, **dkdv_config,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        dq_acc,
+        cu_seqlens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        dq_acc.stride(0),
+        dq_acc.stride(1),
+        *scalars,
+        ATOMIC_DQ=not deterministic,
+        **common,
+        **dkdv_config,
+    )
     if not deterministic:
         dq.copy_(dq_acc)
         return dq, dk, dv
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_config["BLOCK_M"]), num_heads, batch)](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
-        grad_out.stride(1), dq.stride(0), dq.stride(1),
-        *scalars, **common, **dq_config,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        cu_seqlens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        dq.stride(0),
+        dq.stride(1),
+        *scalars,
+        **common,
+        **dq_config,
+    )
     return dq, dk, dv
 
 
-def dropout_keep_mask(num_heads: int, total_tokens: int, dropout_p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+def dropout_keep_mask(
+    num_heads: int, total_tokens: int, dropout_p: float, seed: int, device: torch.device | str
+) -> torch.Tensor:
     """The dropout keep-mask the Triton kernels apply, materialized: bool ``(Hq, T, T)``.
 
     Entry ``[h, i, j]`` says whether query head h keeps the probability of packed query token i
@@ -713,8 +1061,22 @@ class VarlenAttentionFunction(torch.autograd.Function):
     """Triton varlen attention; call through ``varlen_attention`` (which validates inputs)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed, deterministic):
-        out, lse = _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed)
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        causal,
+        softmax_scale,
+        dropout_p,
+        dropout_seed,
+        deterministic,
+    ):
+        out, lse = _attention_forward(
+            q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.causal = causal
@@ -728,9 +1090,20 @@ class VarlenAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _attention_backward(
-            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale,
-            ctx.dropout_p, ctx.dropout_seed, ctx.deterministic,
-        )  # fmt: skip
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens,
+            ctx.max_seqlen,
+            ctx.causal,
+            ctx.softmax_scale,
+            ctx.dropout_p,
+            ctx.dropout_seed,
+            ctx.deterministic,
+        )
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -742,19 +1115,33 @@ class VarlenAttentionFunction(torch.autograd.Function):
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D tensor (T, heads, head_dim), got {getattr(tensor, 'shape', type(tensor))}")
+            raise ValueError(
+                f"{name} must be a 3-D tensor (T, heads, head_dim), got {getattr(tensor, 'shape', type(tensor))}"
+            )
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on tokens (dim 0) and head_dim (dim 2)")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on tokens (dim 0) and head_dim (dim 2)"
+        )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(
+            f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device == cu_seqlens.device):
-        raise ValueError(f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}")
+        raise ValueError(
+            f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}"
+        )
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of length B + 1 >= 2, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor of length B + 1 >= 2, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if not 0.0 <= dropout_p < 1.0:
@@ -766,13 +1153,17 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> 
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     first, last, shortest, longest = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
-    ).tolist()  # fmt: skip
+    ).tolist()
     if first != 0 or last != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the token count {total}, got {first} ... {last}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the token count {total}, got {first} ... {last}"
+        )
     if shortest < 0:
         raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
     if longest > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+        raise ValueError(
+            f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})"
+        )
 
 
 def varlen_attention(
@@ -807,21 +1198,44 @@ def varlen_attention(
         _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if not use_triton(q, k, v):
         return reference.varlen_attention(
-            q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p
+            q,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            dropout_p=dropout_p,
         )
     head_dim = q.shape[2]
     if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} is larger than the {MAX_HEAD_DIM} the Triton kernel supports")
+        raise ValueError(
+            f"head_dim {head_dim} is larger than the {MAX_HEAD_DIM} the Triton kernel supports"
+        )
     if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
-        raise ValueError(f"the Triton kernel takes at most {MAX_SEQUENCES} sequences per call, got {cu_seqlens.numel() - 1}")
+        raise ValueError(
+            f"the Triton kernel takes at most {MAX_SEQUENCES} sequences per call, got {cu_seqlens.numel() - 1}"
+        )
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
-        raise ValueError("q, k, v must be contiguous along head_dim (stride 1 in the last dimension)")
+        raise ValueError(
+            "q, k, v must be contiguous along head_dim (stride 1 in the last dimension)"
+        )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
-    if q.shape[0] == 0 or max_seqlen == 0:  # nothing to attend; stay in the autograd graph of q, k, v
+    if (
+        q.shape[0] == 0 or max_seqlen == 0
+    ):  # nothing to attend; stay in the autograd graph of q, k, v
         return q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())
     return VarlenAttentionFunction.apply(
-        q, k, v, cu_seqlens.contiguous(), max_seqlen, bool(causal), float(scale), float(dropout_p),
-        int(dropout_seed or 0), bool(deterministic),
+        q,
+        k,
+        v,
+        cu_seqlens.contiguous(),
+        max_seqlen,
+        bool(causal),
+        float(scale),
+        float(dropout_p),
+        int(dropout_seed or 0),
+        bool(deterministic),
     )  # the kernels index cu_seqlens as a contiguous array

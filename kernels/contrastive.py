@@ -36,16 +36,38 @@ MIN_GRAD_CHUNK_COLS = 2048
 
 @triton.jit
 def _logits_tile(
-    a_ptr, b_ptr, inv_a, inv_b, rows, cols, row_ok, col_ok, dim, stride_a, stride_b, scale,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    inv_a,
+    inv_b,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    dim,
+    stride_a,
+    stride_b,
+    scale,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """scale * cos(a_rows, b_cols) as a (BLOCK_M, BLOCK_N) fp32 tile."""
     dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < dim
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_b + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
         if IEEE:
             dots += tl.dot(a, tl.trans(b), input_precision="ieee")
         else:
@@ -123,12 +145,29 @@ def _forward_kernel(
         col_ok = cols < n_cols
         inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
         logits = _logits_tile(
-            a_ptr, b_ptr, inv_a, inv_b, rows, cols, row_ok, col_ok, dim, stride_a, stride_b, scale, IEEE, BLOCK_M, BLOCK_N, BLOCK_K
+            a_ptr,
+            b_ptr,
+            inv_a,
+            inv_b,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            dim,
+            stride_a,
+            stride_b,
+            scale,
+            IEEE,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
         )
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         positive += tl.sum(tl.where(cols[None, :] == rows[:, None], logits, 0.0), axis=1)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+            tl.exp(logits - new_max[:, None]), axis=1
+        )
         running_max = new_max
     tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=row_ok)
     tl.store(positive_ptr + rows, positive, mask=row_ok)
@@ -136,11 +175,25 @@ def _forward_kernel(
 
 @triton.jit
 def _score_grad_kernel(
-    a_ptr, b_ptr, inv_a_ptr, inv_b_ptr, lse_ptr,
+    a_ptr,
+    b_ptr,
+    inv_a_ptr,
+    inv_b_ptr,
+    lse_ptr,
     g_ptr,  # (M, chunk) fp32: g_ij = softmax_ij - [i == j] for the chunk's columns
-    n_rows, col_start, col_end, dim, stride_a, stride_b, stride_g, scale,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    n_rows,
+    col_start,
+    col_end,
+    dim,
+    stride_a,
+    stride_b,
+    stride_g,
+    scale,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col_start + local
@@ -150,10 +203,27 @@ def _score_grad_kernel(
     inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     logits = _logits_tile(
-        a_ptr, b_ptr, inv_a, inv_b, rows, cols, row_ok, col_ok, dim, stride_a, stride_b, scale, IEEE, BLOCK_M, BLOCK_N, BLOCK_K
+        a_ptr,
+        b_ptr,
+        inv_a,
+        inv_b,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        dim,
+        stride_a,
+        stride_b,
+        scale,
+        IEEE,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
     )
     g = tl.exp(logits - lse[:, None]) - (cols[None, :] == rows[:, None]).to(tl.float32)
-    tl.store(g_ptr + rows[:, None] * stride_g + local[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        g_ptr + rows[:, None] * stride_g + local[None, :], g, mask=row_ok[:, None] & col_ok[None, :]
+    )
 
 
 @triton.jit
@@ -163,9 +233,19 @@ def _row_grad_kernel(
     inv_b_ptr,  # (N,) fp32
     coef_ptr,  # () fp32: d loss / d s_ij = coef * g_ij
     grad_a_hat_ptr,  # (M, D) fp32, accumulated: += coef * scale * g @ (inv_b * b)
-    n_rows, col_start, chunk_cols, dim, stride_g, stride_b, stride_grad, scale,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    n_rows,
+    col_start,
+    chunk_cols,
+    dim,
+    stride_g,
+    stride_b,
+    stride_grad,
+    scale,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -175,9 +255,17 @@ def _row_grad_kernel(
         local = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cols = col_start + local
         col_ok = local < chunk_cols
-        g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_g + local[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=1.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_b + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_b + ds[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         g, b = _scaled_operands(g, inv_b, b, IEEE)
         acc += _dot_fp32_lhs(g, b, IEEE)
     _add_scaled_tile(grad_a_hat_ptr, rows, row_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
@@ -190,9 +278,19 @@ def _col_grad_kernel(
     inv_a_ptr,  # (M,) fp32
     coef_ptr,  # () fp32
     grad_b_hat_ptr,  # (N, D) fp32, accumulated: += coef * scale * g.T @ (inv_a * a)
-    n_rows, col_start, chunk_cols, dim, stride_g, stride_a, stride_grad, scale,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    n_rows,
+    col_start,
+    chunk_cols,
+    dim,
+    stride_g,
+    stride_a,
+    stride_grad,
+    scale,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = local < chunk_cols
@@ -201,12 +299,22 @@ def _col_grad_kernel(
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < n_rows
-        g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_g + local[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + ds[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         g_t, a = _scaled_operands(tl.trans(g), inv_a, a, IEEE)
         acc += _dot_fp32_lhs(g_t, a, IEEE)
-    _add_scaled_tile(grad_b_hat_ptr, col_start + local, col_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
+    _add_scaled_tile(
+        grad_b_hat_ptr, col_start + local, col_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc
+    )
 
 
 def grad_chunk_cols(n_cols: int, dim: int) -> int:
@@ -215,19 +323,37 @@ def grad_chunk_cols(n_cols: int, dim: int) -> int:
     return min(chunk, triton.cdiv(n_cols, BLOCK_N) * BLOCK_N)
 
 
-def _direction_forward(rows, cols, inv_rows, inv_cols, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _direction_forward(
+    rows, cols, inv_rows, inv_cols, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy ``lse_i - s_ii`` ``(M,)`` and ``lse`` ``(M,)`` of one direction."""
     n_rows, dim = rows.shape
     lse = torch.empty(n_rows, device=rows.device, dtype=torch.float32)
     positive = torch.empty_like(lse)
     _forward_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
-        rows, cols, inv_rows, inv_cols, lse, positive, n_rows, cols.shape[0], dim, rows.stride(0), cols.stride(0),
-        scale, IEEE=rows.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
+        rows,
+        cols,
+        inv_rows,
+        inv_cols,
+        lse,
+        positive,
+        n_rows,
+        cols.shape[0],
+        dim,
+        rows.stride(0),
+        cols.stride(0),
+        scale,
+        IEEE=rows.dtype == torch.float32,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
     return lse - positive, lse
 
 
-def _direction_backward(rows, cols, inv_rows, inv_cols, lse, coef, scale: float, grad_rows_hat, grad_cols_hat):
+def _direction_backward(
+    rows, cols, inv_rows, inv_cols, lse, coef, scale: float, grad_rows_hat, grad_cols_hat
+):
     """Add one direction's gradients w.r.t. the normalised rows and columns to the fp32 buffers.
 
     ``coef`` () fp32 is d loss / d (per-row cross-entropy), the same for every row.
@@ -242,17 +368,63 @@ def _direction_backward(rows, cols, inv_rows, inv_cols, lse, coef, scale: float,
         col_end = min(col_start + chunk, n_cols)
         width = col_end - col_start
         _score_grad_kernel[(row_blocks, triton.cdiv(width, BLOCK_N))](
-            rows, cols, inv_rows, inv_cols, lse, g, n_rows, col_start, col_end, dim, rows.stride(0), cols.stride(0),
-            g.stride(0), scale, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        )  # fmt: skip
+            rows,
+            cols,
+            inv_rows,
+            inv_cols,
+            lse,
+            g,
+            n_rows,
+            col_start,
+            col_end,
+            dim,
+            rows.stride(0),
+            cols.stride(0),
+            g.stride(0),
+            scale,
+            IEEE=ieee,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+        )
         _row_grad_kernel[(row_blocks, dim_blocks)](
-            g, cols, inv_cols, coef, grad_rows_hat, n_rows, col_start, width, dim, g.stride(0), cols.stride(0),
-            grad_rows_hat.stride(0), scale, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_K,
-        )  # fmt: skip
+            g,
+            cols,
+            inv_cols,
+            coef,
+            grad_rows_hat,
+            n_rows,
+            col_start,
+            width,
+            dim,
+            g.stride(0),
+            cols.stride(0),
+            grad_rows_hat.stride(0),
+            scale,
+            IEEE=ieee,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_K,
+        )
         _col_grad_kernel[(triton.cdiv(width, BLOCK_N), dim_blocks)](
-            g, rows, inv_rows, coef, grad_cols_hat, n_rows, col_start, width, dim, g.stride(0), rows.stride(0),
-            grad_cols_hat.stride(0), scale, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_K,
-        )  # fmt: skip
+            g,
+            rows,
+            inv_rows,
+            coef,
+            grad_cols_hat,
+            n_rows,
+            col_start,
+            width,
+            dim,
+            g.stride(0),
+            rows.stride(0),
+            grad_cols_hat.stride(0),
+            scale,
+            IEEE=ieee,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_K,
+        )
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -269,7 +441,9 @@ class _InfoNCE(torch.autograd.Function):
         loss = row_losses.mean()
         lse_reverse = None
         if symmetric:
-            reverse_losses, lse_reverse = _direction_forward(docs[:batch], queries, inv_d[:batch], inv_q, scale)
+            reverse_losses, lse_reverse = _direction_forward(
+                docs[:batch], queries, inv_d[:batch], inv_q, scale
+            )
             loss = 0.5 * (loss + reverse_losses.mean())
         ctx.save_for_backward(queries, docs, inv_q, inv_d, lse, lse_reverse)
         ctx.scale = scale
@@ -285,11 +459,21 @@ class _InfoNCE(torch.autograd.Function):
             coef = 0.5 * coef
         grad_q_hat = torch.zeros(batch, dim, device=queries.device, dtype=torch.float32)
         grad_d_hat = torch.zeros(docs.shape[0], dim, device=queries.device, dtype=torch.float32)
-        _direction_backward(queries, docs, inv_q, inv_d, lse, coef, ctx.scale, grad_q_hat, grad_d_hat)
+        _direction_backward(
+            queries, docs, inv_q, inv_d, lse, coef, ctx.scale, grad_q_hat, grad_d_hat
+        )
         if ctx.symmetric:
             positives = docs[:batch]
             _direction_backward(
-                positives, queries, inv_d[:batch], inv_q, lse_reverse, coef, ctx.scale, grad_d_hat[:batch], grad_q_hat
+                positives,
+                queries,
+                inv_d[:batch],
+                inv_q,
+                lse_reverse,
+                coef,
+                ctx.scale,
+                grad_d_hat[:batch],
+                grad_q_hat,
             )
         # grad_x_hat is d loss / d normalised x; the normalisation's backward turns it into d loss / d x
         grad_q = normalize_backward(queries, grad_q_hat, queries.dtype)
@@ -327,7 +511,9 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
-def _gathered_loss(queries: torch.Tensor, docs: torch.Tensor, scale: float, symmetric: bool) -> torch.Tensor:
+def _gathered_loss(
+    queries: torch.Tensor, docs: torch.Tensor, scale: float, symmetric: bool
+) -> torch.Tensor:
     """This rank's share of the loss over the batch concatenated across ranks.
 
     All docs are laid out as [this rank's positives, the other ranks' positives, every rank's
@@ -338,14 +524,18 @@ def _gathered_loss(queries: torch.Tensor, docs: torch.Tensor, scale: float, symm
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("gather_across_ranks=True needs an initialised torch.distributed process group")
+        raise RuntimeError(
+            "gather_across_ranks=True needs an initialised torch.distributed process group"
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     batch, n_docs = queries.shape[0], docs.shape[0]
     sizes = [torch.zeros(2, dtype=torch.int64, device=queries.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([batch, n_docs], device=queries.device))
     sizes = [tuple(s.tolist()) for s in sizes]
     if any(s != (batch, n_docs) for s in sizes):
-        raise ValueError(f"gather_across_ranks needs equal batch sizes on every rank; (queries, docs) per rank: {sizes}")
+        raise ValueError(
+            f"gather_across_ranks needs equal batch sizes on every rank; (queries, docs) per rank: {sizes}"
+        )
     all_queries = _AllGather.apply(queries)  # (R*B, D)
     all_docs = _AllGather.apply(docs)  # (R*N, D), rank k's rows at k*N
     ranks = torch.tensor([rank] + [k for k in range(world) if k != rank], device=docs.device)
@@ -355,19 +545,27 @@ def _gathered_loss(queries: torch.Tensor, docs: torch.Tensor, scale: float, symm
     own_queries = all_queries[rank * batch : (rank + 1) * batch]
     loss = _loss(own_queries, laid_out_docs, scale, symmetric=False)
     if symmetric:
-        query_order = torch.arange(world * batch, device=queries.device).view(world, batch)[ranks].flatten()
-        loss = 0.5 * (loss + _loss(laid_out_docs[:batch], all_queries[query_order], scale, symmetric=False))
+        query_order = (
+            torch.arange(world * batch, device=queries.device).view(world, batch)[ranks].flatten()
+        )
+        loss = 0.5 * (
+            loss + _loss(laid_out_docs[:batch], all_queries[query_order], scale, symmetric=False)
+        )
     return loss
 
 
 def _check_inputs(queries, docs, scale) -> None:
     for name, x in (("queries", queries), ("docs", docs)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be a 2-D tensor, got shape {tuple(getattr(x, 'shape', ()))}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if queries.shape[1] != docs.shape[1]:
-        raise ValueError(f"queries and docs must have the same width D: {queries.shape[1]} vs {docs.shape[1]}")
+        raise ValueError(
+            f"queries and docs must have the same width D: {queries.shape[1]} vs {docs.shape[1]}"
+        )
     if queries.shape[1] == 0:
         raise ValueError("queries and docs must have a width D >= 1")
     if queries.shape[0] == 0:
@@ -380,7 +578,9 @@ def _check_inputs(queries, docs, scale) -> None:
     if queries.dtype != docs.dtype:
         raise TypeError(f"queries and docs must share a dtype: {queries.dtype} vs {docs.dtype}")
     if queries.device != docs.device:
-        raise ValueError(f"queries and docs must be on the same device: {queries.device} vs {docs.device}")
+        raise ValueError(
+            f"queries and docs must be on the same device: {queries.device} vs {docs.device}"
+        )
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
 

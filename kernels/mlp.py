@@ -18,7 +18,9 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _load_gate_up(gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+def _load_gate_up(
+    gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr
+):
     """This program's tile: (row_ids, cols, mask, gate, up), gate and up ``(BLOCK_T, BLOCK_I)`` in fp32."""
     row_ids = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -40,7 +42,9 @@ def _swiglu_forward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
-    row_ids, cols, mask, gate, up = _load_gate_up(gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T, BLOCK_I)
+    row_ids, cols, mask, gate, up = _load_gate_up(
+        gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T, BLOCK_I
+    )
     silu = gate * tl.sigmoid(gate)
     out_ptrs = out_ptr + row_ids[:, None] * stride_out_row + cols[None, :]
     tl.store(out_ptrs, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
@@ -59,7 +63,9 @@ def _swiglu_backward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
-    row_ids, cols, mask, gate, up = _load_gate_up(gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T, BLOCK_I)
+    row_ids, cols, mask, gate, up = _load_gate_up(
+        gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T, BLOCK_I
+    )
     grad_out_ptrs = grad_out_ptr + row_ids[:, None] * stride_grad_out_row + cols[None, :]
     grad_out = tl.load(grad_out_ptrs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
@@ -87,7 +93,14 @@ def _swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     grid, block_t, block_i = _launch_config(rows, intermediate)
     _swiglu_forward_kernel[grid](
-        gate_up, out, rows, intermediate, gate_up.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_I=block_i
+        gate_up,
+        out,
+        rows,
+        intermediate,
+        gate_up.stride(0),
+        out.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_I=block_i,
     )
     return out
 
@@ -139,7 +152,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2:
         raise ValueError(f"gate_up must be 2-D (T, 2I), got shape {tuple(gate_up.shape)}")
     if gate_up.shape[1] % 2:
-        raise ValueError(f"gate_up's last dim must be even (gate and up halves), got {gate_up.shape[1]}")
+        raise ValueError(
+            f"gate_up's last dim must be even (gate and up halves), got {gate_up.shape[1]}"
+        )
     if not gate_up.is_floating_point():
         raise TypeError(f"gate_up must be a floating-point tensor, got {gate_up.dtype}")
     if use_triton(gate_up):

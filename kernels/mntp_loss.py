@@ -108,13 +108,28 @@ def _mntp_forward_kernel(
         cols = (tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < vocab
         logits = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, hidden_size,
-            stride_hidden, stride_weight, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EXACT_FP32,
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            hidden_size,
+            stride_hidden,
+            stride_weight,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            EXACT_FP32,
         )
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
         target += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(
+            tl.exp(logits - new_max[:, None]), axis=1
+        )
         running_max = new_max
     out = split.to(tl.int64) * rows_total + rows
     tl.store(running_max_ptr + out, running_max, mask=row_mask)
@@ -151,8 +166,21 @@ def _mntp_logits_grad_kernel(
     row_mask = rows < rows_total
     col_mask = local_cols < vocab_count
     logits = _logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, hidden_size,
-        stride_hidden, stride_weight, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EXACT_FP32,
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        hidden_size,
+        stride_hidden,
+        stride_weight,
+        HAS_BIAS,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+        EXACT_FP32,
     )
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -199,7 +227,9 @@ def _mntp_forward(
     vocab = weight.shape[0]
     config = _tile_config(rows, hidden.dtype)
     row_blocks = triton.cdiv(rows, config["BLOCK_N"])
-    splits, tiles_per_split = _vocab_splits(row_blocks, triton.cdiv(vocab, config["BLOCK_V"]), hidden.device)
+    splits, tiles_per_split = _vocab_splits(
+        row_blocks, triton.cdiv(vocab, config["BLOCK_V"]), hidden.device
+    )
     partial = torch.empty(3, splits, rows, dtype=torch.float32, device=hidden.device)  # (3, S, M)
     running_max, sum_exp, target = partial.unbind(0)
     _mntp_forward_kernel[(row_blocks, splits)](
@@ -248,12 +278,20 @@ def _mntp_backward(
     grad_hidden = None
     grad_hidden32 = None
     if need_hidden and not single_chunk:
-        grad_hidden32 = torch.zeros(rows, hidden_size, dtype=torch.float32, device=hidden.device)  # (M, H)
-    grad_weight = torch.empty(vocab, hidden_size, dtype=weight.dtype, device=weight.device) if need_weight else None
+        grad_hidden32 = torch.zeros(
+            rows, hidden_size, dtype=torch.float32, device=hidden.device
+        )  # (M, H)
+    grad_weight = (
+        torch.empty(vocab, hidden_size, dtype=weight.dtype, device=weight.device)
+        if need_weight
+        else None
+    )
     grad_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
     for vocab_start in range(0, vocab, chunk):
         count = min(chunk, vocab - vocab_start)
-        logits_grad = torch.empty(rows, count, dtype=hidden.dtype, device=hidden.device)  # (M, chunk)
+        logits_grad = torch.empty(
+            rows, count, dtype=hidden.dtype, device=hidden.device
+        )  # (M, chunk)
         grid = (triton.cdiv(rows, config["BLOCK_N"]), triton.cdiv(count, config["BLOCK_V"]))
         _mntp_logits_grad_kernel[grid](
             hidden,
@@ -295,7 +333,11 @@ class MNTPLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> torch.Tensor:
         lse, target = _mntp_forward(hidden, weight, bias, labels)
         ctx.save_for_backward(hidden, weight, labels, bias, lse)
@@ -307,7 +349,13 @@ class MNTPLossFunction(torch.autograd.Function):
         need_hidden, need_weight, _, need_bias = ctx.needs_input_grad
         scale = (grad_loss.float() / hidden.shape[0]).reshape(1)
         grad_hidden, grad_weight, grad_bias = _mntp_backward(
-            hidden, weight, bias, labels, lse, scale, (need_hidden, need_weight, need_bias and bias is not None)
+            hidden,
+            weight,
+            bias,
+            labels,
+            lse,
+            scale,
+            (need_hidden, need_weight, need_bias and bias is not None),
         )
         return grad_hidden, grad_weight, None, grad_bias
 
@@ -328,7 +376,9 @@ def _check_inputs(
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
+        raise TypeError(
+            f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}"
+        )
     if bias is not None:
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
@@ -367,7 +417,9 @@ def mntp_loss(
     out_of_range = (kept_labels < 0) | (kept_labels >= vocab)
     if bool(out_of_range.any()):
         bad = kept_labels[out_of_range][0].item()
-        raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
+        raise ValueError(
+            f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
+        )
     if kept_rows.numel() == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0
         if bias is not None:

@@ -47,7 +47,9 @@ def _rms_norm_forward_kernel(
     cols = tl.arange(0, BLOCK_H)
     row_mask = row_ids < rows
     mask = row_mask[:, None] & (cols < hidden)[None, :]
-    h = tl.load(x_ptr + row_ids[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(x_ptr + row_ids[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
     if HAS_RESIDUAL:
         residual_ptrs = residual_ptr + row_ids[:, None] * stride_residual + cols[None, :]
         h += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -94,7 +96,9 @@ def _rms_norm_backward_kernel(
         row_ids = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         row_mask = row_ids < rows
         mask = row_mask[:, None] & col_mask[None, :]
-        h = tl.load(summed_ptr + row_ids[:, None] * stride_summed + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(
+            summed_ptr + row_ids[:, None] * stride_summed + cols[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
         rstd = tl.load(rstd_ptr + row_ids, mask=row_mask, other=0.0)
         normed = h * rstd[:, None]  # (BLOCK_T, BLOCK_H)
         grad_out_ptrs = grad_out_ptr + row_ids[:, None] * stride_grad_out + cols[None, :]
@@ -104,7 +108,9 @@ def _rms_norm_backward_kernel(
         row_dot = tl.sum(grad_normed * normed, axis=1) / hidden
         grad_h = rstd[:, None] * (grad_normed - normed * row_dot[:, None])
         if HAS_GRAD_SUMMED:
-            grad_summed_ptrs = grad_summed_ptr + row_ids[:, None] * stride_grad_summed + cols[None, :]
+            grad_summed_ptrs = (
+                grad_summed_ptr + row_ids[:, None] * stride_grad_summed + cols[None, :]
+            )
             grad_h += tl.load(grad_summed_ptrs, mask=mask, other=0.0).to(tl.float32)
         grad_in_ptrs = grad_in_ptr + row_ids[:, None] * stride_grad_in + cols[None, :]
         tl.store(grad_in_ptrs, grad_h.to(grad_in_ptr.dtype.element_ty), mask=mask)
@@ -140,7 +146,9 @@ def _rms_norm_forward(
     rows, hidden = x.shape
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(rows, hidden, dtype=out_dtype, device=x.device)  # (T, H)
-    summed = None if residual is None else torch.empty(rows, hidden, dtype=x.dtype, device=x.device)  # (T, H)
+    summed = (
+        None if residual is None else torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
+    )  # (T, H)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)  # (T,)
     if rows == 0:
         return out, summed, rstd
@@ -187,7 +195,9 @@ def _rms_norm_backward(
     row_blocks = triton.cdiv(rows, block_t)
     blocks_per_program = triton.cdiv(row_blocks, _backward_programs(row_blocks, summed.device))
     programs = triton.cdiv(row_blocks, blocks_per_program)
-    weight_grad_partial = torch.empty(programs, hidden, dtype=torch.float32, device=summed.device)  # (P, H)
+    weight_grad_partial = torch.empty(
+        programs, hidden, dtype=torch.float32, device=summed.device
+    )  # (P, H)
     _rms_norm_backward_kernel[(programs,)](
         summed,
         weight,
@@ -215,7 +225,9 @@ class RMSNormFunction(torch.autograd.Function):
     """``(x, weight, residual)`` -> ``(normed, x + residual)``; without a residual only ``normed``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ):
         out, summed, rstd = _rms_norm_forward(x, weight, eps, residual)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(x if summed is None else summed, weight, rstd)
@@ -235,7 +247,9 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_in, grad_weight, None, grad_residual
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+def _check_inputs(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (T, H), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -252,7 +266,9 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: t
         raise ValueError(f"eps must be >= 0, got {eps}")
     if residual is not None:
         if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+            raise ValueError(
+                f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
         if residual.device != x.device:
@@ -275,9 +291,13 @@ def rms_norm(
     if not use_triton(x, weight, residual):
         return reference.rms_norm(x, weight, eps, residual)
     if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"Triton rms_norm supports fp16, bf16 and fp32, got x {x.dtype} and weight {weight.dtype}")
+        raise TypeError(
+            f"Triton rms_norm supports fp16, bf16 and fp32, got x {x.dtype} and weight {weight.dtype}"
+        )
     if x.shape[1] > _MAX_HIDDEN:
-        raise ValueError(f"Triton rms_norm keeps a row in registers: hidden size {x.shape[1]} > {_MAX_HIDDEN}")
+        raise ValueError(
+            f"Triton rms_norm keeps a row in registers: hidden size {x.shape[1]} > {_MAX_HIDDEN}"
+        )
     x_rows = x if x.stride(-1) == 1 else x.contiguous()
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()

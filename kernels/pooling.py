@@ -74,7 +74,9 @@ def _pool_forward_kernel(
             token = end - 1
         else:
             token = start
-        picked = tl.load(hidden_ptr + token * stride_hidden + cols, mask=in_width & (end > start), other=0.0)
+        picked = tl.load(
+            hidden_ptr + token * stride_hidden + cols, mask=in_width & (end > start), other=0.0
+        )
         tl.store(out_row, picked.to(out_ptr.dtype.element_ty), mask=in_width)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
@@ -114,7 +116,9 @@ def _pool_backward_kernel(
     BLOCK_H: tl.constexpr,
 ):
     seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H)
-    grad = tl.load(grad_pooled_ptr + seq.to(tl.int64) * stride_grad_pooled + cols, mask=in_width, other=0.0)
+    grad = tl.load(
+        grad_pooled_ptr + seq.to(tl.int64) * stride_grad_pooled + cols, mask=in_width, other=0.0
+    )
     if MODE < 2:
         grad = grad / tl.maximum(tl.load(totals_ptr + seq), 1e-9)
     rank_base = tl.sum(tl.zeros((BLOCK_T,), dtype=tl.float32), axis=0)
@@ -144,15 +148,29 @@ class _MaskedPool(torch.autograd.Function):
         total, width = hidden.shape
         batch = cu_seqlens.numel() - 1
         has_mask = pool_mask is not None
-        mask = pool_mask.contiguous().view(torch.uint8) if has_mask else cu_seqlens  # any pointer when unused
+        mask = (
+            pool_mask.contiguous().view(torch.uint8) if has_mask else cu_seqlens
+        )  # any pointer when unused
         # without normalisation the kernel writes the output dtype; with it, fp32 for the norm
-        pooled = torch.empty(batch, width, device=hidden.device, dtype=torch.float32 if normalize else hidden.dtype)
+        pooled = torch.empty(
+            batch, width, device=hidden.device, dtype=torch.float32 if normalize else hidden.dtype
+        )
         totals = torch.empty(batch, device=hidden.device, dtype=torch.float32)
         if batch and width:
             _pool_forward_kernel[_grid(batch, width)](
-                hidden, cu_seqlens, mask, pooled, totals, width, hidden.stride(0), pooled.stride(0),
-                MODE=mode_code, HAS_MASK=has_mask, BLOCK_T=BLOCK_TOKENS, BLOCK_H=BLOCK_HIDDEN,
-            )  # fmt: skip
+                hidden,
+                cu_seqlens,
+                mask,
+                pooled,
+                totals,
+                width,
+                hidden.stride(0),
+                pooled.stride(0),
+                MODE=mode_code,
+                HAS_MASK=has_mask,
+                BLOCK_T=BLOCK_TOKENS,
+                BLOCK_H=BLOCK_HIDDEN,
+            )
         out = pooled
         if normalize:
             out = scale_rows(pooled, inverse_row_norms(pooled), hidden.dtype)
@@ -170,25 +188,45 @@ class _MaskedPool(torch.autograd.Function):
         total, width = ctx.hidden_shape
         batch = cu_seqlens.numel() - 1
         grad_out = grad_out.contiguous()
-        grad_pooled = normalize_backward(pooled32, grad_out, torch.float32) if ctx.normalize else grad_out.float()
+        grad_pooled = (
+            normalize_backward(pooled32, grad_out, torch.float32)
+            if ctx.normalize
+            else grad_out.float()
+        )
         grad_hidden = torch.empty(total, width, device=grad_out.device, dtype=ctx.hidden_dtype)
         if batch and width:
             _pool_backward_kernel[_grid(batch, width)](
-                grad_pooled, cu_seqlens, mask, totals, grad_hidden, width, grad_pooled.stride(0), grad_hidden.stride(0),
-                MODE=ctx.mode_code, HAS_MASK=ctx.has_mask, BLOCK_T=BLOCK_TOKENS, BLOCK_H=BLOCK_HIDDEN,
-            )  # fmt: skip
+                grad_pooled,
+                cu_seqlens,
+                mask,
+                totals,
+                grad_hidden,
+                width,
+                grad_pooled.stride(0),
+                grad_hidden.stride(0),
+                MODE=ctx.mode_code,
+                HAS_MASK=ctx.has_mask,
+                BLOCK_T=BLOCK_TOKENS,
+                BLOCK_H=BLOCK_HIDDEN,
+            )
         return grad_hidden, None, None, None, None
 
 
 def _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens: bool) -> None:
     if mode not in reference.POOLING_MODES:
-        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {', '.join(reference.POOLING_MODES)}")
+        raise ValueError(
+            f"unknown pooling mode {mode!r}; expected one of {', '.join(reference.POOLING_MODES)}"
+        )
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D (T, H) tensor, got shape {tuple(getattr(hidden, 'shape', ()))}")
+        raise ValueError(
+            f"hidden must be a 2-D (T, H) tensor, got shape {tuple(getattr(hidden, 'shape', ()))}"
+        )
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != hidden.device:
@@ -196,7 +234,9 @@ def _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens: bool) -
     total = hidden.shape[0]
     if pool_mask is not None:
         if pool_mask.shape != (total,):
-            raise ValueError(f"pool_mask must have shape ({total},) like hidden's tokens, got {tuple(pool_mask.shape)}")
+            raise ValueError(
+                f"pool_mask must have shape ({total},) like hidden's tokens, got {tuple(pool_mask.shape)}"
+            )
         if pool_mask.dtype != torch.bool:
             raise TypeError(f"pool_mask must be bool, got {pool_mask.dtype}")
         if pool_mask.device != hidden.device:
@@ -205,7 +245,11 @@ def _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens: bool) -
         return
     # one host sync; a bad cu_seqlens would otherwise read or leave tokens out of bounds
     first, last, min_length = torch.stack(
-        [cu_seqlens[0], cu_seqlens[-1], (cu_seqlens[1:] - cu_seqlens[:-1]).min() if cu_seqlens.numel() > 1 else cu_seqlens[0]]
+        [
+            cu_seqlens[0],
+            cu_seqlens[-1],
+            (cu_seqlens[1:] - cu_seqlens[:-1]).min() if cu_seqlens.numel() > 1 else cu_seqlens[0],
+        ]
     ).tolist()
     if first != 0 or last != total or min_length < 0:
         raise ValueError(
@@ -236,7 +280,11 @@ def masked_pool(
     if not use_triton(hidden):
         return reference.masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize)
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"Triton masked_pool supports float16, bfloat16 and float32, got {hidden.dtype}")
+        raise TypeError(
+            f"Triton masked_pool supports float16, bfloat16 and float32, got {hidden.dtype}"
+        )
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    return _MaskedPool.apply(hidden, cu_seqlens.contiguous(), MODE_CODES[mode], pool_mask, bool(normalize))
+    return _MaskedPool.apply(
+        hidden, cu_seqlens.contiguous(), MODE_CODES[mode], pool_mask, bool(normalize)
+    )

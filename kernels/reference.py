@@ -40,7 +40,9 @@ def varlen_attention(
     total, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key/value heads ({num_kv_heads})")
+        raise ValueError(
+            f"query heads ({num_q_heads}) must be a multiple of key/value heads ({num_kv_heads})"
+        )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
@@ -67,7 +69,9 @@ def varlen_attention(
 def sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Index of the sequence each packed token belongs to: ``(T,)`` int64."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total)
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total
+    )
 
 
 def masked_pool(
@@ -86,7 +90,9 @@ def masked_pool(
     dtype of ``hidden``, computed in fp32.
     """
     if mode not in POOLING_MODES:
-        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {', '.join(POOLING_MODES)}")
+        raise ValueError(
+            f"unknown pooling mode {mode!r}; expected one of {', '.join(POOLING_MODES)}"
+        )
     total, width = hidden.shape
     batch = cu_seqlens.numel() - 1
     starts = cu_seqlens[:-1].long()
@@ -96,19 +102,31 @@ def masked_pool(
     if mode in ("eos_token", "last_token", "bos_token"):
         index = (ends - 1) if mode != "bos_token" else starts
         nonempty = ends > starts
-        picked = hidden32[index.clamp(0, max(total - 1, 0))] if total else hidden32.new_zeros(batch, width)
+        picked = (
+            hidden32[index.clamp(0, max(total - 1, 0))]
+            if total
+            else hidden32.new_zeros(batch, width)
+        )
         pooled = torch.where(nonempty[:, None], picked, torch.zeros_like(picked))
     else:
         seq = sequence_ids(cu_seqlens, total)
-        mask = torch.ones(total, dtype=torch.bool, device=hidden.device) if pool_mask is None else pool_mask.bool()
+        mask = (
+            torch.ones(total, dtype=torch.bool, device=hidden.device)
+            if pool_mask is None
+            else pool_mask.bool()
+        )
         weights = mask.to(compute)
         if mode == "weighted_mean":
             # rank of each pooled token inside its sequence: 1, 2, ... L
             running = torch.cumsum(weights, 0)
-            offset = torch.cat([running.new_zeros(1), running])[starts]  # pooled tokens before each sequence
+            offset = torch.cat([running.new_zeros(1), running])[
+                starts
+            ]  # pooled tokens before each sequence
             weights = (running - offset[seq]) * weights
         totals = torch.zeros(batch, device=hidden.device, dtype=compute).index_add_(0, seq, weights)
-        sums = torch.zeros(batch, width, device=hidden.device, dtype=compute).index_add_(0, seq, hidden32 * weights[:, None])
+        sums = torch.zeros(batch, width, device=hidden.device, dtype=compute).index_add_(
+            0, seq, hidden32 * weights[:, None]
+        )
         pooled = sums / totals.clamp_min(1e-9)[:, None]
     if normalize:
         pooled = F.normalize(pooled, p=2.0, dim=-1, eps=1e-12)
@@ -186,7 +204,9 @@ def rms_norm(
     return weight * normed.to(x.dtype), summed
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0
+):
     """cos and sin tables ``(T, D)`` for packed ``position_ids`` ``(T,)`` (HF's rotate-half layout).
 
     The angles are fp32 products ``position * inv_freq`` as in Hugging Face; cos and sin are taken

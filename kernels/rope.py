@@ -44,7 +44,9 @@ def _rotary_kernel(
     dim_mask = dims < half_dim
     positions = tl.load(position_ids_ptr + token_ids, mask=token_mask, other=0).to(tl.float32)
     inv_freq = tl.load(inv_freq_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    angle = positions[:, None] * inv_freq[None, :]  # (BLOCK_T, BLOCK_HALF), one fp32 rounding as in HF
+    angle = (
+        positions[:, None] * inv_freq[None, :]
+    )  # (BLOCK_T, BLOCK_HALF), one fp32 rounding as in HF
     cos = (tl.cos(angle) * attention_scaling)[:, None, :]
     sin = (tl.sin(angle) * attention_scaling)[:, None, :]
     if INVERSE:
@@ -56,7 +58,9 @@ def _rotary_kernel(
         + head_ids[None, :, None] * stride_x_head
         + dims[None, None, :]
     )
-    first = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_HEADS, BLOCK_HALF)
+    first = tl.load(x_ptrs, mask=mask, other=0.0).to(
+        tl.float32
+    )  # (BLOCK_T, BLOCK_HEADS, BLOCK_HALF)
     second = tl.load(x_ptrs + half_dim, mask=mask, other=0.0).to(tl.float32)
     out_first = first * cos - second * sin
     out_second = second * cos + first * sin
@@ -87,7 +91,9 @@ def _rotate(
     half_dim = head_dim // 2
     block_half = triton.next_power_of_2(half_dim)
     block_heads = min(triton.next_power_of_2(heads), max(1, _TILE_ELEMENTS // block_half))
-    block_t = min(triton.next_power_of_2(tokens), max(1, _TILE_ELEMENTS // (block_heads * block_half)))
+    block_t = min(
+        triton.next_power_of_2(tokens), max(1, _TILE_ELEMENTS // (block_heads * block_half))
+    )
     grid = (triton.cdiv(tokens, block_t), triton.cdiv(heads, block_heads))
     _rotary_kernel[grid](
         x,
@@ -131,24 +137,44 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None):
         position_ids, inv_freq = ctx.saved_tensors
         scaling = ctx.attention_scaling
-        grad_q = None if grad_q is None else _rotate(grad_q, position_ids, inv_freq, scaling, inverse=True)
-        grad_k = None if grad_k is None else _rotate(grad_k, position_ids, inv_freq, scaling, inverse=True)
+        grad_q = (
+            None
+            if grad_q is None
+            else _rotate(grad_q, position_ids, inv_freq, scaling, inverse=True)
+        )
+        grad_k = (
+            None
+            if grad_k is None
+            else _rotate(grad_k, position_ids, inv_freq, scaling, inverse=True)
+        )
         return grad_q, grad_k, None, None, None
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> None:
     if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"q and k must be 3-D (T, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must be 3-D (T, H, D), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on tokens and head_dim")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on tokens and head_dim"
+        )
     head_dim = q.shape[2]
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for the rotate-half layout, got {head_dim}")
     if not q.is_floating_point() or not k.is_floating_point():
         raise TypeError(f"q and k must be floating-point, got {q.dtype} and {k.dtype}")
     if position_ids.dim() != 1 or position_ids.shape[0] != q.shape[0]:
-        raise ValueError(f"position_ids must have shape ({q.shape[0]},), got {tuple(position_ids.shape)}")
-    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise ValueError(
+            f"position_ids must have shape ({q.shape[0]},), got {tuple(position_ids.shape)}"
+        )
+    if (
+        position_ids.is_floating_point()
+        or position_ids.is_complex()
+        or position_ids.dtype == torch.bool
+    ):
         raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if inv_freq.dim() != 1 or inv_freq.shape[0] != head_dim // 2:
         raise ValueError(
@@ -179,7 +205,9 @@ def apply_rotary(
     if not use_triton(q, k):
         return reference.apply_rotary(q, k, position_ids, inv_freq, attention_scaling)
     if q.dtype not in _TRITON_DTYPES or k.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"Triton apply_rotary supports fp16, bf16 and fp32, got {q.dtype} and {k.dtype}")
+        raise TypeError(
+            f"Triton apply_rotary supports fp16, bf16 and fp32, got {q.dtype} and {k.dtype}"
+        )
     return RotaryFunction.apply(
         q, k, position_ids.contiguous(), inv_freq.float().contiguous(), float(attention_scaling)
     )

@@ -121,7 +121,9 @@ def _pack_batches_python(
             token_offsets.append(total_tokens)
             batch_tokens = batch_size = 0
         if batch_tokens + seq_len > torch.iinfo(torch.int32).max:
-            raise ValueError(f"pack_batches: a batch of {batch_tokens + seq_len} tokens does not fit the int32 cu_seqlens")
+            raise ValueError(
+                f"pack_batches: a batch of {batch_tokens + seq_len} tokens does not fit the int32 cu_seqlens"
+            )
         batch_tokens += seq_len
         batch_size += 1
         total_tokens += seq_len

@@ -23,7 +23,13 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 # Defaults of the transformers config classes for keys a config.json may leave out.
 _MAX_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
-_REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
 _MISTRAL_WINDOW_DEFAULT = 4096  # transformers MistralConfig.sliding_window
 _QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # transformers Qwen2Config.max_window_layers
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -84,7 +90,9 @@ class ModelConfig:
             raise ValueError(f"{model_type} config is missing {', '.join(missing)}")
         hidden_act = raw.get("hidden_act", "silu")
         if hidden_act != "silu":
-            raise ValueError(f"hidden_act {hidden_act!r} is not supported: the MLP is SwiGLU (silu)")
+            raise ValueError(
+                f"hidden_act {hidden_act!r} is not supported: the MLP is SwiGLU (silu)"
+            )
         num_heads = int(raw["num_attention_heads"])
         head_dim = raw.get("head_dim") or int(raw["hidden_size"]) // num_heads
         rope_theta, rope_scaling = _read_rope(raw)
@@ -97,7 +105,11 @@ class ModelConfig:
             qkv_bias, o_bias = attention_bias, attention_bias
             mlp_bias = bool(raw.get("mlp_bias", False))
             # transformers' Mistral default when the key is absent; an explicit null means no window
-            window = raw.get("sliding_window", _MISTRAL_WINDOW_DEFAULT) if model_type == "mistral" else None
+            window = (
+                raw.get("sliding_window", _MISTRAL_WINDOW_DEFAULT)
+                if model_type == "mistral"
+                else None
+            )
 
         return cls(
             model_type=model_type,
@@ -118,7 +130,9 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             pad_token_id=raw.get("pad_token_id"),
-            max_position_embeddings=int(raw.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[model_type]),
+            max_position_embeddings=int(
+                raw.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[model_type]
+            ),
             sliding_window=int(window) if window else None,
             attention_dropout=float(raw.get("attention_dropout", 0.0)),
         )
@@ -145,26 +159,36 @@ def _qwen2_has_sliding_layers(raw: dict[str, Any]) -> bool:
         return "sliding_attention" in raw["layer_types"]
     if not raw.get("use_sliding_window", False):
         return False
-    return int(raw.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS_DEFAULT)) < int(raw["num_hidden_layers"])
+    return int(raw.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS_DEFAULT)) < int(
+        raw["num_hidden_layers"]
+    )
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     """RoPE base and scaling from either the transformers 5 ``rope_parameters`` dict or the older
     top-level ``rope_theta`` + ``rope_scaling`` keys."""
     parameters, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
-    scaling_keys = {("rope_type" if key == "type" else key): value for key, value in scaling.items()}
+    scaling_keys = {
+        ("rope_type" if key == "type" else key): value for key, value in scaling.items()
+    }
     if parameters and any(parameters.get(key) != value for key, value in scaling_keys.items()):
         # a model card may say to add rope_scaling to a config saved with rope_parameters: transformers
         # then takes rope_scaling alone and drops rope_parameters' rope_theta
-        raise ValueError("the config has both rope_parameters and rope_scaling and they differ; keep one of them"
-                         f" (rope_parameters={parameters}, rope_scaling={scaling})")
+        raise ValueError(
+            "the config has both rope_parameters and rope_scaling and they differ; keep one of them"
+            f" (rope_parameters={parameters}, rope_scaling={scaling})"
+        )
     params = dict(parameters or scaling)
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ValueError(
+            f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor={partial} is not supported (only full rotary embeddings)")
+        raise ValueError(
+            f"partial_rotary_factor={partial} is not supported (only full rotary embeddings)"
+        )
     theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     if rope_type == "default":
         return theta, None
@@ -184,7 +208,9 @@ def _read_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     return theta, scaling
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> torch.Tensor:
     """Inverse frequencies ``theta ** (-2i / head_dim)``, rescaled the Llama 3.1 way if asked.
 
     Llama 3.1 keeps high frequencies (wavelength below ``original / high_freq_factor``), divides low
@@ -196,7 +222,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None
     if scaling is not None:
         context = scaling.original_max_position_embeddings
         wavelength = 2 * math.pi / inv_freq
-        blend = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blend = (context / wavelength - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
         blend = blend.clamp(0.0, 1.0)  # 1 keeps the frequency, 0 divides it by factor
         inv_freq = inv_freq * (blend + (1.0 - blend) / scaling.factor)
     return inv_freq.float()

@@ -54,7 +54,9 @@ class GraphShape:
 
 def padding_lengths(padding: int, max_seqlen: int) -> list[int]:
     """Lengths of the padding sequences holding ``padding`` tokens, none over ``max_seqlen``."""
-    return [max_seqlen] * (padding // max_seqlen) + ([padding % max_seqlen] if padding % max_seqlen else [])
+    return [max_seqlen] * (padding // max_seqlen) + (
+        [padding % max_seqlen] if padding % max_seqlen else []
+    )
 
 
 def graph_shape(lengths: list[int]) -> GraphShape:
@@ -79,14 +81,18 @@ def pad_batch(
     if padding < 0:
         raise ValueError(f"a batch of {total} tokens does not fit {shape}")
     lengths = torch.diff(cu_seqlens.long())  # (B,)
-    padding_sequences = torch.tensor(padding_lengths(padding, shape.max_seqlen), dtype=torch.long)  # (P,)
+    padding_sequences = torch.tensor(
+        padding_lengths(padding, shape.max_seqlen), dtype=torch.long
+    )  # (P,)
     all_lengths = torch.cat([lengths, padding_sequences])  # (B + P,)
     if all_lengths.numel() > shape.slots:
         raise ValueError(f"{all_lengths.numel()} sequences with the padding do not fit {shape}")
     padded_cu = torch.zeros(shape.slots + 1, dtype=torch.int32)
     padded_cu[1 : all_lengths.numel() + 1] = torch.cumsum(all_lengths, 0).to(torch.int32)
     padded_cu[all_lengths.numel() + 1 :] = shape.tokens
-    _, position_ids = varlen_metadata(padded_cu, shape.tokens)  # (T',) restarting at 0 in each sequence
+    _, position_ids = varlen_metadata(
+        padded_cu, shape.tokens
+    )  # (T',) restarting at 0 in each sequence
     padded_ids = torch.cat([input_ids.long(), input_ids.new_zeros(padding, dtype=torch.long)])
     padded_mask = torch.cat([pool_mask.bool(), torch.zeros(padding, dtype=torch.bool)])
     return padded_ids, padded_mask, padded_cu, position_ids.long()
@@ -95,7 +101,9 @@ def pad_batch(
 @dataclass
 class _CapturedGraph:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # static (input_ids, pool_mask, cu_seqlens, position_ids) on the device
+    inputs: tuple[
+        torch.Tensor, ...
+    ]  # static (input_ids, pool_mask, cu_seqlens, position_ids) on the device
     pooled: torch.Tensor  # static output (slots, hidden)
 
 
@@ -113,7 +121,9 @@ class GraphedEncoder:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
         if not use_triton(model.embed_tokens.weight) or interpreting():
-            raise ValueError("CUDA graphs need the Triton kernels (the reference backend reads cu_seqlens on the host)")
+            raise ValueError(
+                "CUDA graphs need the Triton kernels (the reference backend reads cu_seqlens on the host)"
+            )
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.model = model
@@ -121,9 +131,13 @@ class GraphedEncoder:
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _CapturedGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(device)  # every copy, warm-up, capture and replay runs here
+        self._stream = torch.cuda.Stream(
+            device
+        )  # every copy, warm-up, capture and replay runs here
         self._lock = threading.Lock()
-        model.inv_freq_on(device)  # moved now, not during the first forward, so the fingerprint holds
+        model.inv_freq_on(
+            device
+        )  # moved now, not during the first forward, so the fingerprint holds
         self._memory_seen = memory_fingerprint(model)
 
     def still_valid(self, model: DecoderModel) -> bool:
@@ -153,7 +167,9 @@ class GraphedEncoder:
         lengths = torch.diff(cu_seqlens).tolist()
         shape = graph_shape(lengths)
         key = (shape, bool(causal), mode, bool(normalize))
-        if shape.slots > MAX_SEQUENCES or (key not in self._graphs and len(self._graphs) >= self.max_graphs):
+        if shape.slots > MAX_SEQUENCES or (
+            key not in self._graphs and len(self._graphs) >= self.max_graphs
+        ):
             return None
         padded = [t.pin_memory() for t in pad_batch(input_ids, pool_mask, cu_seqlens, shape)]
         with self._lock, torch.cuda.device(self.device), torch.inference_mode():
@@ -178,19 +194,30 @@ class GraphedEncoder:
             return result
 
     def _capture(
-        self, inputs: list[torch.Tensor], shape: GraphShape, causal: bool, mode: str, normalize: bool
+        self,
+        inputs: list[torch.Tensor],
+        shape: GraphShape,
+        causal: bool,
+        mode: str,
+        normalize: bool,
     ) -> _CapturedGraph:
         """Warm up (Triton compiles, cuBLAS picks kernels), then capture, both on the encoder's
         stream; the static inputs already hold the batch that asked for this graph."""
         input_ids, pool_mask, cu_seqlens, position_ids = inputs
 
         def run() -> torch.Tensor:
-            hidden = self.model.forward_unchecked(input_ids, cu_seqlens, shape.max_seqlen, position_ids, causal=causal)
-            return masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize, check_cu_seqlens=False)  # (B', hidden)
+            hidden = self.model.forward_unchecked(
+                input_ids, cu_seqlens, shape.max_seqlen, position_ids, causal=causal
+            )
+            return masked_pool(
+                hidden, cu_seqlens, mode, pool_mask, normalize, check_cu_seqlens=False
+            )  # (B', hidden)
 
         run()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(
+            graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"
+        ):
             pooled = run()
         return _CapturedGraph(graph, tuple(inputs), pooled)
 

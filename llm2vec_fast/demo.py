@@ -49,28 +49,50 @@ def write_corpus(path: Path, limit: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for the corpus and embeddings")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("demo_output"),
+        help="folder for the corpus and embeddings",
+    )
     parser.add_argument("--limit", type=int, default=None, help="embed only the first N docstrings")
-    parser.add_argument("--overwrite", action="store_true", help="embed again even if a finished job is there")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="embed again even if a finished job is there"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     model = default_model_path()
-    print(f"model: SmolLM2-135M-Instruct (embedded default) at {model} [{time.perf_counter() - started:.1f}s]")
+    print(
+        f"model: SmolLM2-135M-Instruct (embedded default) at {model} [{time.perf_counter() - started:.1f}s]"
+    )
     corpus = args.output / "stdlib_docstrings.jsonl"
     rows = write_corpus(corpus, args.limit)
     print(f"corpus: {rows} docstrings of the Python standard library -> {corpus}")
 
     def embed(overwrite: bool):
         return embed_corpus(
-            corpus, args.output / "embeddings", model=str(model), id_field="id", text_field="text",
-            pooling="mean", max_length=256, normalize=True, causal=True, batch_tokens=4096, overwrite=overwrite,
+            corpus,
+            args.output / "embeddings",
+            model=str(model),
+            id_field="id",
+            text_field="text",
+            pooling="mean",
+            max_length=256,
+            normalize=True,
+            causal=True,
+            batch_tokens=4096,
+            overwrite=overwrite,
         )
 
     try:
         summary = embed(args.overwrite)
-    except JobMismatchError as exc:  # another --limit, another Python's docstrings: the old job is of no use
+    except (
+        JobMismatchError
+    ) as exc:  # another --limit, another Python's docstrings: the old job is of no use
         print(f"the last demo run's embeddings do not fit ({exc}): embedding again")
         summary = embed(True)
     print(summary)
@@ -83,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             texts[record["id"]] = record["text"]
     for question in QUESTIONS:
         print(f"\nQ: {question}")
-        for doc_id, score in search(args.output / "embeddings", question, k=3, instruction=INSTRUCTION, engine=engine):
+        for doc_id, score in search(
+            args.output / "embeddings", question, k=3, instruction=INSTRUCTION, engine=engine
+        ):
             print(f"  {score:.3f}  {doc_id}: {texts[doc_id][:90]}")
     print(f"\ndone in {time.perf_counter() - started:.0f}s")
     return 0

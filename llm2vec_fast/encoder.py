@@ -33,7 +33,13 @@ TRAIN_CONFIG_FILE = "train_config.json"  # written by llm2vec_fast.train beside 
 LLM2VEC_DOC_MAX_LENGTH = 400  # llm2vec's default doc_max_length
 DEFAULT_MAX_BATCH_TOKENS = 8192
 # from_pretrained keywords that transformers users pass out of habit: accepted, with no effect here.
-_IGNORED_HF_KWARGS = ("device_map", "attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "cache_dir")
+_IGNORED_HF_KWARGS = (
+    "device_map",
+    "attn_implementation",
+    "low_cpu_mem_usage",
+    "trust_remote_code",
+    "cache_dir",
+)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -42,16 +48,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype {dtype} is not supported; expected float32, float16 or bfloat16")
+            raise ValueError(
+                f"dtype {dtype} is not supported; expected float32, float16 or bfloat16"
+            )
         resolved = dtype
     else:
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+        }
         if str(dtype) not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(names)} or 'auto'")
+            raise ValueError(
+                f"unknown dtype {dtype!r}; expected one of {', '.join(names)} or 'auto'"
+            )
         resolved = names[str(dtype)]
     if device.type == "cpu" and resolved == torch.float16:
-        warnings.warn("float16 on a CPU is slow and imprecise; prefer bfloat16 or float32", stacklevel=3)
+        warnings.warn(
+            "float16 on a CPU is slow and imprecise; prefer bfloat16 or float32", stacklevel=3
+        )
     return resolved
 
 
@@ -60,9 +78,11 @@ def _check_tokenizer_adds_bos(tokenizer: Any) -> None:
     without one); a tokenizer that adds none would silently pool the first word instead."""
     ids = tokenizer("a")["input_ids"]
     if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id:
-        raise ValueError("pooling_mode='bos_token' needs a tokenizer that puts a BOS token first; this one does not"
-                         f" (bos_token_id={tokenizer.bos_token_id}, 'a' -> {ids}): use mean, weighted_mean,"
-                         " eos_token or last_token")
+        raise ValueError(
+            "pooling_mode='bos_token' needs a tokenizer that puts a BOS token first; this one does not"
+            f" (bos_token_id={tokenizer.bos_token_id}, 'a' -> {ids}): use mean, weighted_mean,"
+            " eos_token or last_token"
+        )
 
 
 def _read_settings(path: Path, keys: Sequence[str]) -> dict:
@@ -73,8 +93,10 @@ def _read_settings(path: Path, keys: Sequence[str]) -> dict:
     settings = {key: saved[key] for key in keys if key in saved}
     for key, value in settings.items():
         if not _valid_setting(key, value):
-            raise ValueError(f"{path}: {key} = {value!r} is not valid (pooling modes: {', '.join(POOLING_MODES)};"
-                             " lengths: positive ints; skip_instruction, bidirectional: true or false)")
+            raise ValueError(
+                f"{path}: {key} = {value!r} is not valid (pooling modes: {', '.join(POOLING_MODES)};"
+                " lengths: positive ints; skip_instruction, bidirectional: true or false)"
+            )
     return settings
 
 
@@ -109,9 +131,14 @@ class LLM2Vec:
         cuda_graphs: bool = False,
     ):
         if pooling_mode not in POOLING_MODES:
-            raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}")
-        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length),
-                            ("max_batch_tokens", max_batch_tokens)):
+            raise ValueError(
+                f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}"
+            )
+        for name, value in (
+            ("max_length", max_length),
+            ("doc_max_length", doc_max_length),
+            ("max_batch_tokens", max_batch_tokens),
+        ):
             text_layer.check_positive_int(name, value)
         if not isinstance(skip_instruction, bool):
             raise TypeError(f"skip_instruction must be True or False, got {skip_instruction!r}")
@@ -166,28 +193,49 @@ class LLM2Vec:
         """
         unknown = sorted(set(hf_kwargs) - set(_IGNORED_HF_KWARGS))
         if unknown:
-            raise TypeError(f"LLM2Vec.from_pretrained got unexpected keyword arguments: {', '.join(unknown)}")
+            raise TypeError(
+                f"LLM2Vec.from_pretrained got unexpected keyword arguments: {', '.join(unknown)}"
+            )
         if hf_kwargs:
-            logger.info("ignoring %s: the packed runtime needs none of them", ", ".join(sorted(hf_kwargs)))
+            logger.info(
+                "ignoring %s: the packed runtime needs none of them", ", ".join(sorted(hf_kwargs))
+            )
         target = torch.device(device) if device is not None else default_device()
         compute_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
-        if torch_dtype is not None and dtype is not None and resolve_dtype(torch_dtype, target) != compute_dtype:
-            raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; give one of them")
+        if (
+            torch_dtype is not None
+            and dtype is not None
+            and resolve_dtype(torch_dtype, target) != compute_dtype
+        ):
+            raise ValueError(
+                f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; give one of them"
+            )
         if isinstance(adapters, (str, Path)):
             adapters = [adapters]
-        chain = [Path(p) for p in ([peft_model_name_or_path] if peft_model_name_or_path else []) + list(adapters)]
-        model, tokenizer = load_model(base_model_name_or_path, adapters=chain, dtype=compute_dtype, device=target)
+        chain = [
+            Path(p)
+            for p in ([peft_model_name_or_path] if peft_model_name_or_path else []) + list(adapters)
+        ]
+        model, tokenizer = load_model(
+            base_model_name_or_path, adapters=chain, dtype=compute_dtype, device=target
+        )
 
         settings = cls._saved_settings(Path(chain[-1]) if chain else Path(base_model_name_or_path))
-        given = {"pooling_mode": pooling_mode, "max_length": max_length,
-                 "doc_max_length": doc_max_length, "skip_instruction": skip_instruction}
+        given = {
+            "pooling_mode": pooling_mode,
+            "max_length": max_length,
+            "doc_max_length": doc_max_length,
+            "skip_instruction": skip_instruction,
+        }
         settings.update({key: value for key, value in given.items() if value is not None})
         saved_bidirectional = settings.pop("bidirectional", True)
         return cls(
             model,
             tokenizer,
             **settings,
-            enable_bidirectional=saved_bidirectional if enable_bidirectional is None else enable_bidirectional,
+            enable_bidirectional=saved_bidirectional
+            if enable_bidirectional is None
+            else enable_bidirectional,
             model_name=text_layer.model_identity(base_model_name_or_path),
             max_batch_tokens=max_batch_tokens,
             cuda_graphs=cuda_graphs,
@@ -224,7 +272,11 @@ class LLM2Vec:
     def describe(self) -> dict:
         """What produced these embeddings: model files with their sha256, settings, dimension."""
         loaded = getattr(self.model, "loaded_from", None)
-        files = [] if loaded is None else [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)} for p in loaded.files]
+        files = (
+            []
+            if loaded is None
+            else [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)} for p in loaded.files]
+        )
         adapters = [] if loaded is None else [str(Path(p).resolve()) for p in loaded.adapters]
         return {
             "model": None if loaded is None else str(loaded.source),
@@ -299,25 +351,47 @@ class LLM2Vec:
 
         # the attention kernel takes at most MAX_SEQUENCES per launch: many short or empty texts
         # fit a token budget in more sequences than that
-        size_limit = min(max_batch_size or attention_kernels.MAX_SEQUENCES, attention_kernels.MAX_SEQUENCES)
+        size_limit = min(
+            max_batch_size or attention_kernels.MAX_SEQUENCES, attention_kernels.MAX_SEQUENCES
+        )
         for plan in plan_batches([len(i.input_ids) for i in items], budget, size_limit):
             members = [items[j] for j in plan.indices.tolist()]
-            input_ids = torch.tensor([t for item in members for t in item.input_ids], dtype=torch.long)  # (T,)
-            pool_mask = torch.tensor([m for item in members for m in item.pool_mask], dtype=torch.bool)  # (T,)
+            input_ids = torch.tensor(
+                [t for item in members for t in item.input_ids], dtype=torch.long
+            )  # (T,)
+            pool_mask = torch.tensor(
+                [m for item in members for m in item.pool_mask], dtype=torch.bool
+            )  # (T,)
             # checked on the host copies: on a GPU, reading cu_seqlens back would wait for the last batch
-            self.model.check_inputs(input_ids, plan.cu_seqlens, plan.max_seqlen, plan.position_ids, causal)
+            self.model.check_inputs(
+                input_ids, plan.cu_seqlens, plan.max_seqlen, plan.position_ids, causal
+            )
             pooled = None
             if graphed is not None:
                 pooled = graphed.pooled(
-                    input_ids, pool_mask, plan.cu_seqlens, causal=causal, mode=self.pooling_mode, normalize=normalize
+                    input_ids,
+                    pool_mask,
+                    plan.cu_seqlens,
+                    causal=causal,
+                    mode=self.pooling_mode,
+                    normalize=normalize,
                 )  # (B, hidden), or None: this batch runs eagerly
             if pooled is None:
                 cu_seqlens = to_device(plan.cu_seqlens)  # (B + 1,)
                 hidden = self.model.forward_unchecked(
-                    to_device(input_ids), cu_seqlens, plan.max_seqlen, to_device(plan.position_ids), causal=causal
+                    to_device(input_ids),
+                    cu_seqlens,
+                    plan.max_seqlen,
+                    to_device(plan.position_ids),
+                    causal=causal,
                 )  # (T, hidden)
                 pooled = masked_pool(
-                    hidden, cu_seqlens, self.pooling_mode, to_device(pool_mask), normalize, check_cu_seqlens=False
+                    hidden,
+                    cu_seqlens,
+                    self.pooling_mode,
+                    to_device(pool_mask),
+                    normalize,
+                    check_cu_seqlens=False,
                 )  # (B, hidden)
             out[to_device(plan.indices)] = pooled.float()
             if progress is not None:
@@ -365,7 +439,9 @@ class LLM2Vec:
         if device is not None and torch.device(device) != self.device:
             self.to(device)
         items = self.tokenize(sentences)
-        with tqdm(total=len(items), desc="Encoding", unit="text", disable=not show_progress_bar) as bar:
+        with tqdm(
+            total=len(items), desc="Encoding", unit="text", disable=not show_progress_bar
+        ) as bar:
             embeddings = self.embed_tokenized(
                 items,
                 normalize=normalize_embeddings,

@@ -45,13 +45,19 @@ def read_sts(path: str | Path) -> STSData:
                 continue
             fields = line.split("\t")
             if len(fields) < STSB_SCORE_COLUMN + 3:
-                raise ValueError(f"{path}:{number}: expected at least 7 tab-separated fields (genre, file, year, id, score, sentence1, sentence2), got {len(fields)}")
+                raise ValueError(
+                    f"{path}:{number}: expected at least 7 tab-separated fields (genre, file, year, id, score, sentence1, sentence2), got {len(fields)}"
+                )
             try:
                 score = float(fields[STSB_SCORE_COLUMN])
             except ValueError as error:
-                raise ValueError(f"{path}:{number}: score {fields[STSB_SCORE_COLUMN]!r} is not a number") from error
+                raise ValueError(
+                    f"{path}:{number}: score {fields[STSB_SCORE_COLUMN]!r} is not a number"
+                ) from error
             if not math.isfinite(score):
-                raise ValueError(f"{path}:{number}: score {fields[STSB_SCORE_COLUMN]!r} is not a finite number")
+                raise ValueError(
+                    f"{path}:{number}: score {fields[STSB_SCORE_COLUMN]!r} is not a finite number"
+                )
             scores.append(score)
             first.append(fields[STSB_SCORE_COLUMN + 1])
             second.append(fields[STSB_SCORE_COLUMN + 2])
@@ -79,11 +85,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"spearman needs two 1-D arrays of one length, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"spearman needs two 1-D arrays of one length, got {a.shape} and {b.shape}"
+        )
     for name, values in (("first", a), ("second", b)):
         if not np.isfinite(values).all():
             bad = np.flatnonzero(~np.isfinite(values))
-            raise ValueError(f"spearman: the {name} array holds {len(bad)} NaN/inf values (first at index {bad[0]})")
+            raise ValueError(
+                f"spearman: the {name} array holds {len(bad)} NaN/inf values (first at index {bad[0]})"
+            )
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
@@ -99,17 +109,28 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / norms
 
 
-def evaluate_sts(encoder: Any, data: STSData, *, batch_size: int = 32, show_progress_bar: bool = False) -> dict[str, Any]:
+def evaluate_sts(
+    encoder: Any, data: STSData, *, batch_size: int = 32, show_progress_bar: bool = False
+) -> dict[str, Any]:
     """Spearman x100 of cosine similarity against the gold scores, for an ``LLM2Vec``-like encoder."""
     unique = sorted(set(data.sentences1) | set(data.sentences2))
     index = {sentence: i for i, sentence in enumerate(unique)}
-    embeddings = np.asarray(encoder.encode(unique, batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=True))
+    embeddings = np.asarray(
+        encoder.encode(
+            unique,
+            batch_size=batch_size,
+            show_progress_bar=show_progress_bar,
+            convert_to_numpy=True,
+        )
+    )
     first = embeddings[[index[s] for s in data.sentences1]]
     second = embeddings[[index[s] for s in data.sentences2]]
     if not np.isfinite(embeddings).all():
         bad = sorted({unique[i] for i in np.flatnonzero(~np.isfinite(embeddings).all(axis=1))})
-        raise ValueError(f"the encoder gave NaN/inf embeddings for {len(bad)} sentences (first: {bad[0][:80]!r});"
-                         " a 16-bit dtype may overflow: try --dtype float32")
+        raise ValueError(
+            f"the encoder gave NaN/inf embeddings for {len(bad)} sentences (first: {bad[0][:80]!r});"
+            " a 16-bit dtype may overflow: try --dtype float32"
+        )
     similarity = cosine_rows(first, second)
     return {"spearman": 100.0 * spearman(similarity, data.scores), "pairs": len(data.scores)}
 
@@ -117,18 +138,48 @@ def evaluate_sts(encoder: Any, data: STSData, *, batch_size: int = 32, show_prog
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate an encoder (STS Spearman)")
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    sts = tasks.add_parser("sts", help="STS-B style file: Spearman x100 of cosine similarity vs gold scores")
-    sts.add_argument("--model", required=True, help="model folder, .gguf file, or LLM2Vec MNTP adapter folder")
-    sts.add_argument("--adapter", action="append", default=[], help="LoRA adapter merged on top (repeatable, in order)")
-    sts.add_argument("--data", required=True, help="STS file (tab-separated: genre, file, year, id, score, sentence1, sentence2)")
-    sts.add_argument("--pooling", default=None, help="pooling mode (mean, weighted_mean, eos_token, last_token,"
-                     " bos_token; default: the adapter's llm2vec_config.json, else mean)")
-    sts.add_argument("--causal", action="store_true", help="causal attention (the untouched decoder) instead of"
-                     " bidirectional (or what the adapter was trained with)")
-    sts.add_argument("--max-length", type=int, default=None, help="tokens per sentence (default: the adapter's"
-                     " llm2vec_config.json, else 512; without this option llm2vec's rules apply, its word cut at"
-                     " doc_max_length included)")
-    sts.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: bf16 on a GPU, fp32 on a CPU)")
+    sts = tasks.add_parser(
+        "sts", help="STS-B style file: Spearman x100 of cosine similarity vs gold scores"
+    )
+    sts.add_argument(
+        "--model", required=True, help="model folder, .gguf file, or LLM2Vec MNTP adapter folder"
+    )
+    sts.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="LoRA adapter merged on top (repeatable, in order)",
+    )
+    sts.add_argument(
+        "--data",
+        required=True,
+        help="STS file (tab-separated: genre, file, year, id, score, sentence1, sentence2)",
+    )
+    sts.add_argument(
+        "--pooling",
+        default=None,
+        help="pooling mode (mean, weighted_mean, eos_token, last_token,"
+        " bos_token; default: the adapter's llm2vec_config.json, else mean)",
+    )
+    sts.add_argument(
+        "--causal",
+        action="store_true",
+        help="causal attention (the untouched decoder) instead of"
+        " bidirectional (or what the adapter was trained with)",
+    )
+    sts.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per sentence (default: the adapter's"
+        " llm2vec_config.json, else 512; without this option llm2vec's rules apply, its word cut at"
+        " doc_max_length included)",
+    )
+    sts.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, ... (default: bf16 on a GPU, fp32 on a CPU)",
+    )
     sts.add_argument("--output", help="also write the result as JSON here")
     sts.set_defaults(run=_run_sts)
 
@@ -140,15 +191,23 @@ def _run_sts(args: argparse.Namespace) -> int:
     encoder = LLM2Vec.from_pretrained(
         args.model,
         adapters=args.adapter,
-        enable_bidirectional=False if args.causal else None,  # None: as the adapter was trained (else True)
+        enable_bidirectional=False
+        if args.causal
+        else None,  # None: as the adapter was trained (else True)
         pooling_mode=args.pooling,
         max_length=args.max_length,
         doc_max_length=args.max_length,  # a given --max-length alone decides: no llm2vec word cut at 400
         dtype=args.dtype,
     )
     result = evaluate_sts(encoder, data, show_progress_bar=True)
-    result.update(model=str(args.model), adapters=list(args.adapter), data=str(args.data),
-                  pooling=encoder.pooling_mode, max_length=encoder.max_length, causal=not encoder.enable_bidirectional)
+    result.update(
+        model=str(args.model),
+        adapters=list(args.adapter),
+        data=str(args.data),
+        pooling=encoder.pooling_mode,
+        max_length=encoder.max_length,
+        causal=not encoder.enable_bidirectional,
+    )
     line = json.dumps(result)
     print(line)
     if args.output:

@@ -35,7 +35,9 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise ValueError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
     if not isinstance(value, dict):

@@ -108,7 +108,9 @@ def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         raise FileNotFoundError(f"model path not found: {path}")
     if path.is_file():
         if not _is_gguf(path):
-            raise ValueError(f"{path} is a file but not a GGUF file; give a model folder or a .gguf file")
+            raise ValueError(
+                f"{path} is a file but not a GGUF file; give a model folder or a .gguf file"
+            )
         return read_gguf(path, dtype)
     if (path / ADAPTER_CONFIG_FILE).is_file():
         return _read_adapter_folder(path, dtype)
@@ -133,7 +135,9 @@ def _read_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key).to(dtype)
     if not _has_tokenizer(folder):
-        raise FileNotFoundError(f"no tokenizer in {folder} (expected one of {', '.join(TOKENIZER_FILES)})")
+        raise FileNotFoundError(
+            f"no tokenizer in {folder} (expected one of {', '.join(TOKENIZER_FILES)})"
+        )
     return Checkpoint(
         hf_config=hf_config,
         tensors=canonical_tensors(tensors, hf_config),
@@ -163,7 +167,9 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path | None]:
             f"{folder} has only PyTorch pickle weights ({', '.join(pickles)}); they are never loaded "
             "(unpickling can run code). Convert them to safetensors first."
         )
-    raise FileNotFoundError(f"missing {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX_FILE}) in model folder {folder}")
+    raise FileNotFoundError(
+        f"missing {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX_FILE}) in model folder {folder}"
+    )
 
 
 @contextlib.contextmanager
@@ -172,7 +178,9 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
     try:
         handle = safe_open(str(path), framework="pt")
     except SafetensorError as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc}); it may be truncated or damaged") from None
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({exc}); it may be truncated or damaged"
+        ) from None
     with handle:
         yield handle
 
@@ -192,7 +200,9 @@ def read_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     try:
         hf_model = load_gguf_as_transformers(path)
     except (ValueError, KeyError, IndexError, OSError, EOFError, struct.error) as exc:
-        raise ValueError(f"{path}: cannot read this GGUF file ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path}: cannot read this GGUF file ({type(exc).__name__}: {exc})"
+        ) from exc
     hf_config = _plain_config_dict(hf_model.config)
     ModelConfig.from_hf_dict(hf_config)
     tensors = {key: value.to(dtype) for key, value in hf_model.state_dict().items()}
@@ -208,7 +218,9 @@ def load_gguf_as_transformers(path: Path) -> Any:
     """The transformers causal-LM model of a GGUF file, dequantized to fp32."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     # The weights are plain fp32 now: drop the GGUF quantizer so that save_pretrained writes an
     # ordinary model (it refuses to serialize a GGUF-"quantized" one).
     if hasattr(model.config, "quantization_config"):
@@ -223,7 +235,9 @@ def _plain_config_dict(config: Any) -> dict[str, Any]:
     return raw
 
 
-def canonical_tensors(tensors: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def canonical_tensors(
+    tensors: dict[str, torch.Tensor], hf_config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """Drop the ``model.`` prefix, buffers that are recomputed, and a tied ``lm_head``."""
     tied = bool(hf_config.get("tie_word_embeddings", False))
     canonical = {}
@@ -237,7 +251,9 @@ def canonical_tensors(tensors: dict[str, torch.Tensor], hf_config: dict[str, Any
     return canonical
 
 
-def runtime_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def runtime_state_dict(
+    config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Map transformers weights (canonical names) onto ``DecoderModel``'s, fusing q/k/v and gate/up.
 
     Raises with the names of missing, unexpected or wrongly shaped weights. An untied ``lm_head``
@@ -265,16 +281,25 @@ def runtime_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
         qkv = [(f"{attn}.q_proj", q_rows), (f"{attn}.k_proj", kv_rows), (f"{attn}.v_proj", kv_rows)]
         linear(f"{attn}.qkv_proj", qkv, hidden, config.qkv_bias)
         linear(f"{attn}.o_proj", [(f"{attn}.o_proj", hidden)], q_rows, config.o_bias)
-        linear(f"{mlp}.gate_up_proj", [(f"{mlp}.gate_proj", inner), (f"{mlp}.up_proj", inner)], hidden, config.mlp_bias)
+        linear(
+            f"{mlp}.gate_up_proj",
+            [(f"{mlp}.gate_proj", inner), (f"{mlp}.up_proj", inner)],
+            hidden,
+            config.mlp_bias,
+        )
         linear(f"{mlp}.down_proj", [(f"{mlp}.down_proj", hidden)], inner, config.mlp_bias)
 
     needed = [name for parts in sources.values() for name, _ in parts]
     missing = [name for name in needed if name not in tensors]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} weight(s) the {config.model_type} config needs: {_few(missing)}")
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} weight(s) the {config.model_type} config needs: {_few(missing)}"
+        )
     unexpected = sorted(set(tensors) - set(needed))
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} weight(s) the {config.model_type} config does not use: {_few(unexpected)}")
+        raise ValueError(
+            f"checkpoint has {len(unexpected)} weight(s) the {config.model_type} config does not use: {_few(unexpected)}"
+        )
     wrong = [
         f"{name} {tuple(tensors[name].shape)} (config needs {shape})"
         for parts in sources.values()
@@ -283,7 +308,9 @@ def runtime_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
     ]
     if wrong:
         raise ValueError(f"weights do not fit the {config.model_type} config: {_few(wrong)}")
-    return {target: torch.cat([tensors[name] for name, _ in parts]) for target, parts in sources.items()}
+    return {
+        target: torch.cat([tensors[name] for name, _ in parts]) for target, parts in sources.items()
+    }
 
 
 def build_model(
@@ -305,7 +332,9 @@ def _read_adapter_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
     adapter_config = _read_adapter_config(folder)
     base_name = adapter_config.get("base_model_name_or_path")
     if not base_name:
-        raise ValueError(f"{folder / ADAPTER_CONFIG_FILE} has no base_model_name_or_path: the base model is unknown")
+        raise ValueError(
+            f"{folder / ADAPTER_CONFIG_FILE} has no base_model_name_or_path: the base model is unknown"
+        )
     base = Path(base_name).expanduser()
     if not base.is_absolute():
         base = folder / base
@@ -329,10 +358,14 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
-    unsupported = [name for name, is_set in _UNSUPPORTED_ADAPTER_OPTIONS.items() if is_set(config.get(name))]
+    unsupported = [
+        name for name, is_set in _UNSUPPORTED_ADAPTER_OPTIONS.items() if is_set(config.get(name))
+    ]
     if unsupported:
         settings = ", ".join(f"{name}={config[name]!r}" for name in unsupported)
-        raise ValueError(f"{config_path}: unsupported LoRA option(s) {settings}; only plain LoRA can be merged")
+        raise ValueError(
+            f"{config_path}: unsupported LoRA option(s) {settings}; only plain LoRA can be merged"
+        )
     for key in ("r", "lora_alpha"):
         if not config.get(key):
             raise ValueError(f"{config_path} has no {key}")
@@ -350,8 +383,14 @@ def merge_lora_adapter(checkpoint: Checkpoint, folder: Path) -> None:
     config = _read_adapter_config(folder)
     weights_path = folder / ADAPTER_WEIGHTS_FILE
     if not weights_path.is_file():
-        pickles = " (it has adapter_model.bin, a pickle, which is never loaded)" if (folder / "adapter_model.bin").is_file() else ""
-        raise FileNotFoundError(f"missing {ADAPTER_WEIGHTS_FILE} in adapter folder {folder}{pickles}")
+        pickles = (
+            " (it has adapter_model.bin, a pickle, which is never loaded)"
+            if (folder / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"missing {ADAPTER_WEIGHTS_FILE} in adapter folder {folder}{pickles}"
+        )
     pairs = _lora_pairs(weights_path)
     _check_target_modules(config, checkpoint.tensors, folder)
     has_rank_pattern = bool(config.get("rank_pattern"))
@@ -359,11 +398,20 @@ def merge_lora_adapter(checkpoint: Checkpoint, folder: Path) -> None:
         base_key = f"{module}.weight"
         if base_key not in checkpoint.tensors:
             tied = module == "lm_head" and checkpoint.hf_config.get("tie_word_embeddings")
-            reason = "lm_head is tied to the input embeddings" if tied else "the base model has no such weight"
+            reason = (
+                "lm_head is tied to the input embeddings"
+                if tied
+                else "the base model has no such weight"
+            )
             raise ValueError(f"adapter {folder} targets {module}, but {reason}")
         weight = checkpoint.tensors[base_key]  # (out, in)
         rank = lora_a.shape[0]
-        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != rank or weight.shape != (lora_b.shape[0], lora_a.shape[1]):
+        if (
+            lora_a.ndim != 2
+            or lora_b.ndim != 2
+            or lora_b.shape[1] != rank
+            or weight.shape != (lora_b.shape[0], lora_a.shape[1])
+        ):
             raise ValueError(
                 f"adapter {folder} does not fit its base at {module}: lora_A {tuple(lora_a.shape)}, "
                 f"lora_B {tuple(lora_b.shape)}, base weight {tuple(weight.shape)}"
@@ -386,24 +434,34 @@ def _lora_pairs(weights_path: Path) -> dict[str, tuple[torch.Tensor, torch.Tenso
             name = key.removeprefix("base_model.model.")
             match = _LORA_KEY.match(name)
             if match is None:
-                kind = "LoRA on embeddings" if "lora_embedding" in name else "a tensor that is not a LoRA matrix"
+                kind = (
+                    "LoRA on embeddings"
+                    if "lora_embedding" in name
+                    else "a tensor that is not a LoRA matrix"
+                )
                 raise ValueError(f"{weights_path}: {key} is {kind}, which cannot be merged")
             module = match["module"].removeprefix("model.")
             found.setdefault(module, {})[match["which"]] = handle.get_tensor(key)
     incomplete = [module for module, parts in found.items() if len(parts) != 2]
     if incomplete:
-        raise ValueError(f"{weights_path}: modules without both lora_A and lora_B: {_few(incomplete)}")
+        raise ValueError(
+            f"{weights_path}: modules without both lora_A and lora_B: {_few(incomplete)}"
+        )
     if not found:
         raise ValueError(f"{weights_path} holds no LoRA weights")
     return {module: (parts["A"], parts["B"]) for module, parts in found.items()}
 
 
-def _check_target_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path) -> None:
+def _check_target_modules(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path
+) -> None:
     """Every module named in ``target_modules`` (a list; a regex string is not checked) must exist."""
     targets = config.get("target_modules")
     if not isinstance(targets, list):
         return
-    modules = {key.removesuffix(".weight").rsplit(".", 1)[-1] for key in tensors if key.endswith(".weight")}
+    modules = {
+        key.removesuffix(".weight").rsplit(".", 1)[-1] for key in tensors if key.endswith(".weight")
+    }
     missing = sorted(set(targets) - modules)
     if missing:
         raise ValueError(

@@ -32,7 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(norm(x + residual), x + residual)``."""
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
@@ -66,7 +68,13 @@ class Attention(nn.Module):
         v = v.view(total, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         q, k = kernels.apply_rotary(q, k, position_ids, inv_freq)
         out = kernels.varlen_attention(
-            q, k, v, cu_seqlens, max_seqlen, causal=causal, dropout_p=self.dropout_p if self.training else 0.0,
+            q,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            causal=causal,
+            dropout_p=self.dropout_p if self.training else 0.0,
             check_cu_seqlens=False,  # DecoderModel.forward checked them once for all layers
         )  # (T, Hq, D)
         return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
@@ -76,8 +84,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_split = (config.intermediate_size, config.intermediate_size)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        )
+        self.down_proj = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.swiglu(self.gate_up_proj(x)))
@@ -139,8 +151,10 @@ class DecoderModel(nn.Module):
         if self.lm_head is not None:
             return self.lm_head.weight
         if not self.config.tie_word_embeddings:
-            raise ValueError("this checkpoint has no lm_head.weight (a bare decoder, as llm2vec's save() writes):"
-                             " it encodes, but MNTP training needs the model's output embedding")
+            raise ValueError(
+                "this checkpoint has no lm_head.weight (a bare decoder, as llm2vec's save() writes):"
+                " it encodes, but MNTP training needs the model's output embedding"
+            )
         return self.embed_tokens.weight
 
     def set_dropout(self, *, attention: float, hidden: float) -> None:
@@ -175,8 +189,12 @@ class DecoderModel(nn.Module):
         after the final norm. Attention is bidirectional within each sequence unless ``causal``."""
         self.check_inputs(input_ids, cu_seqlens, max_seqlen, position_ids, causal)
         if position_ids is None:
-            _, position_ids = varlen_metadata(cu_seqlens, input_ids.shape[0])  # (T,) restarting at 0
-        return self.forward_unchecked(input_ids, cu_seqlens, max_seqlen, position_ids, causal=causal)
+            _, position_ids = varlen_metadata(
+                cu_seqlens, input_ids.shape[0]
+            )  # (T,) restarting at 0
+        return self.forward_unchecked(
+            input_ids, cu_seqlens, max_seqlen, position_ids, causal=causal
+        )
 
     def forward_unchecked(
         self,
@@ -212,13 +230,17 @@ class DecoderModel(nn.Module):
         """Shapes, dtypes, token ids and cu_seqlens values, once per forward; the layers then skip the
         kernels' own checks."""
         if input_ids.ndim != 1 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be a 1-D integer tensor (T,), got {input_ids.dtype} {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be a 1-D integer tensor (T,), got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
             raise ValueError(
                 f"cu_seqlens must be a 1-D int32 tensor (B + 1,) with B >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
             )
         if position_ids is not None and position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
         window = self.config.sliding_window
         if causal and window is not None and max_seqlen > window:
             raise ValueError(
@@ -228,17 +250,25 @@ class DecoderModel(nn.Module):
         values = [cu_seqlens.to(torch.int64)]
         if input_ids.numel():
             values.append(torch.stack(torch.aminmax(input_ids)).to(torch.int64))
-        values = torch.cat(values).tolist()  # one device sync per forward on a GPU, instead of one per layer
+        values = torch.cat(
+            values
+        ).tolist()  # one device sync per forward on a GPU, instead of one per layer
         bounds = values[: cu_seqlens.numel()]
         vocab = self.config.vocab_size
-        outside = [token for token in values[cu_seqlens.numel():] if not 0 <= token < vocab]
+        outside = [token for token in values[cu_seqlens.numel() :] if not 0 <= token < vocab]
         if outside:
-            raise ValueError(f"token id {outside[0]} is outside the model's vocabulary [0, {vocab}): does the"
-                             " tokenizer belong to this model?")
+            raise ValueError(
+                f"token id {outside[0]} is outside the model's vocabulary [0, {vocab}): does the"
+                " tokenizer belong to this model?"
+            )
         if bounds[0] != 0 or bounds[-1] != input_ids.shape[0]:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={input_ids.shape[0]}, got {bounds[0]}..{bounds[-1]}")
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at T={input_ids.shape[0]}, got {bounds[0]}..{bounds[-1]}"
+            )
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
         if any(length < 0 for length in lengths):
             raise ValueError("cu_seqlens must be non-decreasing")
         if lengths and max(lengths) > max_seqlen:
-            raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+            raise ValueError(
+                f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})"
+            )

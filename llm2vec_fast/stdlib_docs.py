@@ -24,10 +24,21 @@ def iter_stdlib_docstrings(min_chars: int = 40, max_chars: int = 600) -> Iterato
     run), skipping tests, private names, methods, codecs and idle/tkinter demos.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skipped_parts = {"test", "tests", "idlelib", "turtledemo", "site-packages", "lib2to3", "__pycache__", "encodings"}
+    skipped_parts = {
+        "test",
+        "tests",
+        "idlelib",
+        "turtledemo",
+        "site-packages",
+        "lib2to3",
+        "__pycache__",
+        "encodings",
+    }
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root)
-        if skipped_parts & set(relative.parts) or any(part.startswith("_") for part in relative.parts):
+        if skipped_parts & set(relative.parts) or any(
+            part.startswith("_") for part in relative.parts
+        ):
             continue
         module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
         try:
@@ -47,7 +58,11 @@ def _docstrings_of(tree: ast.Module, module: str, min_chars: int, max_chars: int
             if len(text) >= min_chars:
                 yield {"id": name, "text": text}
         # modules hold public classes and functions; classes only nested classes (no methods)
-        kinds = (ast.ClassDef,) if isinstance(node, ast.ClassDef) else (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        kinds = (
+            (ast.ClassDef,)
+            if isinstance(node, ast.ClassDef)
+            else (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        )
         for child in ast.iter_child_nodes(node):
             if isinstance(child, kinds) and not child.name.startswith("_"):
                 stack.append((child, f"{name}.{child.name}"))

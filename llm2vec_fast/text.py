@@ -69,8 +69,10 @@ def _check_encodable(index: int, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"inputs[{index}] is not valid Unicode: {exc.object[exc.start:exc.end]!r} at character"
-                         f" {exc.start} is a lone surrogate") from None
+        raise ValueError(
+            f"inputs[{index}] is not valid Unicode: {exc.object[exc.start : exc.end]!r} at character"
+            f" {exc.start} is a lone surrogate"
+        ) from None
 
 
 def as_instruction_pairs(inputs: Sequence) -> list[tuple[str, str]]:
@@ -109,9 +111,7 @@ def as_instruction_pairs(inputs: Sequence) -> list[tuple[str, str]]:
     return pairs
 
 
-def truncate_texts(
-    tokenizer, texts: list[str], max_length: int, doc_max_length: int
-) -> list[str]:
+def truncate_texts(tokenizer, texts: list[str], max_length: int, doc_max_length: int) -> list[str]:
     """llm2vec's doc_max_length rule: drop trailing words until the text has few enough tokens.
 
     Token counts are taken without special tokens and after truncation to max_length. While a

@@ -54,7 +54,9 @@ def _check_cpu_cu_seqlens(cu_seqlens: torch.Tensor) -> None:
         )
 
 
-def _varlen_metadata_torch(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _varlen_metadata_torch(
+    cu_seqlens: torch.Tensor, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain-torch definition; runs on any device without reading values to the host."""
     num_seqs = cu_seqlens.numel() - 1
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)  # (T,)

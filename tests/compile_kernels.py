@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("compile_kernels.py needs TRITON_INTERPRET unset: it compiles for GPUs instead of interpreting")
+    sys.exit(
+        "compile_kernels.py needs TRITON_INTERPRET unset: it compiles for GPUs instead of interpreting"
+    )
 os.environ["LLM2VEC_FAST_BACKEND"] = "triton"  # CPU tensors go to the Triton launchers
 
 import torch  # noqa: E402
@@ -56,7 +58,13 @@ class Launch:
 
     def describe(self) -> str:
         constants = ", ".join(f"{k}={v}" for k, v in self.constexprs)
-        types = sorted({t for _, t in self.signature if t.startswith("*") and t not in ("*i32", "*i64", "*u1", "*u8")})
+        types = sorted(
+            {
+                t
+                for _, t in self.signature
+                if t.startswith("*") and t not in ("*i32", "*i64", "*u1", "*u8")
+            }
+        )
         options = ", ".join(f"{k}={v}" for k, v in self.options)
         return f"{self.name}[{'/'.join(types)}] {constants} {options}".strip()
 
@@ -72,7 +80,9 @@ def _launch_of(kernel: JITFunction, args: tuple, kwargs: dict) -> Launch:
             signature.append((param.name, "constexpr"))
             constexprs.append((param.name, value))
         else:
-            signature.append((param.name, mangle_type(value)))  # the type Triton's JIT gives this value
+            signature.append(
+                (param.name, mangle_type(value))
+            )  # the type Triton's JIT gives this value
     return Launch(kernel, tuple(signature), tuple(constexprs), tuple(sorted(options.items())))
 
 
@@ -94,8 +104,12 @@ def record_launches(workload) -> list[Launch]:
 
 def compile_launch(launch: Launch, arch: int) -> int:
     """Compile ``launch`` to a cubin for ``sm_{arch}``; returns the shared memory it needs (bytes)."""
-    source = ASTSource(fn=launch.kernel, signature=dict(launch.signature), constexprs=dict(launch.constexprs))
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+    source = ASTSource(
+        fn=launch.kernel, signature=dict(launch.signature), constexprs=dict(launch.constexprs)
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options=dict(launch.options)
+    )
     if not compiled.asm.get("cubin"):
         raise RuntimeError("no cubin produced")
     return int(compiled.metadata.shared)
@@ -113,14 +127,25 @@ def _backward(*outputs: torch.Tensor) -> None:
     total.backward()
 
 
-def attention(dtype: torch.dtype, head_dim: int, causal: bool, dropout_p: float, deterministic: bool = True) -> None:
+def attention(
+    dtype: torch.dtype, head_dim: int, causal: bool, dropout_p: float, deterministic: bool = True
+) -> None:
     cu_seqlens = torch.tensor([0, 5, 5, 70, 200], dtype=torch.int32)
     total = int(cu_seqlens[-1])
     q = _randn(total, 4, head_dim, dtype=dtype)
     k, v = _randn(total, 2, head_dim, dtype=dtype), _randn(total, 2, head_dim, dtype=dtype)
     seed = 2**40 + 7  # seeds are drawn from [0, 2**62): the kernels get an int64
-    out = kernels.varlen_attention(q, k, v, cu_seqlens, 130, causal=causal, dropout_p=dropout_p, dropout_seed=seed,
-                                   deterministic=deterministic)
+    out = kernels.varlen_attention(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        130,
+        causal=causal,
+        dropout_p=dropout_p,
+        dropout_seed=seed,
+        deterministic=deterministic,
+    )
     _backward(out)
     if dropout_p:
         dropout_keep_mask(4, total, dropout_p, seed, "cpu")
@@ -150,7 +175,11 @@ def mntp(dtype: torch.dtype, vocab: int, weight_grad: bool) -> None:
 def norm(dtype: torch.dtype, hidden_size: int, residual: bool) -> None:
     x = _randn(30, hidden_size, dtype=dtype)
     weight = _randn(hidden_size, dtype=dtype)
-    _backward(*kernels.rms_norm(x, weight, 1e-5, _randn(30, hidden_size, dtype=dtype) if residual else None))
+    _backward(
+        *kernels.rms_norm(
+            x, weight, 1e-5, _randn(30, hidden_size, dtype=dtype) if residual else None
+        )
+    )
 
 
 def rope(dtype: torch.dtype, head_dim: int) -> None:
@@ -171,7 +200,12 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
     cases: list[tuple[str, object]] = []
 
     def add(fn, **kw) -> None:
-        label = fn.__name__ + "(" + ", ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in kw.items()) + ")"
+        label = (
+            fn.__name__
+            + "("
+            + ", ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in kw.items())
+            + ")"
+        )
         cases.append((label, lambda: fn(**kw)))
 
     if quick:
@@ -179,7 +213,14 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
             add(attention, dtype=torch.bfloat16, head_dim=head_dim, causal=False, dropout_p=0.0)
         add(attention, dtype=torch.float16, head_dim=128, causal=True, dropout_p=0.1)
         add(attention, dtype=torch.float32, head_dim=64, causal=True, dropout_p=0.1)
-        add(attention, dtype=torch.bfloat16, head_dim=128, causal=True, dropout_p=0.1, deterministic=False)
+        add(
+            attention,
+            dtype=torch.bfloat16,
+            head_dim=128,
+            causal=True,
+            dropout_p=0.1,
+            deterministic=False,
+        )
         for mode in kernels.POOLING_MODES:
             add(pooling, dtype=torch.bfloat16, mode=mode, normalize=mode == "mean")
         add(contrastive, dtype=torch.bfloat16, symmetric=True, hard_negatives=True)
@@ -196,8 +237,14 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
             for causal in (False, True):
                 for dropout_p in (0.0, 0.1):
                     for deterministic in (True, False):
-                        add(attention, dtype=dtype, head_dim=head_dim, causal=causal, dropout_p=dropout_p,
-                            deterministic=deterministic)
+                        add(
+                            attention,
+                            dtype=dtype,
+                            head_dim=head_dim,
+                            causal=causal,
+                            dropout_p=dropout_p,
+                            deterministic=deterministic,
+                        )
         for mode in kernels.POOLING_MODES:
             for normalize in (False, True):
                 add(pooling, dtype=dtype, mode=mode, normalize=normalize)
@@ -219,9 +266,16 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one case per kernel option (what CI runs)")
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_MEMORY_LIMIT),
-                        help="compute capability to compile for (repeatable; default: 80 and 90)")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="one case per kernel option (what CI runs)"
+    )
+    parser.add_argument(
+        "--arch",
+        type=int,
+        action="append",
+        choices=sorted(SHARED_MEMORY_LIMIT),
+        help="compute capability to compile for (repeatable; default: 80 and 90)",
+    )
     args = parser.parse_args(argv)
     archs = args.arch or sorted(SHARED_MEMORY_LIMIT)
 
@@ -229,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, workload in workloads(args.quick):
         for launch in record_launches(workload):
             unique.setdefault(launch, label)
-    print(f"{len(unique)} distinct launches; compiling for sm_{', sm_'.join(map(str, archs))}", flush=True)
+    print(
+        f"{len(unique)} distinct launches; compiling for sm_{', sm_'.join(map(str, archs))}",
+        flush=True,
+    )
 
     failures = 0
     started = time.perf_counter()
@@ -239,16 +296,27 @@ def main(argv: list[str] | None = None) -> int:
                 shared = compile_launch(launch, arch)
             except Exception as error:  # noqa: BLE001 - every compiler error is reported, then counted
                 failures += 1
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                print(f"FAIL sm_{arch} {launch.describe()}  (from {label}): {first_line}", flush=True)
+                first_line = (
+                    str(error).strip().splitlines()[0]
+                    if str(error).strip()
+                    else type(error).__name__
+                )
+                print(
+                    f"FAIL sm_{arch} {launch.describe()}  (from {label}): {first_line}", flush=True
+                )
                 continue
             if shared > SHARED_MEMORY_LIMIT[arch]:
                 failures += 1
-                print(f"FAIL sm_{arch} {launch.describe()}  (from {label}): needs {shared} B of shared memory, "
-                      f"the card allows {SHARED_MEMORY_LIMIT[arch]}", flush=True)  # fmt: skip
+                print(
+                    f"FAIL sm_{arch} {launch.describe()}  (from {label}): needs {shared} B of shared memory, "
+                    f"the card allows {SHARED_MEMORY_LIMIT[arch]}",
+                    flush=True,
+                )
             else:
                 print(f"ok   sm_{arch} {launch.describe()}  shared {shared} B", flush=True)
-    print(f"{len(unique) * len(archs) - failures} compiled, {failures} failed in {time.perf_counter() - started:.0f} s")
+    print(
+        f"{len(unique) * len(archs) - failures} compiled, {failures} failed in {time.perf_counter() - started:.0f} s"
+    )
     return 1 if failures else 0
 
 

@@ -54,9 +54,15 @@ def assert_close_to_oracle(
     atol: float,
 ) -> None:
     """Kernel error vs oracle <= factor x (PyTorch-in-input-dtype error vs oracle) + atol."""
-    assert kernel.shape == oracle.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(oracle.shape)}"
-    assert kernel.dtype == baseline.dtype, f"{name}: dtype {kernel.dtype} != reference dtype {baseline.dtype}"
-    assert bool(torch.isfinite(kernel).all()), f"{name}: non-finite values (an element left unwritten?)"
+    assert kernel.shape == oracle.shape, (
+        f"{name}: shape {tuple(kernel.shape)} != {tuple(oracle.shape)}"
+    )
+    assert kernel.dtype == baseline.dtype, (
+        f"{name}: dtype {kernel.dtype} != reference dtype {baseline.dtype}"
+    )
+    assert bool(torch.isfinite(kernel).all()), (
+        f"{name}: non-finite values (an element left unwritten?)"
+    )
     error = max_error(kernel, oracle)
     baseline_error = max_error(baseline, oracle)
     bound = factor * baseline_error + atol

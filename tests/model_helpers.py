@@ -11,10 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
-from llm2vec_fast.loading import build_model, canonical_tensors
 from llm2vec_fast.config import ModelConfig
+from llm2vec_fast.loading import build_model, canonical_tensors
 from llm2vec_fast.model import DecoderModel
 
 VOCAB = 96
@@ -74,7 +80,11 @@ def hf_hidden_states(hf_model, ids: list[int], *, causal: bool) -> torch.Tensor:
     """transformers' last hidden states ``(L, hidden)`` for one sequence run alone."""
     param = next(hf_model.parameters())
     input_ids = torch.tensor([ids], device=param.device)
-    mask = None if causal else torch.zeros(1, 1, len(ids), len(ids), dtype=param.dtype, device=param.device)
+    mask = (
+        None
+        if causal
+        else torch.zeros(1, 1, len(ids), len(ids), dtype=param.dtype, device=param.device)
+    )
     with torch.no_grad():
         out = hf_model.model(input_ids=input_ids, attention_mask=mask)
     return out.last_hidden_state[0]
@@ -88,7 +98,9 @@ def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     return input_ids, cu_seqlens, max(lengths, default=0)
 
 
-def runtime_hidden_states(model: DecoderModel, sequences: list[list[int]], *, causal: bool) -> list[torch.Tensor]:
+def runtime_hidden_states(
+    model: DecoderModel, sequences: list[list[int]], *, causal: bool
+) -> list[torch.Tensor]:
     """Our runtime on all sequences packed together, split back per sequence."""
     input_ids, cu_seqlens, max_seqlen = pack(sequences)
     with torch.no_grad():
@@ -101,13 +113,17 @@ def random_sequences(lengths: list[int], seed: int) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (length,), generator=generator).tolist() for length in lengths]
 
 
-def assert_matches_oracle(ours: torch.Tensor, hf32: torch.Tensor, hf64: torch.Tensor, what: str) -> None:
+def assert_matches_oracle(
+    ours: torch.Tensor, hf32: torch.Tensor, hf64: torch.Tensor, what: str
+) -> None:
     """Our states may be off the fp64 oracle by at most 2x the error of transformers in the same
     dtype, plus 1e-6 (about 10 fp32 ulps at the unit scale of normed states) for where both round
     alike."""
     ours_error = (ours.double() - hf64).abs().max().item()
     hf_error = (hf32.double() - hf64).abs().max().item()
-    assert ours_error <= 2 * hf_error + 1e-6, f"{what}: error {ours_error:.3e} vs transformers fp32 {hf_error:.3e}"
+    assert ours_error <= 2 * hf_error + 1e-6, (
+        f"{what}: error {ours_error:.3e} vs transformers fp32 {hf_error:.3e}"
+    )
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -117,7 +133,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def save_tiny_folder(hf_model, folder: Path, **save_kwargs) -> Path:

@@ -52,7 +52,11 @@ def make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, see
     """Random q, k, v and an upstream gradient dO, on ``device`` in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)
     total = sum(lengths)
-    shapes = [(total, num_q_heads, head_dim), (total, num_kv_heads, head_dim), (total, num_kv_heads, head_dim)]
+    shapes = [
+        (total, num_q_heads, head_dim),
+        (total, num_kv_heads, head_dim),
+        (total, num_kv_heads, head_dim),
+    ]
     shapes.append(shapes[0])
     return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for shape in shapes]
 
@@ -68,18 +72,33 @@ def assert_within_tolerance(ours, exact, torch_in_dtype, dtype, label=""):
     for name, mine, truth, theirs in zip(GRAD_NAMES, ours, exact, torch_in_dtype):
         assert mine.dtype == dtype, f"{label} {name}: dtype {mine.dtype} != {dtype}"
         factor = FORWARD_FACTOR if name == "out" else GRADIENT_FACTOR
-        assert_close_to_oracle(f"{label} {name}", mine, theirs, truth, factor=factor, atol=torch.finfo(dtype).eps)
+        assert_close_to_oracle(
+            f"{label} {name}", mine, theirs, truth, factor=factor, atol=torch.finfo(dtype).eps
+        )
 
 
-def check_against_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal,
-                            softmax_scale=None, exact_dtype=torch.float64, deterministic=True):  # fmt: skip
+def check_against_reference(
+    lengths,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    dtype,
+    device,
+    *,
+    causal,
+    softmax_scale=None,
+    exact_dtype=torch.float64,
+    deterministic=True,
+):
     cu_seqlens = cu_seqlens_of(lengths, device)
     max_seqlen = max(lengths)
     q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
     options = dict(causal=causal, softmax_scale=softmax_scale)
 
     def ours(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, deterministic=deterministic, **options)
+        return varlen_attention(
+            q_, k_, v_, cu_seqlens, max_seqlen, deterministic=deterministic, **options
+        )
 
     def ref(q_, k_, v_):
         return reference.varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, **options)
@@ -90,13 +109,21 @@ def check_against_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype,
     assert_within_tolerance(mine, exact, in_dtype, dtype, label=f"lengths={lengths}")
 
 
-def check_backward_is_deterministic(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal):
+def check_backward_is_deterministic(
+    lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *, causal
+):
     """Two forward+backward runs on the same inputs give bitwise equal results."""
     cu_seqlens = cu_seqlens_of(lengths, device)
     q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
 
     def run():
-        return forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, max(lengths), causal=causal), q, k, v, grad_out)
+        return forward_backward(
+            lambda *x: varlen_attention(*x, cu_seqlens, max(lengths), causal=causal),
+            q,
+            k,
+            v,
+            grad_out,
+        )
 
     first, second = run(), run()
     for name, a, b in zip(GRAD_NAMES, first, second):
@@ -138,7 +165,9 @@ def test_head_dims(triton_backend, head_dim, dtype, causal):
 
 
 def test_long_sequence_and_custom_scale(triton_backend):
-    check_against_reference([1023, 2], 1, 1, 64, torch.float32, "cpu", causal=True, softmax_scale=0.3)
+    check_against_reference(
+        [1023, 2], 1, 1, 64, torch.float32, "cpu", causal=True, softmax_scale=0.3
+    )
 
 
 def test_strided_views_of_fused_qkv(triton_backend):
@@ -162,15 +191,19 @@ def test_strided_views_of_fused_qkv(triton_backend):
 def test_cu_seqlens_may_be_a_strided_view(triton_backend):
     q, k, v, _ = make_inputs([3, 5], 2, 1, 64, torch.float32, "cpu")
     strided = torch.tensor([0, 0, 3, 3, 8, 8], dtype=torch.int32)[::2]  # values 0, 3, 8 at stride 2
-    torch.testing.assert_close(varlen_attention(q, k, v, strided, 5), varlen_attention(q, k, v, strided.contiguous(), 5),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, strided, 5),
+        varlen_attention(q, k, v, strided.contiguous(), 5),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_all_sequences_empty(triton_backend):
     q, k, v, grad_out = make_inputs([0, 0], 2, 1, 64, torch.float32, "cpu")
     out, dq, dk, dv = forward_backward(
         lambda *x: varlen_attention(*x, cu_seqlens_of([0, 0], "cpu"), 0), q, k, v, grad_out
-    )  # fmt: skip
+    )
     assert out.shape == (0, 2, 64) and dq.shape == (0, 2, 64) and dk.shape == dv.shape == (0, 1, 64)
 
 
@@ -186,10 +219,20 @@ def test_backward_is_deterministic(triton_backend):
         pytest.param(torch.float16, True, 2, 2, 80, id="fp16-causal-D80"),
     ],
 )
-def test_atomic_dq_matches_reference(triton_backend, dtype, causal, num_q_heads, num_kv_heads, head_dim):
+def test_atomic_dq_matches_reference(
+    triton_backend, dtype, causal, num_q_heads, num_kv_heads, head_dim
+):
     """deterministic=False: dQ accumulated with atomics in the dK/dV kernel, no dQ pass."""
-    check_against_reference(CPU_LENGTHS, num_q_heads, num_kv_heads, head_dim, dtype, "cpu", causal=causal,
-                            deterministic=False)
+    check_against_reference(
+        CPU_LENGTHS,
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        "cpu",
+        causal=causal,
+        deterministic=False,
+    )
 
 
 def test_atomic_dq_stays_finite_when_every_score_is_very_negative(triton_backend):
@@ -203,7 +246,9 @@ def test_atomic_dq_stays_finite_when_every_score_is_very_negative(triton_backend
     grads = {}
     for deterministic in (True, False):
         inputs = [t.half().requires_grad_() for t in (q, k, v)]
-        out = varlen_attention(*inputs, cu_seqlens_of([length], "cpu"), length, deterministic=deterministic)
+        out = varlen_attention(
+            *inputs, cu_seqlens_of([length], "cpu"), length, deterministic=deterministic
+        )
         out.float().square().sum().backward()
         grads[deterministic] = [t.grad.float() for t in inputs]
     assert all(torch.isfinite(g).all() for g in grads[False])
@@ -212,8 +257,18 @@ def test_atomic_dq_stays_finite_when_every_score_is_very_negative(triton_backend
 
 
 def test_atomic_dq_with_dropout(triton_backend):
-    check_dropout_against_masked_reference([0, 33, 1, 70], 3, 1, 64, torch.float16, "cpu", causal=True, dropout_p=0.25,
-                                           seed=1234, deterministic=False)
+    check_dropout_against_masked_reference(
+        [0, 33, 1, 70],
+        3,
+        1,
+        64,
+        torch.float16,
+        "cpu",
+        causal=True,
+        dropout_p=0.25,
+        seed=1234,
+        deterministic=False,
+    )
 
 
 def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dtype):
@@ -233,14 +288,27 @@ def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dt
         if causal:
             future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
-        probs = torch.softmax(scores.to(torch.promote_types(compute_dtype, torch.float32)), -1).to(compute_dtype)
+        probs = torch.softmax(scores.to(torch.promote_types(compute_dtype, torch.float32)), -1).to(
+            compute_dtype
+        )
         probs = probs * keep[:, start:end, start:end] / (1.0 - dropout_p)
         outputs.append((probs @ vs).transpose(0, 1))
     return torch.cat(outputs).to(q.dtype)
 
 
-def check_dropout_against_masked_reference(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, *,
-                                           causal, dropout_p, seed, deterministic=True) -> None:  # fmt: skip
+def check_dropout_against_masked_reference(
+    lengths,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    dtype,
+    device,
+    *,
+    causal,
+    dropout_p,
+    seed,
+    deterministic=True,
+) -> None:
     """Triton dropout against ``masked_attention`` with the kernels' own keep-mask, and unlike no dropout."""
     cu_seqlens = cu_seqlens_of(lengths, device)
     max_seqlen = max(lengths)
@@ -248,16 +316,27 @@ def check_dropout_against_masked_reference(lengths, num_q_heads, num_kv_heads, h
     keep = dropout_keep_mask(num_q_heads, sum(lengths), dropout_p, seed, device)
 
     def ours(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p, dropout_seed=seed,
-                                deterministic=deterministic)
+        return varlen_attention(
+            q_,
+            k_,
+            v_,
+            cu_seqlens,
+            max_seqlen,
+            causal=causal,
+            dropout_p=dropout_p,
+            dropout_seed=seed,
+            deterministic=deterministic,
+        )
 
     def ref(compute_dtype):
         return lambda q_, k_, v_: masked_attention(
             q_, k_, v_, cu_seqlens, keep, dropout_p, causal=causal, compute_dtype=compute_dtype
-        )  # fmt: skip
+        )
 
     mine = forward_backward(ours, q, k, v, grad_out)
-    exact = forward_backward(ref(torch.float64), *(x.double() for x in (q, k, v)), grad_out.double())
+    exact = forward_backward(
+        ref(torch.float64), *(x.double() for x in (q, k, v)), grad_out.double()
+    )
     in_dtype = forward_backward(ref(dtype), q, k, v, grad_out)
     assert_within_tolerance(mine, exact, in_dtype, dtype)
     without_dropout = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal)
@@ -272,7 +351,9 @@ def check_dropout_against_masked_reference(lengths, num_q_heads, num_kv_heads, h
     ],
 )
 def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal):
-    check_dropout_against_masked_reference([0, 33, 1, 70], 3, 1, 64, dtype, "cpu", causal=causal, dropout_p=0.25, seed=1234)
+    check_dropout_against_masked_reference(
+        [0, 33, 1, 70], 3, 1, 64, dtype, "cpu", causal=causal, dropout_p=0.25, seed=1234
+    )
 
 
 def test_dropout_keep_rate_and_independence():
@@ -281,10 +362,16 @@ def test_dropout_keep_rate_and_independence():
     assert keep.shape == (2, 256, 256)
     rate = keep.float().mean().item()
     assert abs(rate - (1 - dropout_p)) < 0.006, rate
-    expected_agreement = dropout_p**2 + (1 - dropout_p) ** 2  # of two independent masks; std 1.9e-3 here
-    assert abs((keep[0] == keep[1]).float().mean().item() - expected_agreement) < 0.01, "heads share a mask"
+    expected_agreement = (
+        dropout_p**2 + (1 - dropout_p) ** 2
+    )  # of two independent masks; std 1.9e-3 here
+    assert abs((keep[0] == keep[1]).float().mean().item() - expected_agreement) < 0.01, (
+        "heads share a mask"
+    )
     other_seed = dropout_keep_mask(1, 256, dropout_p, 8, "cpu")
-    assert abs((keep[0] == other_seed[0]).float().mean().item() - expected_agreement) < 0.01, "seeds share a mask"
+    assert abs((keep[0] == other_seed[0]).float().mean().item() - expected_agreement) < 0.01, (
+        "seeds share a mask"
+    )
     assert torch.equal(dropout_keep_mask(1, 64, dropout_p, 7, "cpu")[0], keep[0, :64, :64])
 
 
@@ -311,21 +398,75 @@ def _valid_inputs():
     "change, error, message",
     [
         pytest.param(lambda q, k, v, cu, m: (q[0], k, v, cu, m), ValueError, "3-D", id="q-not-3d"),
-        pytest.param(lambda q, k, v, cu, m: (q, k, v[:, :1], cu, m), ValueError, "same shape", id="k-v-shapes"),
-        pytest.param(lambda q, k, v, cu, m: (q[:, :, :8], k, v, cu, m), ValueError, "head_dim", id="head-dim-mismatch"),
-        pytest.param(lambda q, k, v, cu, m: (q[:, :3], k, v, cu, m), ValueError, "multiple", id="heads-not-multiple"),
-        pytest.param(lambda q, k, v, cu, m: (q.half(), k, v, cu, m), TypeError, "dtype", id="mixed-dtypes"),
-        pytest.param(lambda q, k, v, cu, m: (q.int(), k.int(), v.int(), cu, m), TypeError, "dtype", id="int-dtype"),
-        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu.long(), m), ValueError, "int32", id="cu-seqlens-int64"),
-        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu[:1], m), ValueError, "B \\+ 1", id="cu-seqlens-too-short"),
-        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu + 1, m), ValueError, "start at 0", id="cu-seqlens-offset"),
-        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu[:2], m), ValueError, "end at the token count", id="tokens-uncovered"),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v[:, :1], cu, m),
+            ValueError,
+            "same shape",
+            id="k-v-shapes",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q[:, :, :8], k, v, cu, m),
+            ValueError,
+            "head_dim",
+            id="head-dim-mismatch",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q[:, :3], k, v, cu, m),
+            ValueError,
+            "multiple",
+            id="heads-not-multiple",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q.half(), k, v, cu, m), TypeError, "dtype", id="mixed-dtypes"
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q.int(), k.int(), v.int(), cu, m),
+            TypeError,
+            "dtype",
+            id="int-dtype",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, cu.long(), m),
+            ValueError,
+            "int32",
+            id="cu-seqlens-int64",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, cu[:1], m),
+            ValueError,
+            "B \\+ 1",
+            id="cu-seqlens-too-short",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, cu + 1, m),
+            ValueError,
+            "start at 0",
+            id="cu-seqlens-offset",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, cu[:2], m),
+            ValueError,
+            "end at the token count",
+            id="tokens-uncovered",
+        ),
         pytest.param(
             lambda q, k, v, cu, m: (q, k, v, torch.tensor([0, 6, 5, 8], dtype=torch.int32), 6),
-            ValueError, "non-decreasing", id="cu-seqlens-decreasing",
-        ),  # fmt: skip
-        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu, 4), ValueError, "longest sequence", id="max-seqlen-too-small"),
-        pytest.param(lambda q, k, v, cu, m: (q, k, v, cu, 5.0), ValueError, "max_seqlen", id="max-seqlen-float"),
+            ValueError,
+            "non-decreasing",
+            id="cu-seqlens-decreasing",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, cu, 4),
+            ValueError,
+            "longest sequence",
+            id="max-seqlen-too-small",
+        ),
+        pytest.param(
+            lambda q, k, v, cu, m: (q, k, v, cu, 5.0),
+            ValueError,
+            "max_seqlen",
+            id="max-seqlen-float",
+        ),
     ],
 )
 def test_rejects_bad_inputs(change, error, message):
@@ -346,7 +487,9 @@ def test_triton_path_rejects_what_the_kernel_cannot_run(triton_backend):
         big = torch.randn(8, 2, 320)
         varlen_attention(big, big, big, cu_seqlens, max_seqlen)
     with pytest.raises(ValueError, match="contiguous along head_dim"):
-        varlen_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu_seqlens, max_seqlen)
+        varlen_attention(
+            q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu_seqlens, max_seqlen
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +505,9 @@ CAUSAL = [pytest.param(False, id="bidirectional"), pytest.param(True, id="causal
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_gpu_matches_reference(triton_backend, dtype, causal, num_q_heads, num_kv_heads):
-    check_against_reference(GPU_LENGTHS, num_q_heads, num_kv_heads, 128, dtype, "cuda", causal=causal)
+    check_against_reference(
+        GPU_LENGTHS, num_q_heads, num_kv_heads, 128, dtype, "cuda", causal=causal
+    )
 
 
 @pytest.mark.gpu
@@ -394,37 +539,102 @@ def test_gpu_dropout_matches_reference_with_same_mask(triton_backend, dtype):
     dropout_p, seed = 0.1, 99
     keep = dropout_keep_mask(4, sum(lengths), dropout_p, seed, "cuda")
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.01
-    check_dropout_against_masked_reference(lengths, 4, 2, 128, dtype, "cuda", causal=True, dropout_p=dropout_p, seed=seed)
+    check_dropout_against_masked_reference(
+        lengths, 4, 2, 128, dtype, "cuda", causal=True, dropout_p=dropout_p, seed=seed
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_gpu_16k_token_batch(triton_backend, causal):
-    lengths = [4096, 3000, 2048, 1500, 1024, 1024, 1000, 777, 513, 511, 300, 200, 129, 47, 1, 0, 214]  # 16384 tokens
-    check_against_reference(lengths, 8, 2, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32)
+    lengths = [
+        4096,
+        3000,
+        2048,
+        1500,
+        1024,
+        1024,
+        1000,
+        777,
+        513,
+        511,
+        300,
+        200,
+        129,
+        47,
+        1,
+        0,
+        214,
+    ]  # 16384 tokens
+    check_against_reference(
+        lengths, 8, 2, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_gpu_32k_single_sequence(triton_backend, causal):
-    check_against_reference([32768], 2, 1, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32)
+    check_against_reference(
+        [32768], 2, 1, 128, torch.bfloat16, "cuda", causal=causal, exact_dtype=torch.float32
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_gpu_atomic_dq_matches_reference(triton_backend, dtype, causal):
-    check_against_reference(GPU_LENGTHS, 4, 1, 128, dtype, "cuda", causal=causal, deterministic=False)
-    lengths = [4096, 3000, 2048, 1500, 1024, 1024, 1000, 777, 513, 511, 300, 200, 129, 47, 1, 0, 214]  # 16384 tokens
-    check_against_reference(lengths, 8, 2, 128, dtype, "cuda", causal=causal, exact_dtype=torch.float32,
-                            deterministic=False)
-    check_dropout_against_masked_reference([0, 1, 129, 257, 65], 4, 2, 128, dtype, "cuda", causal=causal,
-                                           dropout_p=0.1, seed=99, deterministic=False)
+    check_against_reference(
+        GPU_LENGTHS, 4, 1, 128, dtype, "cuda", causal=causal, deterministic=False
+    )
+    lengths = [
+        4096,
+        3000,
+        2048,
+        1500,
+        1024,
+        1024,
+        1000,
+        777,
+        513,
+        511,
+        300,
+        200,
+        129,
+        47,
+        1,
+        0,
+        214,
+    ]  # 16384 tokens
+    check_against_reference(
+        lengths,
+        8,
+        2,
+        128,
+        dtype,
+        "cuda",
+        causal=causal,
+        exact_dtype=torch.float32,
+        deterministic=False,
+    )
+    check_dropout_against_masked_reference(
+        [0, 1, 129, 257, 65],
+        4,
+        2,
+        128,
+        dtype,
+        "cuda",
+        causal=causal,
+        dropout_p=0.1,
+        seed=99,
+        deterministic=False,
+    )
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic(triton_backend):
-    check_backward_is_deterministic([4096, 1000, 1], 8, 2, 128, torch.bfloat16, "cuda", causal=False)
+    check_backward_is_deterministic(
+        [4096, 1000, 1], 8, 2, 128, torch.bfloat16, "cuda", causal=False
+    )
 
 
 @pytest.mark.gpu
@@ -441,15 +651,19 @@ def test_gpu_more_than_2_31_elements(triton_backend):
         torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         for heads in (num_q_heads, num_kv_heads, num_kv_heads, num_q_heads)
     )
-    mine = forward_backward(lambda *x: varlen_attention(*x, cu_seqlens, seq_len, causal=True), q, k, v, grad_out)
+    mine = forward_backward(
+        lambda *x: varlen_attention(*x, cu_seqlens, seq_len, causal=True), q, k, v, grad_out
+    )
+    one = cu_seqlens_of([seq_len], "cuda")
     for start in (0, total - seq_len):  # the first sequence and the last one, past 2^31 elements
         window = slice(start, start + seq_len)
         parts = [x[window] for x in (q, k, v, grad_out)]
-        one = cu_seqlens_of([seq_len], "cuda")
 
         def ref(q_, k_, v_):
             return reference.varlen_attention(q_, k_, v_, one, seq_len, causal=True)
 
         exact = forward_backward(ref, *(x.float() for x in parts))
         in_dtype = forward_backward(ref, *parts)
-        assert_within_tolerance([x[window] for x in mine], exact, in_dtype, torch.bfloat16, label=f"start={start}")
+        assert_within_tolerance(
+            [x[window] for x in mine], exact, in_dtype, torch.bfloat16, label=f"start={start}"
+        )

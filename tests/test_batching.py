@@ -112,7 +112,8 @@ def test_known_plan():
 
 
 @pytest.mark.parametrize(
-    "lengths", [[4, 1, 3], torch.tensor([4, 1, 3], dtype=torch.int32), np.array([4, 1, 3])],
+    "lengths",
+    [[4, 1, 3], torch.tensor([4, 1, 3], dtype=torch.int32), np.array([4, 1, 3])],
     ids=["list", "int32-tensor", "numpy"],
 )
 def test_plan_batches_accepts_lengths_as(lengths):
@@ -136,7 +137,11 @@ def test_plan_batches_without_extension_matches(monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(lengths=[1, -2], max_batch_tokens=4), ValueError, "lengths must be >= 0, got -2 at index 1"),
+        (
+            dict(lengths=[1, -2], max_batch_tokens=4),
+            ValueError,
+            "lengths must be >= 0, got -2 at index 1",
+        ),
         (dict(lengths=[[1, 2]], max_batch_tokens=4), ValueError, "lengths must be 1-D"),
         (dict(lengths=[1.5], max_batch_tokens=4), TypeError, "lengths must be integers"),
         (dict(lengths=[1], max_batch_tokens=0), ValueError, "max_batch_tokens must be >= 1"),
@@ -163,5 +168,7 @@ def test_both_packers_refuse_a_batch_past_int32_with_the_same_error():
     pack_batches = require_extension()
     lengths = torch.tensor([2**30, 2**30, 5])  # the first two would share a batch of 2^31 tokens
     for packer in (pack_batches, _pack_batches_python):
-        with pytest.raises(ValueError, match="a batch of 2147483648 tokens does not fit the int32 cu_seqlens"):
+        with pytest.raises(
+            ValueError, match="a batch of 2147483648 tokens does not fit the int32 cu_seqlens"
+        ):
             packer(lengths, 2**32, 0, True)

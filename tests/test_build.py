@@ -68,7 +68,12 @@ print("llm2vec_fast._C" in sys.modules)
 """
     env = dict(os.environ, LLM2VEC_FAST_NO_EXTENSION="1")
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
     )
     assert result.stdout.splitlines() == [
         "not loaded: disabled by LLM2VEC_FAST_NO_EXTENSION=1",
@@ -118,7 +123,10 @@ def test_setup_cuda_switch_and_archs(monkeypatch):
 def test_setup_rejects_bad_cuda_switch():
     result = subprocess.run(
         [sys.executable, "setup.py", "--version"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=dict(os.environ, LLM2VEC_FAST_CUDA="yes please"),
     )
     assert result.returncode != 0
@@ -140,7 +148,9 @@ def test_setup_without_cuda_toolkit(monkeypatch):
     assert "build_ext" in cmdclass
 
     monkeypatch.setenv("LLM2VEC_FAST_CUDA", "1")
-    with pytest.raises(SystemExit, match="LLM2VEC_FAST_CUDA=1 but the CUDA part cannot be built: no nvcc"):
+    with pytest.raises(
+        SystemExit, match="LLM2VEC_FAST_CUDA=1 but the CUDA part cannot be built: no nvcc"
+    ):
         setup_module.plan_extension()
 
     monkeypatch.setenv("LLM2VEC_FAST_NO_EXTENSION", "1")
@@ -170,5 +180,7 @@ def test_every_registered_subcommand_has_a_run_function():
 def test_help_does_not_import_torch():
     """Building the command's parser (what ``llm2vec-fast --help`` does) stays free of torch."""
     code = "import sys; from llm2vec_fast.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"

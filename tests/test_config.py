@@ -1,12 +1,17 @@
 import pytest
 import torch
+from model_helpers import FAMILIES, tiny_hf_config
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llm2vec_fast.config import Llama3RopeScaling, ModelConfig, rope_inv_freq
-from model_helpers import FAMILIES, tiny_hf_config
 
-LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3 = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def hf_dict(family: str, **overrides) -> dict:
@@ -58,13 +63,17 @@ def test_qwen2_window_only_when_a_layer_slides(max_window_layers):
     slides = "sliding_attention" in raw["layer_types"]
     assert slides == (max_window_layers in (0, 1))
     assert ModelConfig.from_hf_dict(raw).sliding_window == (128 if slides else None)
-    old_style = {k: v for k, v in raw.items() if k != "layer_types"}  # configs saved before layer_types
+    old_style = {
+        k: v for k, v in raw.items() if k != "layer_types"
+    }  # configs saved before layer_types
     assert ModelConfig.from_hf_dict(old_style).sliding_window == (128 if slides else None)
 
 
 def test_tie_word_embeddings():
     assert ModelConfig.from_hf_dict(hf_dict("llama", tie_word_embeddings=True)).tie_word_embeddings
-    assert not ModelConfig.from_hf_dict(hf_dict("llama", tie_word_embeddings=False)).tie_word_embeddings
+    assert not ModelConfig.from_hf_dict(
+        hf_dict("llama", tie_word_embeddings=False)
+    ).tie_word_embeddings
 
 
 def test_old_style_rope_keys():
@@ -82,8 +91,13 @@ def test_rope_scaling_beside_different_rope_parameters_is_refused():
     with pytest.raises(ValueError, match="both rope_parameters and rope_scaling and they differ"):
         ModelConfig.from_hf_dict({**raw, "rope_scaling": {"rope_type": "llama3", **LLAMA3}})
     with pytest.raises(ValueError, match="both rope_parameters and rope_scaling and they differ"):
-        ModelConfig.from_hf_dict({**hf_dict("qwen2"), "rope_scaling": {"type": "yarn", "factor": 4.0}})
-    same = {**raw, "rope_scaling": {"type": "default", "rope_theta": 500000.0}}  # the same, old key names
+        ModelConfig.from_hf_dict(
+            {**hf_dict("qwen2"), "rope_scaling": {"type": "yarn", "factor": 4.0}}
+        )
+    same = {
+        **raw,
+        "rope_scaling": {"type": "default", "rope_theta": 500000.0},
+    }  # the same, old key names
     assert ModelConfig.from_hf_dict(same).rope_theta == 500000.0
 
 
@@ -92,20 +106,36 @@ def test_rope_scaling_beside_different_rope_parameters_is_refused():
     [
         (16, 10000.0, None),
         (128, 500000.0, LLAMA3),
-        (64, 10000.0, {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0, "original_max_position_embeddings": 64}),
+        (
+            64,
+            10000.0,
+            {
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 2.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
     ],
     ids=["default", "llama3.1-8b", "llama3-short-context"],
 )
 def test_inv_freq_matches_transformers(head_dim, theta, scaling):
     rope = {"rope_type": "llama3" if scaling else "default", "rope_theta": theta, **(scaling or {})}
-    hf_config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope)
+    hf_config = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        max_position_embeddings=131072,
+        rope_parameters=rope,
+    )
     hf_rotary = LlamaRotaryEmbedding(hf_config)
     expected, attention_scaling = hf_rotary.inv_freq, hf_rotary.attention_scaling
     config = ModelConfig.from_hf_dict(hf_config.to_dict())
     ours = config.rope_inv_freq()
     assert attention_scaling == 1.0
     assert ours.dtype == torch.float32 and ours.shape == (head_dim // 2,)
-    torch.testing.assert_close(ours, expected, rtol=4e-7, atol=0.0)  # a few fp32 ulps: we compute in fp64
+    torch.testing.assert_close(
+        ours, expected, rtol=4e-7, atol=0.0
+    )  # a few fp32 ulps: we compute in fp64
 
 
 def test_llama3_scaling_changes_only_low_frequencies():
@@ -122,7 +152,9 @@ def test_unsupported_model_type_names_supported_ones():
 
 
 def test_unsupported_rope_type():
-    raw = hf_dict("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    raw = hf_dict(
+        "llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    )
     with pytest.raises(ValueError, match="unsupported rope type 'linear'"):
         ModelConfig.from_hf_dict(raw)
 
@@ -137,7 +169,9 @@ def test_missing_keys_and_bad_values_are_named():
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig.from_hf_dict({**hf_dict("llama"), "num_key_value_heads": 3})
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
-    with pytest.raises(ValueError, match="llama3 rope scaling is missing low_freq_factor, high_freq_factor"):
+    with pytest.raises(
+        ValueError, match="llama3 rope scaling is missing low_freq_factor, high_freq_factor"
+    ):
         ModelConfig.from_hf_dict({**hf_dict("llama"), "rope_parameters": rope})
 
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle, fp32_ulps_atol, nan_allocations
+from fusion_checks import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_close_to_oracle,
+    fp32_ulps_atol,
+    nan_allocations,
+)
 
-from llm2vec_fast.kernels import contrastive_loss, reference
-from llm2vec_fast.kernels import contrastive
+from llm2vec_fast.kernels import contrastive, contrastive_loss, reference
 
 TILE = contrastive.BLOCK_M
 CORRELATION = 0.25  # positives = noise + 0.25 x query: losses 2-6, gradients 1e-5 to 1e-1
@@ -37,8 +42,12 @@ def _check_against_oracle(queries, docs, scale, symmetric):
     assert ours[0].dtype == torch.float32 and ours[0].shape == ()
     assert ours[1].dtype == queries.dtype and ours[2].dtype == docs.dtype
     factors = (FORWARD_FACTOR, GRADIENT_FACTOR, GRADIENT_FACTOR)
-    for name, value, ref_value, oracle_value, factor in zip(("loss", "grad_q", "grad_d"), ours, ref, oracle, factors):
-        assert_close_to_oracle(name, value, ref_value, oracle_value, factor=factor, atol=fp32_ulps_atol(oracle_value))
+    for name, value, ref_value, oracle_value, factor in zip(
+        ("loss", "grad_q", "grad_d"), ours, ref, oracle, factors
+    ):
+        assert_close_to_oracle(
+            name, value, ref_value, oracle_value, factor=factor, atol=fp32_ulps_atol(oracle_value)
+        )
 
 
 CASES = [
@@ -55,7 +64,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("batch, n_docs, dim, scale, symmetric", CASES)
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
 def test_triton_matches_reference(monkeypatch, dtype, batch, n_docs, dim, scale, symmetric):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     # backward chunks of round_up(D, BLOCK_N) docs, so N = 150 takes two chunks
@@ -69,7 +80,9 @@ def test_triton_matches_reference(monkeypatch, dtype, batch, n_docs, dim, scale,
     _check_against_oracle(queries, docs.to(dtype), scale, symmetric)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
 def test_a_zero_doc_leaves_every_other_gradient_finite_and_right(monkeypatch, dtype):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     _check_a_zero_doc(dtype, "cpu")
@@ -88,16 +101,31 @@ def _check_a_zero_doc(dtype: torch.dtype, device: str) -> None:
     ref = _loss_and_grads(reference.contrastive_loss, queries, docs)
     oracle = _loss_and_grads(reference.contrastive_loss, queries.double(), docs.double())
     for name, index in (("loss", 0), ("grad_q", 1)):
-        assert_close_to_oracle(name, ours[index], ref[index], oracle[index], factor=GRADIENT_FACTOR,
-                               atol=fp32_ulps_atol(oracle[index]))
-    assert_close_to_oracle("grad_d", ours[2][:9], ref[2][:9], oracle[2][:9], factor=GRADIENT_FACTOR,
-                           atol=fp32_ulps_atol(oracle[2][:9]))
+        assert_close_to_oracle(
+            name,
+            ours[index],
+            ref[index],
+            oracle[index],
+            factor=GRADIENT_FACTOR,
+            atol=fp32_ulps_atol(oracle[index]),
+        )
+    assert_close_to_oracle(
+        "grad_d",
+        ours[2][:9],
+        ref[2][:9],
+        oracle[2][:9],
+        factor=GRADIENT_FACTOR,
+        atol=fp32_ulps_atol(oracle[2][:9]),
+    )
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     generator = torch.Generator().manual_seed(5)
-    queries, docs = torch.randn(20, 32, generator=generator), torch.randn(200, 32, generator=generator)
+    queries, docs = (
+        torch.randn(20, 32, generator=generator),
+        torch.randn(200, 32, generator=generator),
+    )
     one_chunk = _loss_and_grads(contrastive_loss, queries, docs)
     monkeypatch.setattr(contrastive, "MIN_GRAD_CHUNK_COLS", 1)
     assert contrastive.grad_chunk_cols(200, 32) == contrastive.BLOCK_N  # four chunks
@@ -108,13 +136,27 @@ def test_chunking_does_not_change_the_result(monkeypatch):
 @pytest.mark.parametrize(
     "queries, docs, error, match",
     [
-        pytest.param(torch.randn(4, 8), torch.randn(4, 9), ValueError, "same width", id="D-mismatch"),
-        pytest.param(torch.randn(4, 8), torch.randn(3, 8), ValueError, "at least one doc per query", id="N<B"),
+        pytest.param(
+            torch.randn(4, 8), torch.randn(4, 9), ValueError, "same width", id="D-mismatch"
+        ),
+        pytest.param(
+            torch.randn(4, 8), torch.randn(3, 8), ValueError, "at least one doc per query", id="N<B"
+        ),
         pytest.param(torch.randn(4, 8, 1), torch.randn(4, 8), ValueError, "2-D", id="queries-3d"),
         pytest.param(torch.randn(4, 8), torch.randn(8), ValueError, "2-D", id="docs-1d"),
-        pytest.param(torch.randn(0, 8), torch.randn(2, 8), ValueError, "at least one query", id="no-queries"),
-        pytest.param(torch.randn(4, 8), torch.randn(4, 8).half(), TypeError, "share a dtype", id="dtype-mismatch"),
-        pytest.param(torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8), TypeError, "floating", id="int"),
+        pytest.param(
+            torch.randn(0, 8), torch.randn(2, 8), ValueError, "at least one query", id="no-queries"
+        ),
+        pytest.param(
+            torch.randn(4, 8),
+            torch.randn(4, 8).half(),
+            TypeError,
+            "share a dtype",
+            id="dtype-mismatch",
+        ),
+        pytest.param(
+            torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8), TypeError, "floating", id="int"
+        ),
     ],
 )
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -140,7 +182,9 @@ GPU_CASES = CASES + [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, n_docs, dim, scale, symmetric", GPU_CASES)
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 def test_gpu_matches_reference(dtype, batch, n_docs, dim, scale, symmetric):
     generator = torch.Generator().manual_seed(batch * 1000 + n_docs)
     queries = torch.randn(batch, dim, generator=generator)
@@ -150,6 +194,8 @@ def test_gpu_matches_reference(dtype, batch, n_docs, dim, scale, symmetric):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 def test_gpu_a_zero_doc_leaves_every_other_gradient_finite_and_right(dtype):
     _check_a_zero_doc(dtype, "cuda")

@@ -62,7 +62,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         except ValueError as error:
             results.append(str(error))
         *cases, message = results  # written as safetensors + text: the project never reads pickles
-        tensors = {f"{i}.{j}": t.contiguous() for i, case in enumerate(cases) for j, t in enumerate(case)}
+        tensors = {
+            f"{i}.{j}": t.contiguous() for i, case in enumerate(cases) for j, t in enumerate(case)
+        }
         save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
             handle.write(message)
@@ -98,8 +100,12 @@ def test_gathered_loss_equals_single_process_loss(tmp_path):
             # fp32 computation against the fp64 single-process result
             torch.testing.assert_close(got_loss.double(), loss, rtol=1e-5, atol=1e-6, msg=what)
             torch.testing.assert_close(got_grad_w.double(), grad_w, rtol=1e-4, atol=1e-6, msg=what)
-            torch.testing.assert_close(got_x_q.double() / WORLD, grad_x_q[rank], rtol=1e-4, atol=1e-6, msg=what)
-            torch.testing.assert_close(got_x_d.double() / WORLD, grad_x_d[rank], rtol=1e-4, atol=1e-6, msg=what)
+            torch.testing.assert_close(
+                got_x_q.double() / WORLD, grad_x_q[rank], rtol=1e-4, atol=1e-6, msg=what
+            )
+            torch.testing.assert_close(
+                got_x_d.double() / WORLD, grad_x_d[rank], rtol=1e-4, atol=1e-6, msg=what
+            )
     for results in per_rank:
         assert "equal batch sizes" in results[-1]
 
@@ -110,7 +116,10 @@ def test_single_rank_group_is_the_plain_loss(tmp_path, negatives):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         generator = torch.Generator().manual_seed(negatives)
-        queries, docs = torch.randn(4, 8, generator=generator), torch.randn(4 + negatives, 8, generator=generator)
+        queries, docs = (
+            torch.randn(4, 8, generator=generator),
+            torch.randn(4 + negatives, 8, generator=generator),
+        )
         gathered = contrastive_loss(queries, docs, symmetric=True, gather_across_ranks=True)
         torch.testing.assert_close(gathered, contrastive_loss(queries, docs, symmetric=True))
     finally:

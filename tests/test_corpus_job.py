@@ -31,8 +31,20 @@ def test_embeddings_are_the_engines_in_input_order_across_shards(tmp_path):
     texts = [f"document number {i} " + "x" * (i * 7 % 40) for i in range(53)]
     _jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     engine = HashEngine(dim=8, max_length=64)
-    summary = _embed(tmp_path / "in.jsonl", tmp_path / "out", engine, id_field="id", shard_rows=10, batch_tokens=100)
-    assert (summary.rows_in, summary.embedded, summary.errors, summary.shards_total) == (53, 53, 0, 6)
+    summary = _embed(
+        tmp_path / "in.jsonl",
+        tmp_path / "out",
+        engine,
+        id_field="id",
+        shard_rows=10,
+        batch_tokens=100,
+    )
+    assert (summary.rows_in, summary.embedded, summary.errors, summary.shards_total) == (
+        53,
+        53,
+        0,
+        6,
+    )
     assert summary.complete
     ids, matrix = read_embeddings(tmp_path / "out")
     assert ids == [f"d{i}" for i in range(53)]
@@ -47,17 +59,20 @@ def test_embeddings_are_the_engines_in_input_order_across_shards(tmp_path):
 
 
 def test_every_bad_row_is_an_error_record_and_counts_add_up(tmp_path):
-    _jsonl(tmp_path / "in.jsonl", [
-        {"id": "a", "text": "fine"},
-        {"id": "b", "text": ""},
-        {"id": "c", "text": " \t "},
-        '{"id": "d", "text": ',
-        {"id": "e"},
-        {"text": "no id"},
-        {"id": "a", "text": "same id again"},
-        {"id": "f", "text": "y" * 100},
-        {"id": "", "text": "empty id"},
-    ])
+    _jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "a", "text": "fine"},
+            {"id": "b", "text": ""},
+            {"id": "c", "text": " \t "},
+            '{"id": "d", "text": ',
+            {"id": "e"},
+            {"text": "no id"},
+            {"id": "a", "text": "same id again"},
+            {"id": "f", "text": "y" * 100},
+            {"id": "", "text": "empty id"},
+        ],
+    )
     (tmp_path / "bytes.jsonl").write_bytes(b'{"id": "g", "text": "bad \xfe"}\n')
     summary = _embed(tmp_path, tmp_path / "out", id_field="id", shard_rows=4)
     reasons = {(e["file"], e["line"]): e["reason"] for e in read_errors(tmp_path / "out")}
@@ -87,11 +102,19 @@ class _DroppingEngine(HashEngine):
 
 def test_a_text_without_tokens_to_pool_is_an_error_record_not_a_zero_vector(tmp_path):
     (tmp_path / "in.txt").write_text("one\nxxx\ntwo\n")
-    summary = _embed(tmp_path / "in.txt", tmp_path / "out", _DroppingEngine(dim=8, max_length=64), shard_rows=2)
+    summary = _embed(
+        tmp_path / "in.txt", tmp_path / "out", _DroppingEngine(dim=8, max_length=64), shard_rows=2
+    )
     assert (summary.embedded, summary.errors) == (2, 1)
     assert read_embeddings(tmp_path / "out")[0] == ["in.txt:1", "in.txt:3"]
-    assert read_errors(tmp_path / "out") == [{"id": "in.txt:2", "file": "in.txt", "line": 2,
-                                             "reason": "the text has no tokens to pool (the tokenizer kept none of it)"}]
+    assert read_errors(tmp_path / "out") == [
+        {
+            "id": "in.txt:2",
+            "file": "in.txt",
+            "line": 2,
+            "reason": "the text has no tokens to pool (the tokenizer kept none of it)",
+        }
+    ]
 
 
 def test_on_long_error_stops_naming_file_and_line(tmp_path):
@@ -108,13 +131,22 @@ def test_instruction_is_given_to_the_engine_but_not_pooled(tmp_path):
     _, by_field = read_embeddings(tmp_path / "field")
     _, fixed = read_embeddings(tmp_path / "fixed")
     np.testing.assert_array_equal(by_field, _expected(engine, [("find this:", "t1"), "t2"]))
-    np.testing.assert_array_equal(fixed, _expected(engine, [("find this:", "t1"), ("find this:", "t2")]))
+    np.testing.assert_array_equal(
+        fixed, _expected(engine, [("find this:", "t1"), ("find this:", "t2")])
+    )
 
 
 def test_float16_output_limit_and_default_ids(tmp_path):
     (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(30)))
     engine = HashEngine(dim=8, max_length=64, normalize=True)
-    summary = _embed(tmp_path / "in.txt", tmp_path / "out", engine, output_dtype="float16", limit=12, shard_rows=5)
+    summary = _embed(
+        tmp_path / "in.txt",
+        tmp_path / "out",
+        engine,
+        output_dtype="float16",
+        limit=12,
+        shard_rows=5,
+    )
     ids, matrix = read_embeddings(tmp_path / "out")
     assert summary.rows_in == 12
     assert ids == [f"in.txt:{i}" for i in range(1, 13)]
@@ -180,7 +212,9 @@ def test_delimited_and_parquet_inputs_end_to_end(tmp_path, fmt):
         sep = "," if fmt == "csv" else "\t"
         path.write_text(f"key{sep}body\n" + "".join(f"k{i}{sep}{t}\n" for i, t in enumerate(texts)))
     engine = HashEngine(dim=8, max_length=64)
-    summary = _embed(path, tmp_path / "out", engine, id_field="key", text_field="body", shard_rows=3)
+    summary = _embed(
+        path, tmp_path / "out", engine, id_field="key", text_field="body", shard_rows=3
+    )
     ids, matrix = read_embeddings(tmp_path / "out")
     assert summary.embedded == 7 and ids == [f"k{i}" for i in range(7)]
     np.testing.assert_array_equal(matrix, _expected(engine, texts))
@@ -196,11 +230,17 @@ def test_read_embeddings_memory_mapped_and_search(tmp_path):
     assert isinstance(mapped, np.memmap) and mapped_ids == ids
     np.testing.assert_array_equal(mapped, in_memory)
     assert read_embeddings(tmp_path / "out", mmap=True)[1].filename == mapped.filename
-    elsewhere = read_embeddings(tmp_path / "out", mmap=True, matrix_path=tmp_path / "m" / "corpus.npy")[1]
-    assert Path(elsewhere.filename) == tmp_path / "m" / "corpus.npy"  # a read-only job folder needs this
+    elsewhere = read_embeddings(
+        tmp_path / "out", mmap=True, matrix_path=tmp_path / "m" / "corpus.npy"
+    )[1]
+    assert (
+        Path(elsewhere.filename) == tmp_path / "m" / "corpus.npy"
+    )  # a read-only job folder needs this
     np.testing.assert_array_equal(elsewhere, in_memory)
     (tmp_path / "out" / "embeddings.npy.tmp-99999").write_bytes(b"left by a killed reader")
-    assert _embed(tmp_path / "in.txt", tmp_path / "out", shard_rows=7, overwrite=True).embedded == 40
+    assert (
+        _embed(tmp_path / "in.txt", tmp_path / "out", shard_rows=7, overwrite=True).embedded == 40
+    )
     hits = search(tmp_path / "out", "sentence 17", k=3)
     assert hits[0][0] == "in.txt:18" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
     normalized = in_memory / np.linalg.norm(in_memory, axis=1, keepdims=True)
@@ -220,29 +260,43 @@ class _CallRecordingEngine(HashEngine):
         return super().embed(items, progress)
 
 
-def test_the_engine_gets_whole_shards_in_even_calls_of_at_most_embed_call_rows(tmp_path, monkeypatch):
+def test_the_engine_gets_whole_shards_in_even_calls_of_at_most_embed_call_rows(
+    tmp_path, monkeypatch
+):
     """The engine packs its own batches: one call per shard lets a GPU run them without a wait
     for each batch's result; EMBED_CALL_ROWS bounds what one call holds on the device."""
-    lines = ["" if i % 6 == 5 else f"line {i} " + "y" * (i % 9) for i in range(25)]  # 4 empty: error rows
+    lines = [
+        "" if i % 6 == 5 else f"line {i} " + "y" * (i % 9) for i in range(25)
+    ]  # 4 empty: error rows
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     engine = _CallRecordingEngine(dim=4, max_length=64)
     _embed(tmp_path / "in.txt", tmp_path / "whole", engine, shard_rows=10, batch_tokens=8)
     assert engine.calls == [9, 8, 4]  # shards of 10 rows, less their error rows
     monkeypatch.setattr("llm2vec_fast.corpus.job.EMBED_CALL_ROWS", 4)
     engine = _CallRecordingEngine(dim=4, max_length=64)
-    summary = _embed(tmp_path / "in.txt", tmp_path / "chunked", engine, shard_rows=10, progress=True)
+    summary = _embed(
+        tmp_path / "in.txt", tmp_path / "chunked", engine, shard_rows=10, progress=True
+    )
     assert engine.calls == [3, 3, 3, 4, 4, 4]  # 9 rows in 3 even calls, not 4 + 4 + 1
     bar = engine.progress_seen[-1]
     assert all(seen is bar for seen in engine.progress_seen)
-    assert bar.n == summary.rows_in == 25  # embedded rows counted once (by the engine), error rows by the job
-    np.testing.assert_array_equal(read_embeddings(tmp_path / "whole")[1], read_embeddings(tmp_path / "chunked")[1])
+    assert (
+        bar.n == summary.rows_in == 25
+    )  # embedded rows counted once (by the engine), error rows by the job
+    np.testing.assert_array_equal(
+        read_embeddings(tmp_path / "whole")[1], read_embeddings(tmp_path / "chunked")[1]
+    )
 
 
 def test_a_shard_of_error_rows_only_makes_no_engine_call(tmp_path):
     (tmp_path / "in.txt").write_text("a\nb\n\n \nc\n")
     engine = _CallRecordingEngine(dim=4, max_length=64)
     summary = _embed(tmp_path / "in.txt", tmp_path / "out", engine, shard_rows=2)
-    assert engine.calls == [2, 1] and (summary.embedded, summary.errors, summary.shards_total) == (3, 2, 3)
+    assert engine.calls == [2, 1] and (summary.embedded, summary.errors, summary.shards_total) == (
+        3,
+        2,
+        3,
+    )
 
 
 def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys):
@@ -251,21 +305,68 @@ def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
     help_text = capsys.readouterr().out
-    for option in ["--model", "--adapter", "--input", "--output", "--id-field", "--text-field", "--instruction",
-                   "--instruction-field", "--pooling", "--max-length", "--batch-tokens", "--normalize", "--dtype",
-                   "--output-dtype", "--device", "--limit", "--resume", "--overwrite", "--on-long", "--shard-rows"]:
+    for option in [
+        "--model",
+        "--adapter",
+        "--input",
+        "--output",
+        "--id-field",
+        "--text-field",
+        "--instruction",
+        "--instruction-field",
+        "--pooling",
+        "--max-length",
+        "--batch-tokens",
+        "--normalize",
+        "--dtype",
+        "--output-dtype",
+        "--device",
+        "--limit",
+        "--resume",
+        "--overwrite",
+        "--on-long",
+        "--shard-rows",
+    ]:
         assert option in help_text
     (tmp_path / "in.txt").write_text("alpha\nbeta\ngamma\n")
-    assert main(["embed", "--model", "fake:dim=4", "--input", str(tmp_path / "in.txt"), "--output",
-                 str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                "fake:dim=4",
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "rows in 3 = embedded 3 + errors 0" in capsys.readouterr().err
-    assert main(["embed", "--model", "fake:dim=5", "--input", str(tmp_path / "in.txt"), "--output",
-                 str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                "fake:dim=5",
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "engine.dim: 4 -> 5" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "out"), "--query", "beta", "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split() == ["1", "1.0000", "in.txt:2"]
-    assert main(["search", str(tmp_path / "out"), "--query", "  ", "-k", "2"]) == 2  # not k arbitrary rows at 0.0
+    assert (
+        main(["search", str(tmp_path / "out"), "--query", "  ", "-k", "2"]) == 2
+    )  # not k arbitrary rows at 0.0
     assert "the query is empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no tokens to pool"):
         search(tmp_path / "out", "xxx", engine=_DroppingEngine(dim=4, max_length=512))
@@ -290,7 +391,9 @@ def test_a_foreign_manifest_is_never_deleted(tmp_path):
     (out / "errors.jsonl").write_text("mine\n")
     with pytest.raises(ValueError, match="not a manifest of llm2vec-fast-embeddings"):
         _embed(tmp_path / "in.txt", out)
-    assert (out / "manifest.json").read_text() == '{"name": "my project"}' and (out / "errors.jsonl").exists()
+    assert (out / "manifest.json").read_text() == '{"name": "my project"}' and (
+        out / "errors.jsonl"
+    ).exists()
 
 
 def test_a_relative_input_folder_still_skips_the_output_folder(tmp_path, monkeypatch):
@@ -298,7 +401,9 @@ def test_a_relative_input_folder_still_skips_the_output_folder(tmp_path, monkeyp
     (tmp_path / "data").mkdir()
     _jsonl(tmp_path / "data" / "a.jsonl", [{"text": "alpha"}])
     (tmp_path / "data" / "out").mkdir()
-    (tmp_path / "data" / "out" / "errors.jsonl").write_text("")  # an output folder without its manifest yet
+    (tmp_path / "data" / "out" / "errors.jsonl").write_text(
+        ""
+    )  # an output folder without its manifest yet
     from llm2vec_fast.corpus.readers import discover_inputs
 
     assert [f.name for f in discover_inputs("data", output="data/out")] == ["a.jsonl"]
@@ -309,5 +414,6 @@ def test_an_input_fingerprint_of_an_older_version_is_named_as_such():
 
     old = {"inputs": [{"path": "in.txt", "format": "text", "bytes": 6, "sample_sha256": "ab"}]}
     new = {"inputs": [{"path": "in.txt", "format": "text", "bytes": 6, "sha256": "cd"}]}
-    assert identity_differences(old, new) == ["input in.txt: recorded by an older llm2vec-fast (sampled hash), cannot be"
-                                              " compared"]
+    assert identity_differences(old, new) == [
+        "input in.txt: recorded by an older llm2vec-fast (sampled hash), cannot be compared"
+    ]

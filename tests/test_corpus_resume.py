@@ -34,8 +34,17 @@ def _corpus(folder: Path) -> Path:
         elif i % 29 == 11:
             lines.append(json.dumps({"id": "doc0", "text": "duplicate"}))
         else:
-            lines.append(json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice("abcdefgh") * rng.randint(1, 9)
-                                                                        for _ in range(rng.randint(1, 30)))}))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": f"doc{i}",
+                        "text": " ".join(
+                            rng.choice("abcdefgh") * rng.randint(1, 9)
+                            for _ in range(rng.randint(1, 30))
+                        ),
+                    }
+                )
+            )
     half = ROWS // 2
     (folder / "part-a.jsonl").write_text("\n".join(lines[:half]) + "\n")
     (folder / "part-b.jsonl").write_text("\n".join(lines[half:]) + "\n")
@@ -43,13 +52,33 @@ def _corpus(folder: Path) -> Path:
 
 
 def _command(corpus: Path, out: Path, model: str = "fake:dim=8") -> list[str]:
-    return [sys.executable, "-m", "llm2vec_fast.corpus.cli", "embed", "--model", model, "--input", str(corpus),
-            "--output", str(out), "--id-field", "id", "--shard-rows", str(SHARD_ROWS), "--batch-tokens", "64",
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "llm2vec_fast.corpus.cli",
+        "embed",
+        "--model",
+        model,
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--id-field",
+        "id",
+        "--shard-rows",
+        str(SHARD_ROWS),
+        "--batch-tokens",
+        "64",
+        "--no-progress",
+    ]
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in (CRASH_ENV, "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (CRASH_ENV, "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     return {**env, **extra}
 
 
@@ -58,8 +87,15 @@ def corpus_and_clean(tmp_path_factory):
     """The corpus and an uninterrupted in-process run over it."""
     root = tmp_path_factory.mktemp("corpus")
     corpus = _corpus(root / "in")
-    embed_corpus(corpus, root / "clean", engine=HashEngine(dim=8), id_field="id", shard_rows=SHARD_ROWS,
-                 batch_tokens=64, progress=False)
+    embed_corpus(
+        corpus,
+        root / "clean",
+        engine=HashEngine(dim=8),
+        id_field="id",
+        shard_rows=SHARD_ROWS,
+        batch_tokens=64,
+        progress=False,
+    )
     return corpus, root / "clean"
 
 
@@ -73,7 +109,9 @@ def _assert_same_as_clean(out: Path, clean: Path) -> None:
     manifest, clean_manifest = load_manifest(out), load_manifest(clean)
     assert manifest["counts"] == clean_manifest["counts"]
     assert manifest["counts"]["rows_in"] == ROWS
-    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in clean_manifest["shards"]]
+    assert [s["sha256"] for s in manifest["shards"]] == [
+        s["sha256"] for s in clean_manifest["shards"]
+    ]
     assert not list(out.glob("manifest.rank-*")) and not list(out.rglob("*.tmp-*"))
 
 
@@ -91,9 +129,17 @@ def test_killed_at_every_stage_of_a_shard_write_then_resumed(corpus_and_clean, t
     corpus, clean = corpus_and_clean
     out = tmp_path / "out"
     recorded = []
-    for crash in ["mid-write:2", "before-rename:2", "before-manifest:3", "mid-manifest:2", "before-write:2",
-                  "mid-manifest:1"]:
-        result = subprocess.run(_command(corpus, out), env=_env(**{CRASH_ENV: crash}), capture_output=True, text=True)
+    for crash in [
+        "mid-write:2",
+        "before-rename:2",
+        "before-manifest:3",
+        "mid-manifest:2",
+        "before-write:2",
+        "mid-manifest:1",
+    ]:
+        result = subprocess.run(
+            _command(corpus, out), env=_env(**{CRASH_ENV: crash}), capture_output=True, text=True
+        )
         assert result.returncode == -signal.SIGKILL, f"{crash}: {result.stderr}"
         _assert_partial_state_is_consistent(out)
         recorded.append(len(recorded_shards(out)))
@@ -107,14 +153,22 @@ def test_killed_at_every_stage_of_a_shard_write_then_resumed(corpus_and_clean, t
 def test_killed_at_random_moments_then_resumed(corpus_and_clean, tmp_path):
     corpus, clean = corpus_and_clean
     out = tmp_path / "out"
-    command = _command(corpus, out, model="fake:dim=8,delay=0.1")  # delay: per call, a call per shard
+    command = _command(
+        corpus, out, model="fake:dim=8,delay=0.1"
+    )  # delay: per call, a call per shard
     rng = random.Random(1234)
     progress = []
     for target in (2, 5, 9):
-        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while process.poll() is None and not ((out / "manifest.json").exists() and len(recorded_shards(out)) >= target):
+        process = subprocess.Popen(
+            command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        while process.poll() is None and not (
+            (out / "manifest.json").exists() and len(recorded_shards(out)) >= target
+        ):
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.2))  # somewhere inside a later shard: tokenizing, embedding or writing
+        time.sleep(
+            rng.uniform(0.0, 0.2)
+        )  # somewhere inside a later shard: tokenizing, embedding or writing
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL
         _assert_partial_state_is_consistent(out)
@@ -135,12 +189,24 @@ def _launch_ranks(command: list[str], crash_rank_1: str | None) -> list[subproce
     port = str(_free_port())
     processes = []
     for rank in range(2):
-        extra = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": port}
+        extra = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
         if rank == 1 and crash_rank_1:
             extra[CRASH_ENV] = crash_rank_1
-        processes.append(subprocess.Popen(command, env=_env(**extra), stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True))
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=_env(**extra),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return processes
 
 
@@ -154,7 +220,9 @@ def test_two_gloo_ranks_one_killed_then_resumed_equal_one_process(corpus_and_cle
     deadline = time.monotonic() + 60
     while rank0.poll() is None and time.monotonic() < deadline:
         part = out / "manifest.rank-0.json"
-        if part.exists() and rank0_shards <= {s["index"] for s in json.loads(part.read_text())["shards"]}:
+        if part.exists() and rank0_shards <= {
+            s["index"] for s in json.loads(part.read_text())["shards"]
+        }:
             break  # rank 0 finished its shards and waits for rank 1 at the barrier
         time.sleep(0.1)
     if rank0.poll() is None:
@@ -162,7 +230,10 @@ def test_two_gloo_ranks_one_killed_then_resumed_equal_one_process(corpus_and_cle
     rank0.wait()
     done = set(recorded_shards(out))
     assert rank0_shards <= done
-    assert {1, 3} <= done and 5 not in done  # rank 1 lost only the shard it was writing, and what followed
+    assert {
+        1,
+        3,
+    } <= done and 5 not in done  # rank 1 lost only the shard it was writing, and what followed
     _assert_partial_state_is_consistent(out)
     processes = _launch_ranks(command, crash_rank_1=None)
     for process in processes:
@@ -170,12 +241,22 @@ def test_two_gloo_ranks_one_killed_then_resumed_equal_one_process(corpus_and_cle
     _assert_same_as_clean(out, clean)
 
 
-def test_a_real_torchrun_launch_of_the_console_script_equals_one_process(corpus_and_clean, tmp_path):
+def test_a_real_torchrun_launch_of_the_console_script_equals_one_process(
+    corpus_and_clean, tmp_path
+):
     """The issue's form: ``torchrun --nproc-per-node 2 --no-python llm2vec-fast embed ...``."""
     corpus, clean = corpus_and_clean
     script = Path(sys.executable).with_name("llm2vec-fast")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-               str(script)] + _command(corpus, tmp_path / "out")[3:]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        str(script),
+    ] + _command(corpus, tmp_path / "out")[3:]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "shards written now 7, total 13" in result.stderr  # rank 0 wrote every other shard of 13

@@ -5,13 +5,19 @@ import random
 
 import pytest
 import torch
+from model_helpers import VOCAB, runtime_from_hf, tiny_hf_model
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.batching import plan_batches
-from llm2vec_fast.cuda_graphs import GraphedEncoder, graph_shape, memory_fingerprint, pad_batch, round_up_size
+from llm2vec_fast.cuda_graphs import (
+    GraphedEncoder,
+    graph_shape,
+    memory_fingerprint,
+    pad_batch,
+    round_up_size,
+)
 from llm2vec_fast.kernels import POOLING_MODES, masked_pool
 from llm2vec_fast.text import TokenizedText
-from model_helpers import VOCAB, runtime_from_hf, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +27,42 @@ def runtime():
 
 def test_round_up_size_wastes_at_most_an_eighth():
     assert [round_up_size(n, 16) for n in (0, 1, 16, 17, 31, 33, 3000, 4096, 4097)] == [
-        16, 16, 16, 18, 32, 36, 3072, 4096, 4608]  # fmt: skip
+        16,
+        16,
+        16,
+        18,
+        32,
+        36,
+        3072,
+        4096,
+        4608,
+    ]
     for n in range(64, 70000, 7):
         size = round_up_size(n, 64)
         assert n <= size <= n * 1.125
 
 
-@pytest.mark.parametrize("lengths", [[5], [1, 1, 1], [0, 7, 0], [40, 3, 17, 17, 9], [64] * 4, [100, 1]])
+@pytest.mark.parametrize(
+    "lengths", [[5], [1, 1, 1], [0, 7, 0], [40, 3, 17, 17, 9], [64] * 4, [100, 1]]
+)
 def test_graph_shape_holds_the_batch_and_its_padding(lengths):
     shape = graph_shape(lengths)
     assert shape.tokens >= max(64, sum(lengths)) and shape.max_seqlen >= max(lengths)
     assert shape.slots & (shape.slots - 1) == 0  # a power of two
     ids = torch.arange(sum(lengths)) % VOCAB
     cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    padded_ids, padded_mask, padded_cu, positions = pad_batch(ids, torch.ones(sum(lengths), dtype=torch.bool), cu_seqlens, shape)
+    padded_ids, padded_mask, padded_cu, positions = pad_batch(
+        ids, torch.ones(sum(lengths), dtype=torch.bool), cu_seqlens, shape
+    )
     assert padded_ids.shape == padded_mask.shape == positions.shape == (shape.tokens,)
     assert padded_cu.shape == (shape.slots + 1,) and padded_cu.dtype == torch.int32
-    assert torch.equal(padded_cu[: len(lengths) + 1], cu_seqlens) and int(padded_cu[-1]) == shape.tokens
+    assert (
+        torch.equal(padded_cu[: len(lengths) + 1], cu_seqlens)
+        and int(padded_cu[-1]) == shape.tokens
+    )
     padded_lengths = torch.diff(padded_cu)
     assert int(padded_lengths.min()) >= 0 and int(padded_lengths.max()) <= shape.max_seqlen
-    assert torch.equal(padded_ids[: sum(lengths)], ids) and not padded_mask[sum(lengths):].any()
+    assert torch.equal(padded_ids[: sum(lengths)], ids) and not padded_mask[sum(lengths) :].any()
     starts = torch.repeat_interleave(padded_cu[:-1].long(), padded_lengths.long())
     assert torch.equal(positions, torch.arange(shape.tokens) - starts)
 
@@ -49,11 +71,19 @@ def test_pad_batch_refuses_a_shape_too_small():
     cu_seqlens = torch.tensor([0, 50, 100], dtype=torch.int32)
     shape = graph_shape([50, 50])
     with pytest.raises(ValueError, match="does not fit"):
-        pad_batch(torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.bool), cu_seqlens,
-                  type(shape)(tokens=64, slots=shape.slots, max_seqlen=shape.max_seqlen))
+        pad_batch(
+            torch.zeros(100, dtype=torch.long),
+            torch.ones(100, dtype=torch.bool),
+            cu_seqlens,
+            type(shape)(tokens=64, slots=shape.slots, max_seqlen=shape.max_seqlen),
+        )
     with pytest.raises(ValueError, match="do not fit"):
-        pad_batch(torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.bool), cu_seqlens,
-                  type(shape)(tokens=128, slots=2, max_seqlen=64))
+        pad_batch(
+            torch.zeros(100, dtype=torch.long),
+            torch.ones(100, dtype=torch.bool),
+            cu_seqlens,
+            type(shape)(tokens=128, slots=2, max_seqlen=64),
+        )
 
 
 @pytest.mark.parametrize("mode", POOLING_MODES)
@@ -66,7 +96,9 @@ def test_padding_leaves_the_real_sequences_unchanged(runtime, mode, causal):
     pool_mask = torch.rand(sum(lengths), generator=torch.Generator().manual_seed(1)) > 0.3
     cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     with torch.no_grad():
-        plain = masked_pool(runtime(ids, cu_seqlens, max(lengths), causal=causal), cu_seqlens, mode, pool_mask, True)
+        plain = masked_pool(
+            runtime(ids, cu_seqlens, max(lengths), causal=causal), cu_seqlens, mode, pool_mask, True
+        )
         shape = graph_shape(lengths)
         padded_ids, padded_mask, padded_cu, positions = pad_batch(ids, pool_mask, cu_seqlens, shape)
         hidden = runtime(padded_ids, padded_cu, shape.max_seqlen, positions, causal=causal)
@@ -107,7 +139,11 @@ def random_items(count: int, seed: int) -> list[TokenizedText]:
     items = []
     for _ in range(count):
         n = rng.choice([1, 2, rng.randint(3, 30), rng.randint(30, 200)])
-        items.append(TokenizedText([rng.randrange(3, VOCAB) for _ in range(n)], [rng.random() > 0.2 for _ in range(n)]))
+        items.append(
+            TokenizedText(
+                [rng.randrange(3, VOCAB) for _ in range(n)], [rng.random() > 0.2 for _ in range(n)]
+            )
+        )
     return items
 
 
@@ -117,14 +153,20 @@ def random_items(count: int, seed: int) -> list[TokenizedText]:
 def test_gpu_graphs_equal_eager(dtype, mode):
     model = runtime_from_hf(tiny_hf_model("qwen2", seed=5)).to("cuda", dtype).eval()
     eager = LLM2Vec(model, tokenizer=None, pooling_mode=mode, max_batch_tokens=512)
-    graphed = LLM2Vec(model, tokenizer=None, pooling_mode=mode, max_batch_tokens=512, cuda_graphs=True)
+    graphed = LLM2Vec(
+        model, tokenizer=None, pooling_mode=mode, max_batch_tokens=512, cuda_graphs=True
+    )
     items = random_items(150, seed=11)
     expected = eager.embed_tokenized(items, normalize=True)
     first = graphed.embed_tokenized(items, normalize=True)
     captured = graphed._graphed.num_graphs
     again = graphed.embed_tokenized(items, normalize=True)
-    assert captured >= 2 and graphed._graphed.num_graphs == captured  # the second pass replays, captures nothing
-    assert len(plan_batches([len(i.input_ids) for i in items], 512)) > captured  # some batches share a graph
+    assert (
+        captured >= 2 and graphed._graphed.num_graphs == captured
+    )  # the second pass replays, captures nothing
+    assert (
+        len(plan_batches([len(i.input_ids) for i in items], 512)) > captured
+    )  # some batches share a graph
     # the same kernels on the real rows; only cuBLAS's choice for the padded row count may differ,
     # by a rounding of the compute dtype per matmul
     if dtype == torch.float32:
@@ -139,8 +181,12 @@ def test_gpu_graph_limit_falls_back_to_eager():
     model = runtime_from_hf(tiny_hf_model("llama", seed=6)).to("cuda").eval()
     items = random_items(80, seed=12)
     plans = plan_batches([len(i.input_ids) for i in items], 256)
-    assert len({graph_shape(torch.diff(p.cu_seqlens).tolist()) for p in plans}) > 1  # so some run eagerly
-    expected = LLM2Vec(model, tokenizer=None, max_length=200, max_batch_tokens=256).embed_tokenized(items)
+    assert (
+        len({graph_shape(torch.diff(p.cu_seqlens).tolist()) for p in plans}) > 1
+    )  # so some run eagerly
+    expected = LLM2Vec(model, tokenizer=None, max_length=200, max_batch_tokens=256).embed_tokenized(
+        items
+    )
     graphed = LLM2Vec(model, tokenizer=None, max_length=200, max_batch_tokens=256, cuda_graphs=True)
     graphed._graphed = GraphedEncoder(model, max_graphs=1)
     torch.testing.assert_close(graphed.embed_tokenized(items), expected, atol=1e-5, rtol=0)
@@ -148,8 +194,17 @@ def test_gpu_graph_limit_falls_back_to_eager():
     model.train()  # dropout would be frozen into a graph: training batches run eagerly
     plan = plans[0]
     ids = torch.tensor([t for j in plan.indices.tolist() for t in items[j].input_ids])
-    assert graphed._graphed.pooled(ids, torch.ones_like(ids, dtype=torch.bool), plan.cu_seqlens, causal=False,
-                                   mode="mean", normalize=False) is None  # fmt: skip
+    assert (
+        graphed._graphed.pooled(
+            ids,
+            torch.ones_like(ids, dtype=torch.bool),
+            plan.cu_seqlens,
+            causal=False,
+            mode="mean",
+            normalize=False,
+        )
+        is None
+    )
 
 
 @pytest.mark.gpu

@@ -63,7 +63,11 @@ def test_embeddings_equal_llm2vec(case_id):
 
 def test_from_pretrained_reads_settings_and_merges_chain_like_llm2vec():
     """The MNTP folder names its base; the SimCSE adapter is merged on top (merge order matters)."""
-    case = next(c for c in EMBEDDING_CASES.values() if c["load"]["base"] == "llama-mntp" and c["pooling_mode"] == "mean")
+    case = next(
+        c
+        for c in EMBEDDING_CASES.values()
+        if c["load"]["base"] == "llama-mntp" and c["pooling_mode"] == "mean"
+    )
     encoder = LLM2Vec.from_pretrained(
         str(REFERENCE / "llama-mntp"),
         peft_model_name_or_path=str(REFERENCE / "llama-mntp-simcse"),
@@ -76,7 +80,9 @@ def test_from_pretrained_reads_settings_and_merges_chain_like_llm2vec():
         device_map="cpu",
     )
     got = encoder.encode(MANIFEST["inputs"], show_progress_bar=False)
-    torch.testing.assert_close(got, expected_tensors()[f"{case['id']}.embeddings"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(
+        got, expected_tensors()[f"{case['id']}.embeddings"], atol=ATOL, rtol=RTOL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +113,14 @@ def test_batches_hold_no_more_sequences_than_the_attention_kernel_takes(llama, m
 def test_mixed_inputs_numpy_and_normalization(llama):
     inputs = ["plain text", ["an instruction:", "a text"], ("tuple instruction", "tuple text")]
     raw = llama.encode(inputs, show_progress_bar=False)
-    unit = llama.encode(inputs, show_progress_bar=False, normalize_embeddings=True, convert_to_numpy=True)
-    assert isinstance(unit, np.ndarray) and unit.dtype == np.float32 and unit.shape == (3, llama.embedding_dim)
+    unit = llama.encode(
+        inputs, show_progress_bar=False, normalize_embeddings=True, convert_to_numpy=True
+    )
+    assert (
+        isinstance(unit, np.ndarray)
+        and unit.dtype == np.float32
+        and unit.shape == (3, llama.embedding_dim)
+    )
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(unit, torch.nn.functional.normalize(raw, dim=-1).numpy(), atol=1e-6)
     assert llama.encode("one string", show_progress_bar=False).shape == (1, llama.embedding_dim)
@@ -116,8 +128,12 @@ def test_mixed_inputs_numpy_and_normalization(llama):
 
 def test_bfloat16_is_close_to_float32():
     texts = MANIFEST["inputs"]
-    fp32 = LLM2Vec.from_pretrained(REFERENCE / "llama", torch_dtype=torch.float32).encode(texts, show_progress_bar=False)
-    bf16 = LLM2Vec.from_pretrained(REFERENCE / "llama", dtype="bfloat16").encode(texts, show_progress_bar=False)
+    fp32 = LLM2Vec.from_pretrained(REFERENCE / "llama", torch_dtype=torch.float32).encode(
+        texts, show_progress_bar=False
+    )
+    bf16 = LLM2Vec.from_pretrained(REFERENCE / "llama", dtype="bfloat16").encode(
+        texts, show_progress_bar=False
+    )
     assert bf16.dtype == torch.float32  # outputs are always fp32, like llm2vec
     cosine = torch.nn.functional.cosine_similarity(fp32, bf16)
     assert cosine.min() > 0.99, cosine
@@ -147,7 +163,9 @@ def test_bad_settings_are_clear_errors():
 
 
 def test_more_bad_inputs_and_settings_are_clear_errors(llama, tmp_path):
-    with pytest.raises(ValueError, match=r"inputs\[1\] is not valid Unicode: '\\ud800' at character 4"):
+    with pytest.raises(
+        ValueError, match=r"inputs\[1\] is not valid Unicode: '\\ud800' at character 4"
+    ):
         llama.encode(["fine", "bad \ud800 text"], show_progress_bar=False)
     for name, value in (("max_length", 2.5), ("max_length", "512"), ("doc_max_length", 0)):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
@@ -161,8 +179,12 @@ def test_more_bad_inputs_and_settings_are_clear_errors(llama, tmp_path):
         LLM2Vec.from_pretrained(REFERENCE / "llama", dtype=torch.float64)
     same = LLM2Vec.from_pretrained(REFERENCE / "llama", torch_dtype=torch.float32, dtype="float32")
     assert same.dtype == torch.float32
-    with pytest.raises(FileNotFoundError, match="missing adapter_config.json in adapter folder .*nowhere"):
-        LLM2Vec.from_pretrained(REFERENCE / "llama", adapters=str(tmp_path / "nowhere"))  # one path, not its letters
+    with pytest.raises(
+        FileNotFoundError, match="missing adapter_config.json in adapter folder .*nowhere"
+    ):
+        LLM2Vec.from_pretrained(
+            REFERENCE / "llama", adapters=str(tmp_path / "nowhere")
+        )  # one path, not its letters
 
 
 def test_saved_settings_with_bad_values_name_the_file(tmp_path):
@@ -172,7 +194,9 @@ def test_saved_settings_with_bad_values_name_the_file(tmp_path):
     (folder / "llm2vec_config.json").write_text(json.dumps({"max_length": "512"}))
     with pytest.raises(ValueError, match=r"llm2vec_config.json: max_length = '512' is not valid"):
         LLM2Vec.from_pretrained(folder)
-    (folder / "llm2vec_config.json").write_text(json.dumps({"bidirectional": False}))  # as training writes it
+    (folder / "llm2vec_config.json").write_text(
+        json.dumps({"bidirectional": False})
+    )  # as training writes it
     assert LLM2Vec.from_pretrained(folder).enable_bidirectional is False
     assert LLM2Vec.from_pretrained(folder, enable_bidirectional=True).enable_bidirectional is True
 
@@ -181,14 +205,23 @@ def test_token_ids_beyond_the_vocabulary_are_named(llama):
     from llm2vec_fast.text import TokenizedText
 
     vocab = llama.model.config.vocab_size
-    with pytest.raises(ValueError, match=f"token id {vocab} is outside the model's vocabulary \\[0, {vocab}\\)"):
+    with pytest.raises(
+        ValueError, match=f"token id {vocab} is outside the model's vocabulary \\[0, {vocab}\\)"
+    ):
         llama.embed_tokenized([TokenizedText([1, 5], [True, True]), TokenizedText([vocab], [True])])
 
 
 def test_bos_pooling_needs_a_tokenizer_that_adds_bos(tmp_path):
     from model_helpers import save_tiny_folder, tiny_hf_model
 
-    folder = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "no-bos")  # word-level
-    with pytest.raises(ValueError, match="pooling_mode='bos_token' needs a tokenizer that puts a BOS token first"):
+    folder = save_tiny_folder(
+        tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "no-bos"
+    )  # word-level
+    with pytest.raises(
+        ValueError, match="pooling_mode='bos_token' needs a tokenizer that puts a BOS token first"
+    ):
         LLM2Vec.from_pretrained(folder, pooling_mode="bos_token")
-    assert LLM2Vec.from_pretrained(REFERENCE / "llama", pooling_mode="bos_token").pooling_mode == "bos_token"
+    assert (
+        LLM2Vec.from_pretrained(REFERENCE / "llama", pooling_mode="bos_token").pooling_mode
+        == "bos_token"
+    )

@@ -15,7 +15,12 @@ from llm2vec_fast.evaluation import STSData, add_parser, evaluate_sts, read_sts,
 
 
 def _sts_file(path, rows):
-    path.write_text("".join(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{score:.3f}\t{a}\t{b}\n" for i, (score, a, b) in enumerate(rows)))
+    path.write_text(
+        "".join(
+            f"main-captions\tMSRvid\t2012test\t{i:04d}\t{score:.3f}\t{a}\t{b}\n"
+            for i, (score, a, b) in enumerate(rows)
+        )
+    )
     return path
 
 
@@ -28,15 +33,21 @@ def test_spearman_matches_scipy_with_ties():
     with pytest.raises(ValueError, match="constant"):
         spearman(np.ones(4), np.arange(4.0))
     with pytest.raises(ValueError, match="first array holds 1 NaN/inf values .first at index 1"):
-        spearman(np.array([0.1, np.nan, 0.3, 0.2, 0.5]), np.arange(5.0))  # a rank for NaN would be made up
+        spearman(
+            np.array([0.1, np.nan, 0.3, 0.2, 0.5]), np.arange(5.0)
+        )  # a rank for NaN would be made up
 
 
 def test_nan_embeddings_are_an_error_not_a_score():
     class _Overflowing:
         def encode(self, sentences, **_):
-            return np.array([[np.inf, 0.0] if "boom" in s else [1.0, float(len(s))] for s in sentences])
+            return np.array(
+                [[np.inf, 0.0] if "boom" in s else [1.0, float(len(s))] for s in sentences]
+            )
 
-    data = STSData(["a cat", "boom", "a dog"], ["the cat", "a dog", "dogs"], np.array([4.0, 1.0, 3.0]))
+    data = STSData(
+        ["a cat", "boom", "a dog"], ["the cat", "a dog", "dogs"], np.array([4.0, 1.0, 3.0])
+    )
     with pytest.raises(ValueError, match="NaN/inf embeddings for 1 sentences .first: 'boom'"):
         evaluate_sts(_Overflowing(), data)
 
@@ -44,9 +55,15 @@ def test_nan_embeddings_are_an_error_not_a_score():
 def test_read_sts_takes_score_and_sentences_and_reports_bad_lines(tmp_path):
     path = _sts_file(tmp_path / "sts.csv", [(2.5, 'A "quoted sentence', "b"), (4.0, "c", "d")])
     with open(path, "a") as handle:
-        handle.write("forum\tf\t2015\t0001\t1.0\te\tf\textra\tlicense\n")  # forum lines carry more columns
+        handle.write(
+            "forum\tf\t2015\t0001\t1.0\te\tf\textra\tlicense\n"
+        )  # forum lines carry more columns
     data = read_sts(path)
-    assert data.sentences1 == ['A "quoted sentence', "c", "e"] and data.scores.tolist() == [2.5, 4.0, 1.0]
+    assert data.sentences1 == ['A "quoted sentence', "c", "e"] and data.scores.tolist() == [
+        2.5,
+        4.0,
+        1.0,
+    ]
     with open(path, "a") as handle:
         handle.write("genre\tfile\t2012\t0002\tfive\tg\th\n")
     with pytest.raises(ValueError, match=r"sts.csv:4: score 'five'"):
@@ -56,7 +73,9 @@ def test_read_sts_takes_score_and_sentences_and_reports_bad_lines(tmp_path):
 
 
 def test_eval_sts_command_reports_spearman_of_cosine(tmp_path, capsys):
-    model_dir = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "model")
+    model_dir = save_tiny_folder(
+        tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "model"
+    )
     rng = random.Random(0)
     words = lambda: " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 8)))  # noqa: E731
     rows = [(rng.uniform(0, 5), words(), words()) for _ in range(12)]
@@ -64,7 +83,19 @@ def test_eval_sts_command_reports_spearman_of_cosine(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "sts", "--model", str(model_dir), "--data", str(data_path), "--causal", "--output", str(tmp_path / "r.json")])
+    args = parser.parse_args(
+        [
+            "eval",
+            "sts",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_path),
+            "--causal",
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert args.run(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "r.json").read_text())
@@ -79,14 +110,24 @@ def test_eval_sts_command_reports_spearman_of_cosine(tmp_path, capsys):
 
 
 def test_eval_sts_takes_unset_options_from_llm2vec_config_and_reports_them(tmp_path, capsys):
-    model_dir = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "model")
-    (model_dir / "llm2vec_config.json").write_text(json.dumps({"pooling_mode": "last_token", "max_length": 48,
-                                                              "bidirectional": False}))
-    data_path = _sts_file(tmp_path / "sts.csv", [(1.0, "w3 w4", "w5"), (3.0, "w6 w7 w8", "w6 w7"), (2.0, "w9", "w10")])
+    model_dir = save_tiny_folder(
+        tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "model"
+    )
+    (model_dir / "llm2vec_config.json").write_text(
+        json.dumps({"pooling_mode": "last_token", "max_length": 48, "bidirectional": False})
+    )
+    data_path = _sts_file(
+        tmp_path / "sts.csv", [(1.0, "w3 w4", "w5"), (3.0, "w6 w7 w8", "w6 w7"), (2.0, "w9", "w10")]
+    )
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    for extra, expected in (([], ("last_token", 48, True)), (["--pooling", "mean", "--max-length", "64"], ("mean", 64, True))):
-        args = parser.parse_args(["eval", "sts", "--model", str(model_dir), "--data", str(data_path), *extra])
+    for extra, expected in (
+        ([], ("last_token", 48, True)),
+        (["--pooling", "mean", "--max-length", "64"], ("mean", 64, True)),
+    ):
+        args = parser.parse_args(
+            ["eval", "sts", "--model", str(model_dir), "--data", str(data_path), *extra]
+        )
         assert args.run(args) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert (result["pooling"], result["max_length"], result["causal"]) == expected
@@ -103,5 +144,20 @@ def test_unreadable_sts_files_name_the_line_and_the_command_prints_one_line(tmp_
     (tmp_path / "latin1.csv").write_bytes(path.read_bytes().replace(b"\tc\t", b"\t\xe9\t"))
     with pytest.raises(ValueError, match=r"latin1.csv:2: not UTF-8 text"):
         read_sts(tmp_path / "latin1.csv")
-    assert main(["eval", "sts", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "missing.csv")]) == 2
-    assert capsys.readouterr().err.strip() == f"llm2vec-fast eval: error: STS data file not found: {tmp_path / 'missing.csv'}"
+    assert (
+        main(
+            [
+                "eval",
+                "sts",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--data",
+                str(tmp_path / "missing.csv"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == f"llm2vec-fast eval: error: STS data file not found: {tmp_path / 'missing.csv'}"
+    )

@@ -18,17 +18,41 @@ SCRIPT = Path(__file__).with_name("compile_kernels.py")
 def test_every_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--arch", "90"], capture_output=True, text=True, env=env, timeout=1800
+        [sys.executable, str(SCRIPT), "--quick", "--arch", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     assert "0 failed" in report, report
-    kernels = {line.split()[2].split("[")[0] for line in result.stdout.splitlines() if line.startswith("ok ")}
+    kernels = {
+        line.split()[2].split("[")[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("ok ")
+    }
     expected = {
-        "_attn_fwd_kernel", "_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel",
-        "_pool_forward_kernel", "_pool_backward_kernel", "_inverse_norm_kernel", "_scale_rows_kernel",
-        "_normalize_backward_kernel", "_forward_kernel", "_score_grad_kernel", "_row_grad_kernel",
-        "_col_grad_kernel", "_mntp_forward_kernel", "_mntp_logits_grad_kernel", "_rms_norm_forward_kernel",
-        "_rms_norm_backward_kernel", "_rotary_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel",
-    }  # fmt: skip
+        "_attn_fwd_kernel",
+        "_bwd_delta_kernel",
+        "_attn_bwd_dkdv_kernel",
+        "_attn_bwd_dq_kernel",
+        "_dropout_mask_kernel",
+        "_pool_forward_kernel",
+        "_pool_backward_kernel",
+        "_inverse_norm_kernel",
+        "_scale_rows_kernel",
+        "_normalize_backward_kernel",
+        "_forward_kernel",
+        "_score_grad_kernel",
+        "_row_grad_kernel",
+        "_col_grad_kernel",
+        "_mntp_forward_kernel",
+        "_mntp_logits_grad_kernel",
+        "_rms_norm_forward_kernel",
+        "_rms_norm_backward_kernel",
+        "_rotary_kernel",
+        "_swiglu_forward_kernel",
+        "_swiglu_backward_kernel",
+    }
     assert expected <= kernels, f"kernels never compiled: {sorted(expected - kernels)}"

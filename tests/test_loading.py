@@ -10,10 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
-
-from llm2vec_fast.loading import load_model
 from model_helpers import (
     assert_matches_oracle,
     hf_hidden_states,
@@ -22,6 +18,10 @@ from model_helpers import (
     save_tiny_folder,
     tiny_hf_model,
 )
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from llm2vec_fast.loading import load_model
 
 FIRST_TARGETS = ["q_proj", "v_proj", "down_proj"]
 SECOND_TARGETS = ["k_proj", "o_proj", "gate_proj", "up_proj"]
@@ -29,7 +29,9 @@ SECOND_TARGETS = ["k_proj", "o_proj", "gate_proj", "up_proj"]
 
 def write_adapter(hf_model, folder: Path, *, targets, seed, base: str | None, **options) -> Path:
     """A peft LoRA adapter on a copy of ``hf_model`` with random (non-zero) A and B."""
-    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(r=4, lora_alpha=8, target_modules=targets, **options))
+    peft_model = get_peft_model(
+        copy.deepcopy(hf_model), LoraConfig(r=4, lora_alpha=8, target_modules=targets, **options)
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -61,14 +63,21 @@ def tiny(tmp_path_factory):
     hf_model = tiny_hf_model("llama", seed=21)
     base = save_tiny_folder(hf_model, root / "base")
     first = write_adapter(hf_model, root / "first", targets=FIRST_TARGETS, seed=1, base="../base")
-    second = write_adapter(hf_model, root / "second", targets=SECOND_TARGETS, seed=2, base=str(base), use_rslora=True)
+    second = write_adapter(
+        hf_model, root / "second", targets=SECOND_TARGETS, seed=2, base=str(base), use_rslora=True
+    )
     return {"hf": hf_model, "root": root, "base": base, "first": first, "second": second}
 
 
 def assert_same_as_transformers(ours, hf32, hf64, *, causal: bool) -> None:
     sequences = random_sequences([6, 11], seed=5)
     for ids, states in zip(sequences, runtime_hidden_states(ours, sequences, causal=causal)):
-        assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=causal), hf_hidden_states(hf64, ids, causal=causal), f"len {len(ids)}")
+        assert_matches_oracle(
+            states,
+            hf_hidden_states(hf32, ids, causal=causal),
+            hf_hidden_states(hf64, ids, causal=causal),
+            f"len {len(ids)}",
+        )
 
 
 def test_single_file_folder(tiny):
@@ -91,8 +100,12 @@ def test_sharded_folder_equals_single_file(tiny, tmp_path):
     model, _ = load_model(sharded)
     single, _ = load_model(tiny["base"])
     shards = [path for path in model.loaded_from.files if path.name.startswith("model-")]
-    assert len(shards) > 1 and any(path.name == "model.safetensors.index.json" for path in model.loaded_from.files)
-    for (name, param), (_, expected) in zip(model.state_dict().items(), single.state_dict().items()):
+    assert len(shards) > 1 and any(
+        path.name == "model.safetensors.index.json" for path in model.loaded_from.files
+    )
+    for (name, param), (_, expected) in zip(
+        model.state_dict().items(), single.state_dict().items()
+    ):
         assert torch.equal(param, expected), name
 
 
@@ -118,7 +131,9 @@ def test_chain_of_two_adapters(tiny):
     hf64 = peft_merged(tiny["hf"], [tiny["first"], tiny["second"]], torch.float64)
     assert_same_as_transformers(model, hf32, hf64, causal=False)
     from_base, _ = load_model(tiny["base"], adapters=[tiny["first"], tiny["second"]])
-    for (name, param), (_, expected) in zip(from_base.state_dict().items(), model.state_dict().items()):
+    for (name, param), (_, expected) in zip(
+        from_base.state_dict().items(), model.state_dict().items()
+    ):
         assert torch.equal(param, expected), name
     names = [path.name for path in model.loaded_from.files]
     assert names.count("adapter_model.safetensors") == 2
@@ -126,7 +141,11 @@ def test_chain_of_two_adapters(tiny):
 
 def test_fan_in_fan_out_means_nothing_for_linear_weights(tiny, tmp_path):
     flipped = Path(shutil.copytree(tiny["first"], tmp_path / "flipped"))
-    edit_json(flipped / "adapter_config.json", fan_in_fan_out=True, base_model_name_or_path=str(tiny["base"]))
+    edit_json(
+        flipped / "adapter_config.json",
+        fan_in_fan_out=True,
+        base_model_name_or_path=str(tiny["base"]),
+    )
     ours, _ = load_model(flipped)
     plain, _ = load_model(tiny["first"])
     for (name, param), (_, expected) in zip(ours.state_dict().items(), plain.state_dict().items()):
@@ -137,7 +156,9 @@ def test_adapter_with_its_own_tokenizer(tiny, tmp_path):
     adapter = Path(shutil.copytree(tiny["first"], tmp_path / "with_tokenizer"))
     edit_json(adapter / "adapter_config.json", base_model_name_or_path=str(tiny["base"]))
     tokenizer_config = json.loads((tiny["base"] / "tokenizer_config.json").read_text())
-    (adapter / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 77}))
+    (adapter / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "model_max_length": 77})
+    )
     shutil.copy(tiny["base"] / "tokenizer.json", adapter / "tokenizer.json")
     _, tokenizer = load_model(adapter)
     assert tokenizer.model_max_length == 77
@@ -174,7 +195,9 @@ def test_missing_files_are_named(tiny, tmp_path):
 def test_missing_shard_is_named(tiny, tmp_path):
     sharded = save_tiny_folder(tiny["hf"], tmp_path / "sharded", max_shard_size="60KB")
     (sharded / "model-00002-of-00005.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="shard model-00002-of-00005.safetensors listed in .* is missing"):
+    with pytest.raises(
+        FileNotFoundError, match="shard model-00002-of-00005.safetensors listed in .* is missing"
+    ):
         load_model(sharded)
 
 
@@ -188,7 +211,9 @@ def test_pickle_weights_are_refused(tiny, tmp_path):
 def test_unsupported_architecture(tiny, tmp_path):
     folder = copy_base(tiny, tmp_path / "gpt2")
     edit_json(folder / "config.json", model_type="gpt2")
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: llama, mistral, qwen2"):
+    with pytest.raises(
+        ValueError, match="unsupported model_type 'gpt2'; supported: llama, mistral, qwen2"
+    ):
         load_model(folder)
 
 
@@ -208,26 +233,40 @@ def test_weights_that_do_not_fit_the_config(tiny, tmp_path):
         load_model(folder)
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(80, 64)
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(ValueError, match="1 weight\\(s\\) the llama config does not use: layers.7.mlp.extra.weight"):
+    with pytest.raises(
+        ValueError, match="1 weight\\(s\\) the llama config does not use: layers.7.mlp.extra.weight"
+    ):
         load_model(folder)
     del tensors["model.layers.7.mlp.extra.weight"]
     save_file(tensors, folder / "model.safetensors")
     edit_json(folder / "config.json", intermediate_size=81)
-    with pytest.raises(ValueError, match="do not fit.*layers.0.mlp.gate_proj.weight \\(80, 64\\) \\(config needs \\(81, 64\\)\\)"):
+    with pytest.raises(
+        ValueError,
+        match="do not fit.*layers.0.mlp.gate_proj.weight \\(80, 64\\) \\(config needs \\(81, 64\\)\\)",
+    ):
         load_model(folder)
 
 
 def adapter_copy(tiny, name: str, tmp_path: Path, **config_changes) -> Path:
     folder = Path(shutil.copytree(tiny["first"], tmp_path / name))
-    edit_json(folder / "adapter_config.json", **{"base_model_name_or_path": str(tiny["base"]), **config_changes})
+    edit_json(
+        folder / "adapter_config.json",
+        **{"base_model_name_or_path": str(tiny["base"]), **config_changes},
+    )
     return folder
 
 
 def test_adapter_without_base_names_the_key(tiny, tmp_path):
     with pytest.raises(ValueError, match="no base_model_name_or_path"):
         load_model(adapter_copy(tiny, "no_base", tmp_path, base_model_name_or_path=None))
-    with pytest.raises(FileNotFoundError, match="base model 'meta-llama/Llama-2-7b' \\(base_model_name_or_path in"):
-        load_model(adapter_copy(tiny, "hub_base", tmp_path, base_model_name_or_path="meta-llama/Llama-2-7b"))
+    with pytest.raises(
+        FileNotFoundError, match="base model 'meta-llama/Llama-2-7b' \\(base_model_name_or_path in"
+    ):
+        load_model(
+            adapter_copy(
+                tiny, "hub_base", tmp_path, base_model_name_or_path="meta-llama/Llama-2-7b"
+            )
+        )
 
 
 def test_unsupported_adapter_options(tiny, tmp_path):
@@ -242,18 +281,32 @@ def test_unsupported_adapter_options(tiny, tmp_path):
 
 
 def test_adapter_target_module_missing_from_base(tiny, tmp_path):
-    with pytest.raises(ValueError, match="targets module\\(s\\) missing from the base model: c_attn"):
-        load_model(adapter_copy(tiny, "gpt2_targets", tmp_path, target_modules=["q_proj", "c_attn"]))
+    with pytest.raises(
+        ValueError, match="targets module\\(s\\) missing from the base model: c_attn"
+    ):
+        load_model(
+            adapter_copy(tiny, "gpt2_targets", tmp_path, target_modules=["q_proj", "c_attn"])
+        )
 
 
 def test_adapter_of_another_model_does_not_fit(tiny, tmp_path):
     wider = tiny_hf_model("llama", seed=3, hidden_size=32, num_hidden_layers=3)
-    adapter = write_adapter(wider, tmp_path / "wider", targets=["q_proj"], seed=3, base=str(tiny["base"]))
-    with pytest.raises(ValueError, match="does not fit its base at layers.0.self_attn.q_proj: lora_A \\(4, 32\\)"):
+    adapter = write_adapter(
+        wider, tmp_path / "wider", targets=["q_proj"], seed=3, base=str(tiny["base"])
+    )
+    with pytest.raises(
+        ValueError, match="does not fit its base at layers.0.self_attn.q_proj: lora_A \\(4, 32\\)"
+    ):
         load_model(adapter)
-    tensors = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if ".layers.2." in k}
+    tensors = {
+        k: v
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+        if ".layers.2." in k
+    }
     save_file(tensors, adapter / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match="targets layers.2.self_attn.q_proj, but the base model has no such weight"):
+    with pytest.raises(
+        ValueError, match="targets layers.2.self_attn.q_proj, but the base model has no such weight"
+    ):
         load_model(adapter)
 
 
@@ -265,13 +318,21 @@ def test_gguf_file_goes_through_transformers(tiny, tmp_path, monkeypatch):
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF" + bytes(16))
     tokenizer_calls = []
-    monkeypatch.setattr(loading, "load_gguf_as_transformers", lambda path: copy.deepcopy(tiny["hf"]))
-    monkeypatch.setattr(loading, "_auto_tokenizer", lambda folder, **kwargs: tokenizer_calls.append((folder, kwargs)))
+    monkeypatch.setattr(
+        loading, "load_gguf_as_transformers", lambda path: copy.deepcopy(tiny["hf"])
+    )
+    monkeypatch.setattr(
+        loading,
+        "_auto_tokenizer",
+        lambda folder, **kwargs: tokenizer_calls.append((folder, kwargs)),
+    )
     model, _ = load_model(gguf)
     assert tokenizer_calls == [(tmp_path, {"gguf_file": "tiny.gguf"})]
     assert model.loaded_from.files == (gguf,)
     expected, _ = load_model(tiny["base"])
-    for (name, param), (_, reference) in zip(model.state_dict().items(), expected.state_dict().items()):
+    for (name, param), (_, reference) in zip(
+        model.state_dict().items(), expected.state_dict().items()
+    ):
         assert torch.equal(param, reference), name
 
 
@@ -284,22 +345,28 @@ def test_a_bare_decoder_checkpoint_encodes_but_has_no_lm_head(tiny, tmp_path):
     model, _ = load_model(bare)
     full, _ = load_model(tiny["base"])
     sequences = random_sequences([6, 11], seed=5)
-    for ours, expected in zip(runtime_hidden_states(model, sequences, causal=False),
-                              runtime_hidden_states(full, sequences, causal=False)):
+    for ours, expected in zip(
+        runtime_hidden_states(model, sequences, causal=False),
+        runtime_hidden_states(full, sequences, causal=False),
+    ):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no lm_head.weight .*MNTP training needs"):
-        model.lm_head_weight
+        _ = model.lm_head_weight
 
 
 def test_damaged_files_are_named(tiny, tmp_path):
     truncated = copy_base(tiny, tmp_path / "truncated")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"truncated/model.safetensors: not a readable safetensors file"):
+    with pytest.raises(
+        ValueError, match=r"truncated/model.safetensors: not a readable safetensors file"
+    ):
         load_model(truncated)
     bad_json = copy_base(tiny, tmp_path / "bad_json")
     (bad_json / "config.json").write_text('{"model_type": "llama",\n}')
-    with pytest.raises(ValueError, match=r"bad_json/config.json: not valid JSON \(.* at line 2, column 1\)"):
+    with pytest.raises(
+        ValueError, match=r"bad_json/config.json: not valid JSON \(.* at line 2, column 1\)"
+    ):
         load_model(bad_json)
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00junk")
     with pytest.raises(ValueError, match=r"junk.gguf: cannot read this GGUF file"):

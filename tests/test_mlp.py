@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle, nan_allocations, ulp_atol
+from fusion_checks import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_close_to_oracle,
+    nan_allocations,
+    ulp_atol,
+)
 
 from llm2vec_fast.kernels import reference, swiglu
 from llm2vec_fast.kernels.mlp import SwiGLUFunction
@@ -42,14 +48,23 @@ def check_swiglu(tokens: int, intermediate: int, dtype: torch.dtype, device: str
 
     # ulp_atol covers an exp/sigmoid that differs from PyTorch's by an ulp
     atol = ulp_atol(oracle_out, dtype)
-    assert_close_to_oracle("out", kernel_out, baseline_out, oracle_out, factor=FORWARD_FACTOR, atol=atol)
+    assert_close_to_oracle(
+        "out", kernel_out, baseline_out, oracle_out, factor=FORWARD_FACTOR, atol=atol
+    )
     grad_atol = ulp_atol(oracle_in.grad, dtype)
     assert_close_to_oracle(
-        "grad", kernel_in.grad, baseline_in.grad, oracle_in.grad, factor=GRADIENT_FACTOR, atol=grad_atol
+        "grad",
+        kernel_in.grad,
+        baseline_in.grad,
+        oracle_in.grad,
+        factor=GRADIENT_FACTOR,
+        atol=grad_atol,
     )
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
 @pytest.mark.parametrize("tokens, intermediate", SHAPES)
 def test_swiglu_matches_reference(tokens, intermediate, dtype):
     check_swiglu(tokens, intermediate, dtype, "cpu")
@@ -66,7 +81,9 @@ def test_public_function_dispatches_to_triton(monkeypatch):
 def test_non_contiguous_rows():
     wide = torch.randn(9, 2 * 40 + 6)
     gate_up = wide[:, : 2 * 40]  # row stride 86, last dim contiguous
-    torch.testing.assert_close(SwiGLUFunction.apply(gate_up), reference.swiglu(gate_up.contiguous()))
+    torch.testing.assert_close(
+        SwiGLUFunction.apply(gate_up), reference.swiglu(gate_up.contiguous())
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,11 +105,16 @@ def test_triton_rejects_fp64(monkeypatch):
         swiglu(torch.randn(3, 8, dtype=torch.float64))
 
 
-GPU_SHAPES = SHAPES + [pytest.param(8192, 14336, id="T8192-I14336"), pytest.param(4097, 1536, id="T4097-I1536")]
+GPU_SHAPES = SHAPES + [
+    pytest.param(8192, 14336, id="T8192-I14336"),
+    pytest.param(4097, 1536, id="T4097-I1536"),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 @pytest.mark.parametrize("tokens, intermediate", GPU_SHAPES)
 def test_swiglu_matches_reference_gpu(tokens, intermediate, dtype):
     check_swiglu(tokens, intermediate, dtype, "cuda")

@@ -69,7 +69,9 @@ def check_mntp(
 
     assert kernel_loss.dtype == torch.float32
     atol = ATOL_ULPS * max(oracle_loss.abs().item(), 1.0)
-    assert_close_to_oracle("loss", kernel_loss, baseline_loss, oracle_loss, factor=FORWARD_FACTOR, atol=atol)
+    assert_close_to_oracle(
+        "loss", kernel_loss, baseline_loss, oracle_loss, factor=FORWARD_FACTOR, atol=atol
+    )
     if ignored == "all":
         assert kernel_loss.item() == 0.0
     if not trainable:
@@ -83,7 +85,9 @@ def check_mntp(
         assert_close_to_oracle(name, got, base, want, factor=GRADIENT_FACTOR, atol=atol)
     if ignored != "none":
         ignored_rows = labels == IGNORE
-        assert bool((kernel_grads[0][ignored_rows] == 0).all()), "ignored rows must get a zero gradient"
+        assert bool((kernel_grads[0][ignored_rows] == 0).all()), (
+            "ignored rows must get a zero gradient"
+        )
 
 
 # (N, V, H, bias, trainable, ignored): row tiles are up to 128 rows (16 minimum), vocabulary tiles
@@ -99,23 +103,42 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
 @pytest.mark.parametrize("rows, vocab, hidden_size, with_bias, trainable, ignored", CASES)
-def test_mntp_loss_matches_reference(monkeypatch, rows, vocab, hidden_size, with_bias, trainable, ignored, dtype):
+def test_mntp_loss_matches_reference(
+    monkeypatch, rows, vocab, hidden_size, with_bias, trainable, ignored, dtype
+):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    check_mntp(rows, vocab, hidden_size, dtype, "cpu", with_bias=with_bias, trainable=trainable, ignored=ignored)
+    check_mntp(
+        rows,
+        vocab,
+        hidden_size,
+        dtype,
+        "cpu",
+        with_bias=with_bias,
+        trainable=trainable,
+        ignored=ignored,
+    )
 
 
-@pytest.mark.parametrize("trainable", [pytest.param(True, id="trainable"), pytest.param(False, id="frozen")])
+@pytest.mark.parametrize(
+    "trainable", [pytest.param(True, id="trainable"), pytest.param(False, id="frozen")]
+)
 def test_backward_in_vocabulary_chunks(monkeypatch, trainable):
     """A small chunk budget forces several backward chunks (fp32 accumulation of grad_hidden)."""
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     monkeypatch.setattr(mntp_module, "_GRAD_CHUNK_ELEMENTS", 40 * 256)
     assert mntp_module._grad_chunk(40, 1031) == 256
-    check_mntp(40, 1031, 32, torch.float16, "cpu", with_bias=True, trainable=trainable, ignored="some")
+    check_mntp(
+        40, 1031, 32, torch.float16, "cpu", with_bias=True, trainable=trainable, ignored="some"
+    )
 
 
-@pytest.mark.parametrize("trainable", [pytest.param(True, id="trainable"), pytest.param(False, id="frozen")])
+@pytest.mark.parametrize(
+    "trainable", [pytest.param(True, id="trainable"), pytest.param(False, id="frozen")]
+)
 def test_frozen_weight_allocates_no_weight_gradient(monkeypatch, trainable):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     rows, vocab, hidden_size = 20, 300, 32
@@ -125,7 +148,9 @@ def test_frozen_weight_allocates_no_weight_gradient(monkeypatch, trainable):
     with fresh_tensor_shapes() as recorder:
         loss.backward()
     built_weight_sized = (vocab, hidden_size) in recorder.shapes
-    assert built_weight_sized == trainable, f"trainable={trainable} but (V, H) buffer built: {built_weight_sized}"
+    assert built_weight_sized == trainable, (
+        f"trainable={trainable} but (V, H) buffer built: {built_weight_sized}"
+    )
     assert (weight.grad is not None) == trainable
     assert hidden.grad is not None
 
@@ -144,7 +169,9 @@ def test_label_outside_vocabulary_is_an_error(monkeypatch):
         mntp_loss(torch.randn(3, 32), torch.randn(200, 32), torch.tensor([1, 200, IGNORE]))
 
 
-def _loss_inputs(hidden_shape=(3, 8), weight_shape=(10, 8), labels=None, bias=None, weight_dtype=torch.float32):
+def _loss_inputs(
+    hidden_shape=(3, 8), weight_shape=(10, 8), labels=None, bias=None, weight_dtype=torch.float32
+):
     hidden = torch.randn(*hidden_shape)
     weight = torch.randn(*weight_shape).to(weight_dtype)
     labels = torch.zeros(hidden_shape[0], dtype=torch.long) if labels is None else labels
@@ -155,12 +182,25 @@ def _loss_inputs(hidden_shape=(3, 8), weight_shape=(10, 8), labels=None, bias=No
     "inputs, error, message",
     [
         pytest.param(_loss_inputs(hidden_shape=(3, 2, 8)), ValueError, "2-D", id="3d-hidden"),
-        pytest.param(_loss_inputs(weight_shape=(10, 7)), ValueError, "weight must be", id="weight-width"),
-        pytest.param(_loss_inputs(weight_shape=(0, 8)), ValueError, "empty vocabulary", id="empty-vocab"),
-        pytest.param(_loss_inputs(labels=torch.zeros(4).long()), ValueError, "labels must have", id="labels-shape"),
+        pytest.param(
+            _loss_inputs(weight_shape=(10, 7)), ValueError, "weight must be", id="weight-width"
+        ),
+        pytest.param(
+            _loss_inputs(weight_shape=(0, 8)), ValueError, "empty vocabulary", id="empty-vocab"
+        ),
+        pytest.param(
+            _loss_inputs(labels=torch.zeros(4).long()),
+            ValueError,
+            "labels must have",
+            id="labels-shape",
+        ),
         pytest.param(_loss_inputs(labels=torch.zeros(3)), TypeError, "integer", id="float-labels"),
-        pytest.param(_loss_inputs(weight_dtype=torch.float16), TypeError, "share one", id="dtype-mismatch"),
-        pytest.param(_loss_inputs(bias=torch.randn(9)), ValueError, "bias must have", id="bias-shape"),
+        pytest.param(
+            _loss_inputs(weight_dtype=torch.float16), TypeError, "share one", id="dtype-mismatch"
+        ),
+        pytest.param(
+            _loss_inputs(bias=torch.randn(9)), ValueError, "bias must have", id="bias-shape"
+        ),
     ],
 )
 def test_input_validation(inputs, error, message):
@@ -171,12 +211,27 @@ def test_input_validation(inputs, error, message):
 
 GPU_CASES = CASES + [
     pytest.param(4096, 49152, 576, False, False, "none", id="N4096-V49152-H576-frozen"),
-    pytest.param(2049, 128256, 1024, True, True, "some", id="N2049-V128256-H1024-bias-some-ignored"),
+    pytest.param(
+        2049, 128256, 1024, True, True, "some", id="N2049-V128256-H1024-bias-some-ignored"
+    ),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 @pytest.mark.parametrize("rows, vocab, hidden_size, with_bias, trainable, ignored", GPU_CASES)
-def test_mntp_loss_matches_reference_gpu(rows, vocab, hidden_size, with_bias, trainable, ignored, dtype):
-    check_mntp(rows, vocab, hidden_size, dtype, "cuda", with_bias=with_bias, trainable=trainable, ignored=ignored)
+def test_mntp_loss_matches_reference_gpu(
+    rows, vocab, hidden_size, with_bias, trainable, ignored, dtype
+):
+    check_mntp(
+        rows,
+        vocab,
+        hidden_size,
+        dtype,
+        "cuda",
+        with_bias=with_bias,
+        trainable=trainable,
+        ignored=ignored,
+    )

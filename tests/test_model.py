@@ -8,8 +8,6 @@ rope, bias, norm or mask is off by orders of magnitude more.
 
 import pytest
 import torch
-
-from llm2vec_fast.model import DecoderModel
 from model_helpers import (
     FAMILIES,
     assert_matches_oracle,
@@ -20,6 +18,8 @@ from model_helpers import (
     runtime_hidden_states,
     tiny_hf_model,
 )
+
+from llm2vec_fast.model import DecoderModel
 
 LENGTHS = [7, 1, 13]
 
@@ -41,7 +41,12 @@ def test_matches_transformers(models, family, causal):
     sequences = random_sequences(LENGTHS, seed=1)
     for ids, states in zip(sequences, runtime_hidden_states(ours, sequences, causal=causal)):
         expected64 = hf_hidden_states(hf64, ids, causal=causal)
-        assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=causal), expected64, f"{family} len {len(ids)}")
+        assert_matches_oracle(
+            states,
+            hf_hidden_states(hf32, ids, causal=causal),
+            expected64,
+            f"{family} len {len(ids)}",
+        )
 
 
 def test_bidirectional_differs_from_causal(models):
@@ -49,27 +54,47 @@ def test_bidirectional_differs_from_causal(models):
     sequences = random_sequences([9, 1], seed=2)
     bidirectional = runtime_hidden_states(ours, sequences, causal=False)
     causal = runtime_hidden_states(ours, sequences, causal=True)
-    assert (bidirectional[0] - causal[0]).abs().amax(dim=-1).min() > 1e-2  # every token, even the last
-    torch.testing.assert_close(bidirectional[1], causal[1], rtol=0, atol=0)  # one token: nothing to mask
+    assert (bidirectional[0] - causal[0]).abs().amax(
+        dim=-1
+    ).min() > 1e-2  # every token, even the last
+    torch.testing.assert_close(
+        bidirectional[1], causal[1], rtol=0, atol=0
+    )  # one token: nothing to mask
 
 
 def test_llama3_rope_scaling_matches_transformers():
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     hf32 = tiny_hf_model("llama", seed=5, rope_parameters=rope)
     hf64 = tiny_hf_model("llama", seed=5, rope_parameters=rope).double()
     ours = runtime_from_hf(hf32)
     assert ours.config.rope_scaling is not None
     sequences = random_sequences([40, 5], seed=3)
     for ids, states in zip(sequences, runtime_hidden_states(ours, sequences, causal=False)):
-        assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=False), hf_hidden_states(hf64, ids, causal=False), "llama3")
+        assert_matches_oracle(
+            states,
+            hf_hidden_states(hf32, ids, causal=False),
+            hf_hidden_states(hf64, ids, causal=False),
+            "llama3",
+        )
 
 
 def test_same_text_same_states_whatever_the_packing(models):
     _, _, ours = models["qwen2"]
     text, *others = random_sequences([11, 3, 17, 1, 6], seed=4)
     alone = runtime_hidden_states(ours, [text], causal=False)[0]
-    packings = [[text, *others], [*others[:2], text], [others[3], [], text, others[2]], [text, text]]
+    packings = [
+        [text, *others],
+        [*others[:2], text],
+        [others[3], [], text, others[2]],
+        [text, text],
+    ]
     for sequences in packings:
         states = runtime_hidden_states(ours, sequences, causal=False)
         position = next(i for i, seq in enumerate(sequences) if seq is text)
@@ -94,7 +119,9 @@ def test_default_position_ids_restart_per_sequence(models):
     explicit = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5])
     with torch.no_grad():
         default = ours(input_ids, cu_seqlens, max_seqlen)
-        torch.testing.assert_close(default, ours(input_ids, cu_seqlens, max_seqlen, explicit), rtol=0, atol=0)
+        torch.testing.assert_close(
+            default, ours(input_ids, cu_seqlens, max_seqlen, explicit), rtol=0, atol=0
+        )
         shifted = ours(input_ids, cu_seqlens, max_seqlen, explicit + 3)
     torch.testing.assert_close(shifted, default)  # RoPE is relative: a common shift changes nothing
 
@@ -105,7 +132,9 @@ def test_qwen2_projection_biases(models):
     assert attention.qkv_proj.bias is not None and attention.o_proj.bias is None
     assert ours.layers[0].mlp.gate_up_proj.bias is None
     hf_attention = hf32.model.layers[0].self_attn
-    expected = torch.cat([hf_attention.q_proj.bias, hf_attention.k_proj.bias, hf_attention.v_proj.bias])
+    expected = torch.cat(
+        [hf_attention.q_proj.bias, hf_attention.k_proj.bias, hf_attention.v_proj.bias]
+    )
     assert torch.equal(attention.qkv_proj.bias, expected)
     assert attention.qkv_split == (64, 32, 32)
 
@@ -114,10 +143,18 @@ def test_llama_attention_and_mlp_bias_match_transformers():
     hf32 = tiny_hf_model("llama", seed=6, attention_bias=True, mlp_bias=True)
     hf64 = tiny_hf_model("llama", seed=6, attention_bias=True, mlp_bias=True).double()
     ours = runtime_from_hf(hf32)
-    assert ours.layers[0].self_attn.o_proj.bias is not None and ours.layers[0].mlp.down_proj.bias is not None
+    assert (
+        ours.layers[0].self_attn.o_proj.bias is not None
+        and ours.layers[0].mlp.down_proj.bias is not None
+    )
     ids = random_sequences([9], seed=6)[0]
     states = runtime_hidden_states(ours, [ids], causal=True)[0]
-    assert_matches_oracle(states, hf_hidden_states(hf32, ids, causal=True), hf_hidden_states(hf64, ids, causal=True), "biased llama")
+    assert_matches_oracle(
+        states,
+        hf_hidden_states(hf32, ids, causal=True),
+        hf_hidden_states(hf64, ids, causal=True),
+        "biased llama",
+    )
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -142,7 +179,9 @@ def test_dropout_only_in_train_mode(models):
         for attention, hidden in [(0.2, 0.0), (0.0, 0.2)]:
             ours.set_dropout(attention=attention, hidden=hidden)
             try:
-                torch.testing.assert_close(ours(input_ids, cu_seqlens, max_seqlen), plain, rtol=0, atol=0)
+                torch.testing.assert_close(
+                    ours(input_ids, cu_seqlens, max_seqlen), plain, rtol=0, atol=0
+                )
                 ours.train()
                 first = ours(input_ids, cu_seqlens, max_seqlen)
                 second = ours(input_ids, cu_seqlens, max_seqlen)
@@ -164,12 +203,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ours.zero_grad()
         loss = ours(input_ids, cu_seqlens, max_seqlen).square().mean()
         loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None}
+        return loss.detach(), {
+            name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None
+        }
 
     loss, grads = loss_and_grads(False)
     loss_ckpt, grads_ckpt = loss_and_grads(True)
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
-    assert grads.keys() == grads_ckpt.keys() == {name for name, _ in ours.named_parameters()} - {"lm_head.weight"}
+    assert (
+        grads.keys()
+        == grads_ckpt.keys()
+        == {name for name, _ in ours.named_parameters()} - {"lm_head.weight"}
+    )
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
     assert grads["layers.0.self_attn.qkv_proj.weight"].abs().max() > 0
@@ -183,7 +228,9 @@ def test_bf16_model_keeps_fp32_rope(models):
     states = runtime_hidden_states(ours, sequences, causal=False)[0]
     assert states.dtype == torch.bfloat16
     reference = runtime_hidden_states(ours32, sequences, causal=False)[0]
-    assert (states.float() - reference).abs().max() < 0.25  # bf16 keeps ~3 significant digits over 2 layers
+    assert (
+        states.float() - reference
+    ).abs().max() < 0.25  # bf16 keeps ~3 significant digits over 2 layers
 
 
 def test_bad_inputs_are_explained(models):
@@ -215,20 +262,27 @@ def test_causal_beyond_sliding_window_is_refused():
     assert ours(ids, cu_seqlens, 5).shape == (5, 64)  # bidirectional encoding ignores the window
 
 
-
-HEAD_DIM_64 = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
+HEAD_DIM_64 = dict(
+    hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2
+)
 TRITON_CASES = [
     pytest.param("cpu", torch.float32, id="interpreter-fp32"),
-    pytest.param("cpu", torch.float16, id="interpreter-fp16"),  # bf16 tl.dot is broken in the interpreter
-    *(pytest.param("cuda", dtype, id=f"gpu-{str(dtype)[6:]}", marks=pytest.mark.gpu)
-      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
-]  # fmt: skip
+    pytest.param(
+        "cpu", torch.float16, id="interpreter-fp16"
+    ),  # bf16 tl.dot is broken in the interpreter
+    *(
+        pytest.param("cuda", dtype, id=f"gpu-{str(dtype)[6:]}", marks=pytest.mark.gpu)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    ),
+]
 
 
 @pytest.mark.parametrize(("device", "dtype"), TRITON_CASES)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_runtime_on_triton_kernels_matches_the_fp64_oracle(monkeypatch, family, causal, device, dtype):
+def test_runtime_on_triton_kernels_matches_the_fp64_oracle(
+    monkeypatch, family, causal, device, dtype
+):
     """The whole runtime on the Triton kernels (the interpreter on a CPU) against fp64 transformers:
     its error at most twice that of transformers in the same dtype on the same device, plus 1e-6
     (DESIGN.md's policy). Head dim 64, GQA 2:1, lengths around a 64-token block."""
@@ -236,10 +290,14 @@ def test_runtime_on_triton_kernels_matches_the_fp64_oracle(monkeypatch, family, 
     hf64 = tiny_hf_model(family, seed=7, **HEAD_DIM_64).double()
     hf_same = tiny_hf_model(family, seed=7, **HEAD_DIM_64).to(device, dtype)
     ours = runtime_from_hf(tiny_hf_model(family, seed=7, **HEAD_DIM_64)).to(device, dtype)
-    sequences = random_sequences([1, 63, 65, 113] if device == "cpu" else [1, 63, 64, 65, 113, 200], seed=8)
+    sequences = random_sequences(
+        [1, 63, 65, 113] if device == "cpu" else [1, 63, 64, 65, 113, 200], seed=8
+    )
     input_ids, cu_seqlens, max_seqlen = pack(sequences)
     with torch.no_grad():
-        hidden = ours(input_ids.to(device), cu_seqlens.to(device), max_seqlen, causal=causal)  # (T, hidden)
+        hidden = ours(
+            input_ids.to(device), cu_seqlens.to(device), max_seqlen, causal=causal
+        )  # (T, hidden)
     assert hidden.dtype == dtype
     for ids, states in zip(sequences, hidden.split([len(s) for s in sequences])):
         expected64 = hf_hidden_states(hf64, ids, causal=causal)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle, nan_allocations, ulp_atol
+from fusion_checks import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_close_to_oracle,
+    nan_allocations,
+    ulp_atol,
+)
 
 from llm2vec_fast.kernels import reference, rms_norm
 from llm2vec_fast.kernels.norm import RMSNormFunction
@@ -63,7 +69,9 @@ def check_rms_norm(
         assert_close_to_oracle(name, got, base, want, factor=factor, atol=ulp_atol(want, got.dtype))
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
 @pytest.mark.parametrize("with_residual", RESIDUAL)
 @pytest.mark.parametrize("tokens, hidden", SHAPES)
 def test_rms_norm_matches_reference(monkeypatch, tokens, hidden, with_residual, dtype):
@@ -116,9 +124,21 @@ def _norm_inputs(x_shape=(2, 8), weight_shape=(8,), residual=None, x_dtype=torch
     "inputs, error, message",
     [
         pytest.param(_norm_inputs(x_shape=(2, 3, 8)), ValueError, "2-D", id="3d"),
-        pytest.param(_norm_inputs(weight_shape=(7,)), ValueError, "weight must have shape", id="weight-shape"),
-        pytest.param(_norm_inputs(residual=torch.randn(3, 8)), ValueError, "residual must have", id="residual-shape"),
-        pytest.param(_norm_inputs(residual=torch.randn(2, 8).double()), TypeError, "dtype", id="residual-dtype"),
+        pytest.param(
+            _norm_inputs(weight_shape=(7,)), ValueError, "weight must have shape", id="weight-shape"
+        ),
+        pytest.param(
+            _norm_inputs(residual=torch.randn(3, 8)),
+            ValueError,
+            "residual must have",
+            id="residual-shape",
+        ),
+        pytest.param(
+            _norm_inputs(residual=torch.randn(2, 8).double()),
+            TypeError,
+            "dtype",
+            id="residual-dtype",
+        ),
         pytest.param(_norm_inputs(x_dtype=torch.int64), TypeError, "floating", id="int-x"),
     ],
 )
@@ -133,11 +153,16 @@ def test_negative_eps_is_rejected():
         rms_norm(torch.randn(2, 8), torch.ones(8), -1.0)
 
 
-GPU_SHAPES = SHAPES + [pytest.param(16384, 4096, id="T16384-H4096"), pytest.param(4097, 8192, id="T4097-H8192")]
+GPU_SHAPES = SHAPES + [
+    pytest.param(16384, 4096, id="T16384-H4096"),
+    pytest.param(4097, 8192, id="T4097-H8192"),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 @pytest.mark.parametrize("with_residual", RESIDUAL)
 @pytest.mark.parametrize("tokens, hidden", GPU_SHAPES)
 def test_rms_norm_matches_reference_gpu(tokens, hidden, with_residual, dtype):

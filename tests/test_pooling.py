@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle, fp32_ulps_atol, nan_allocations
+from fusion_checks import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_close_to_oracle,
+    fp32_ulps_atol,
+    nan_allocations,
+)
 
-from llm2vec_fast.kernels import masked_pool, reference
-from llm2vec_fast.kernels import pooling
+from llm2vec_fast.kernels import masked_pool, pooling, reference
 
 BLOCK = pooling.BLOCK_TOKENS
 # empty first and last, 1, block-1, block+1, 113, and a sequence whose mask pools nothing
@@ -22,7 +27,9 @@ NOTHING_POOLED = 5  # index in LENGTHS of the sequence with an all-False pool_ma
 
 
 def _cu_seqlens(lengths, device="cpu"):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return torch.tensor(
+        [0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device
+    )
 
 
 def _pool_mask(lengths, generator, device="cpu"):
@@ -50,15 +57,26 @@ def _reference_run(hidden, cu, mode, mask, normalize, grad_out):
 
 def _check_against_oracle(hidden, cu, mode, mask, normalize, generator):
     batch = cu.numel() - 1
-    grad_out = torch.randn(batch, hidden.shape[1], generator=generator, dtype=torch.float64).to(hidden.device)
+    grad_out = torch.randn(batch, hidden.shape[1], generator=generator, dtype=torch.float64).to(
+        hidden.device
+    )
     with nan_allocations():
         out, grad = _run(hidden, cu, mode, mask, normalize, grad_out)
     ref_out, ref_grad = _reference_run(hidden, cu, mode, mask, normalize, grad_out)
     oracle_out, oracle_grad = _reference_run(hidden.double(), cu, mode, mask, normalize, grad_out)
 
     assert out.dtype == hidden.dtype and out.shape == (batch, hidden.shape[1])
-    assert_close_to_oracle("out", out, ref_out, oracle_out, factor=FORWARD_FACTOR, atol=fp32_ulps_atol(oracle_out))
-    assert_close_to_oracle("grad", grad, ref_grad, oracle_grad, factor=GRADIENT_FACTOR, atol=fp32_ulps_atol(oracle_grad))
+    assert_close_to_oracle(
+        "out", out, ref_out, oracle_out, factor=FORWARD_FACTOR, atol=fp32_ulps_atol(oracle_out)
+    )
+    assert_close_to_oracle(
+        "grad",
+        grad,
+        ref_grad,
+        oracle_grad,
+        factor=GRADIENT_FACTOR,
+        atol=fp32_ulps_atol(oracle_grad),
+    )
     return out, grad
 
 
@@ -67,11 +85,16 @@ def _check_against_oracle(hidden, cu, mode, mask, normalize, generator):
 @pytest.mark.parametrize("mode", reference.POOLING_MODES)
 @pytest.mark.parametrize(
     "dtype, width",
-    [pytest.param(torch.float32, 200, id="fp32-H200"), pytest.param(torch.float16, 80, id="fp16-H80")],
+    [
+        pytest.param(torch.float32, 200, id="fp32-H200"),
+        pytest.param(torch.float16, 80, id="fp16-H80"),
+    ],
 )
 def test_triton_matches_reference(monkeypatch, mode, with_mask, normalize, dtype, width):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    generator = torch.Generator().manual_seed(width + 10 * reference.POOLING_MODES.index(mode) + 2 * with_mask + normalize)
+    generator = torch.Generator().manual_seed(
+        width + 10 * reference.POOLING_MODES.index(mode) + 2 * with_mask + normalize
+    )
     cu = _cu_seqlens(LENGTHS)
     hidden = torch.randn(sum(LENGTHS), width, generator=generator).to(dtype)
     mask = _pool_mask(LENGTHS, generator) if with_mask else None
@@ -119,20 +142,51 @@ def test_eos_and_last_token_pick_the_last_token(monkeypatch):
     [
         pytest.param({"mode": "max"}, ValueError, "unknown pooling mode", id="mode"),
         pytest.param({"hidden": torch.randn(10)}, ValueError, "2-D", id="hidden-1d"),
-        pytest.param({"hidden": torch.ones(10, 4, dtype=torch.int64)}, TypeError, "floating", id="hidden-int"),
+        pytest.param(
+            {"hidden": torch.ones(10, 4, dtype=torch.int64)}, TypeError, "floating", id="hidden-int"
+        ),
         pytest.param({"cu_seqlens": torch.tensor([0, 4, 10])}, TypeError, "int32", id="cu-int64"),
-        pytest.param({"cu_seqlens": torch.tensor([[0, 10]], dtype=torch.int32)}, ValueError, "1-D", id="cu-2d"),
-        pytest.param({"cu_seqlens": torch.tensor([0, 4, 9], dtype=torch.int32)}, ValueError, "end at T=10", id="cu-end"),
-        pytest.param({"cu_seqlens": torch.tensor([1, 4, 10], dtype=torch.int32)}, ValueError, "start at 0", id="cu-start"),
-        pytest.param({"cu_seqlens": torch.tensor([0, 6, 4, 10], dtype=torch.int32)}, ValueError, "decreas", id="cu-order"),
-        pytest.param({"pool_mask": torch.ones(9, dtype=torch.bool)}, ValueError, "pool_mask must have shape", id="mask-shape"),
+        pytest.param(
+            {"cu_seqlens": torch.tensor([[0, 10]], dtype=torch.int32)},
+            ValueError,
+            "1-D",
+            id="cu-2d",
+        ),
+        pytest.param(
+            {"cu_seqlens": torch.tensor([0, 4, 9], dtype=torch.int32)},
+            ValueError,
+            "end at T=10",
+            id="cu-end",
+        ),
+        pytest.param(
+            {"cu_seqlens": torch.tensor([1, 4, 10], dtype=torch.int32)},
+            ValueError,
+            "start at 0",
+            id="cu-start",
+        ),
+        pytest.param(
+            {"cu_seqlens": torch.tensor([0, 6, 4, 10], dtype=torch.int32)},
+            ValueError,
+            "decreas",
+            id="cu-order",
+        ),
+        pytest.param(
+            {"pool_mask": torch.ones(9, dtype=torch.bool)},
+            ValueError,
+            "pool_mask must have shape",
+            id="mask-shape",
+        ),
         pytest.param({"pool_mask": torch.ones(10)}, TypeError, "bool", id="mask-dtype"),
     ],
 )
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_input_validation(monkeypatch, backend, kwargs, error, match):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", backend)
-    args = {"hidden": torch.randn(10, 4), "cu_seqlens": torch.tensor([0, 4, 10], dtype=torch.int32), "mode": "mean"}
+    args = {
+        "hidden": torch.randn(10, 4),
+        "cu_seqlens": torch.tensor([0, 4, 10], dtype=torch.int32),
+        "mode": "mean",
+    }
     args.update(kwargs)
     with pytest.raises(error, match=match):
         masked_pool(**args)
@@ -142,7 +196,11 @@ def test_triton_path_refuses_float64(monkeypatch):
     """The kernels compute in fp32: fp64 input would lose its precision without a word."""
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     with pytest.raises(TypeError, match="float16, bfloat16 and float32, got torch.float64"):
-        masked_pool(torch.randn(10, 4, dtype=torch.float64), torch.tensor([0, 4, 10], dtype=torch.int32), "mean")
+        masked_pool(
+            torch.randn(10, 4, dtype=torch.float64),
+            torch.tensor([0, 4, 10], dtype=torch.int32),
+            "mean",
+        )
 
 
 # ---------------------------------------------------------------- GPU (pytest -m gpu)

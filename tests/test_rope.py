@@ -6,7 +6,13 @@ import math
 
 import pytest
 import torch
-from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle, nan_allocations, ulp_atol
+from fusion_checks import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_close_to_oracle,
+    nan_allocations,
+    ulp_atol,
+)
 
 from llm2vec_fast.kernels import apply_rotary, reference
 from llm2vec_fast.kernels.rope import RotaryFunction
@@ -68,7 +74,9 @@ def check_rotary(
     baseline = run(reference.apply_rotary, lambda t: t.clone(), inv_freq)
     oracle = run(reference.apply_rotary, lambda t: t.double(), inv_freq.double())
 
-    for index, (name, got, base, want) in enumerate(zip(["q", "k", "grad_q", "grad_k"], kernel, baseline, oracle)):
+    for index, (name, got, base, want) in enumerate(
+        zip(["q", "k", "grad_q", "grad_k"], kernel, baseline, oracle)
+    ):
         factor = FORWARD_FACTOR if index < 2 else GRADIENT_FACTOR
         # the kernel's cos/sin (libdevice on a GPU, numpy in the interpreter) may differ from PyTorch's
         assert_close_to_oracle(name, got, base, want, factor=factor, atol=ulp_atol(want, dtype))
@@ -90,11 +98,20 @@ CASES = [
     pytest.param([3, 4], 6, 2, 64, {}, id="T7-D64-gqa3"),
     pytest.param([5, 0, 4], 8, 2, 64, {}, id="T9-D64-gqa4-empty-seq"),
     pytest.param([60, 53], 3, 1, 96, {"attention_scaling": 1.25}, id="T113-D96-gqa3-scaled"),
-    pytest.param([113], 4, 1, 128, {"inv_freq": "llama3", "position_offset": 30000}, id="T113-D128-llama3-pos30000"),
+    pytest.param(
+        [113],
+        4,
+        1,
+        128,
+        {"inv_freq": "llama3", "position_offset": 30000},
+        id="T113-D128-llama3-pos30000",
+    ),
 ]
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
 @pytest.mark.parametrize("lengths, q_heads, kv_heads, head_dim, options", CASES)
 def test_rotary_matches_reference(lengths, q_heads, kv_heads, head_dim, options, dtype):
     check_case(lengths, q_heads, kv_heads, head_dim, options, dtype, "cpu")
@@ -106,7 +123,9 @@ def test_views_of_a_fused_qkv_projection(monkeypatch):
     tokens, q_heads, kv_heads, head_dim = 11, 4, 2, 64
     qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim)
     q = qkv[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
-    k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(
+        tokens, kv_heads, head_dim
+    )
     position_ids = packed_positions([6, 5])
     inv_freq = default_inv_freq(head_dim)
     q_out, k_out = apply_rotary(q, k, position_ids, inv_freq)
@@ -152,9 +171,21 @@ def _rope_inputs(tokens=4, head_dim=64, positions=None, freqs=None, q_shape=None
         pytest.param(_rope_inputs(q_shape=(4, 64)), ValueError, "3-D", id="2d-q"),
         pytest.param(_rope_inputs(q_shape=(5, 2, 64)), ValueError, "agree", id="tokens"),
         pytest.param(_rope_inputs(head_dim=63), ValueError, "even", id="odd-dim"),
-        pytest.param(_rope_inputs(positions=torch.arange(3)), ValueError, "position_ids must have", id="positions-shape"),
-        pytest.param(_rope_inputs(positions=torch.arange(4.0)), TypeError, "integer", id="float-positions"),
-        pytest.param(_rope_inputs(freqs=torch.ones(64)), ValueError, "inv_freq must have", id="inv-freq-shape"),
+        pytest.param(
+            _rope_inputs(positions=torch.arange(3)),
+            ValueError,
+            "position_ids must have",
+            id="positions-shape",
+        ),
+        pytest.param(
+            _rope_inputs(positions=torch.arange(4.0)), TypeError, "integer", id="float-positions"
+        ),
+        pytest.param(
+            _rope_inputs(freqs=torch.ones(64)),
+            ValueError,
+            "inv_freq must have",
+            id="inv-freq-shape",
+        ),
     ],
 )
 def test_input_validation(inputs, error, message):
@@ -163,13 +194,17 @@ def test_input_validation(inputs, error, message):
 
 
 GPU_CASES = CASES + [
-    pytest.param([4096, 4096, 1, 2047, 4096], 32, 8, 128, {"inv_freq": "llama3"}, id="T14336-D128-gqa4"),
+    pytest.param(
+        [4096, 4096, 1, 2047, 4096], 32, 8, 128, {"inv_freq": "llama3"}, id="T14336-D128-gqa4"
+    ),
     pytest.param([16384], 14, 2, 64, {"position_offset": 30000}, id="T16384-D64-gqa7-pos30000"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 @pytest.mark.parametrize("lengths, q_heads, kv_heads, head_dim, options", GPU_CASES)
 def test_rotary_matches_reference_gpu(lengths, q_heads, kv_heads, head_dim, options, dtype):
     check_case(lengths, q_heads, kv_heads, head_dim, options, dtype, "cuda")

@@ -69,7 +69,9 @@ def test_matches_llm2vec_tokens_and_masks(case_id):
             skip_instruction=skip_instruction,
         )
         assert [item.input_ids for item in got] == expected_ids
-        expected_masks = embed_masks if skip_instruction else [[True] * len(r) for r in expected_ids]
+        expected_masks = (
+            embed_masks if skip_instruction else [[True] * len(r) for r in expected_ids]
+        )
         assert [item.pool_mask for item in got] == expected_masks
 
 
@@ -147,7 +149,10 @@ def test_format_for_tokenization_rewrites():
 @pytest.mark.parametrize(
     "inputs, message",
     [
-        (["fine", 3], r"inputs\[1\] must be a str or an \[instruction, text\] pair of str, got int"),
+        (
+            ["fine", 3],
+            r"inputs\[1\] must be a str or an \[instruction, text\] pair of str, got int",
+        ),
         ([["a", "b", "c"]], r"inputs\[0\] .* got a list of length 3"),
         ([("instruction", None)], r"inputs\[0\] .* got a pair of \[str, NoneType\]"),
         ("a single string", r"got a single str; wrap it in a list"),

@@ -53,7 +53,11 @@ def test_llm2vec_config_file_loads_and_names_ignored_keys(tmp_path, caplog):
     (tmp_path / "wiki.train.raw").write_text("text\n")
     with caplog.at_level(logging.INFO, logger="llm2vec_fast.train.config"):
         config = load_config("mntp", path)
-    assert (config.mlm_probability, config.data_collator_type, config.mask_token_type) == (0.8, "all_mask", "blank")
+    assert (config.mlm_probability, config.data_collator_type, config.mask_token_type) == (
+        0.8,
+        "all_mask",
+        "blank",
+    )
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
     assert config.data_path == tmp_path / "wiki.train.raw"  # relative to the config's folder
     assert "attn_implementation" in caplog.text and "eval_steps" in caplog.text
@@ -62,13 +66,26 @@ def test_llm2vec_config_file_loads_and_names_ignored_keys(tmp_path, caplog):
 
 def test_objective_defaults_follow_the_paper():
     simcse = config_from_dict("simcse", {"model_name_or_path": "m", "output_dir": "o"})
-    assert (simcse.simcse_dropout, simcse.learning_rate, simcse.per_device_train_batch_size,
-            simcse.max_seq_length, simcse.loss_scale) == (0.3, 3e-5, 128, 128, 20.0)  # fmt: skip
+    assert (
+        simcse.simcse_dropout,
+        simcse.learning_rate,
+        simcse.per_device_train_batch_size,
+        simcse.max_seq_length,
+        simcse.loss_scale,
+    ) == (0.3, 3e-5, 128, 128, 20.0)
     supervised = config_from_dict("supervised", {"model_name_or_path": "m", "output_dir": "o"})
-    assert (supervised.learning_rate, supervised.warmup_steps, supervised.per_device_train_batch_size,
-            supervised.loss_scale) == (2e-4, 300, 64, 50.0)  # fmt: skip
+    assert (
+        supervised.learning_rate,
+        supervised.warmup_steps,
+        supervised.per_device_train_batch_size,
+        supervised.loss_scale,
+    ) == (2e-4, 300, 64, 50.0)
     mntp = config_from_dict("mntp", {"model_name_or_path": "m", "output_dir": "o"})
-    assert (mntp.mlm_probability, mntp.mask_token_type, mntp.data_collator_type) == (0.2, "blank", "default")
+    assert (mntp.mlm_probability, mntp.mask_token_type, mntp.data_collator_type) == (
+        0.2,
+        "blank",
+        "default",
+    )
 
 
 def test_config_errors_are_clear():
@@ -76,7 +93,7 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="unknown key.*learning_rat\\b"):
         config_from_dict("simcse", dict(base, learning_rat=1e-3))
     with pytest.raises(ValueError, match="dataset_file_path"):
-        config_from_dict("simcse", dict(base, dataset_name="Wiki1M")).data_path
+        _ = config_from_dict("simcse", dict(base, dataset_name="Wiki1M")).data_path
     with pytest.raises(ValueError, match="mlm_probability"):
         config_from_dict("mntp", dict(base, mlm_probability=1.5))
     with pytest.raises(ValueError, match="output_dir is required"):
@@ -84,7 +101,11 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="unknown objective"):
         config_from_dict("mlm", base)
     for key, value, message in [
-        ("line_by_line", "false", "line_by_line must be a boolean, got 'false'"),  # a string is not False
+        (
+            "line_by_line",
+            "false",
+            "line_by_line must be a boolean, got 'false'",
+        ),  # a string is not False
         ("bidirectional", 0, "bidirectional must be a boolean"),
         ("learning_rate", "1e-4", "learning_rate must be a number \\(or null\\), got '1e-4'"),
         ("max_steps", 2.5, "max_steps must be an integer, got 2.5"),
@@ -96,7 +117,12 @@ def test_config_errors_are_clear():
     ]:
         with pytest.raises(ValueError, match=f"config: {message}"):
             config_from_dict("mntp", dict(base, **{key: value}))
-    assert config_from_dict("mntp", dict(base, learning_rate=1, peft_model_name_or_path=None)).learning_rate == 1
+    assert (
+        config_from_dict(
+            "mntp", dict(base, learning_rate=1, peft_model_name_or_path=None)
+        ).learning_rate
+        == 1
+    )
 
 
 def test_text_lines_count_empty_lines_and_reject_missing_files(tmp_path):
@@ -110,7 +136,9 @@ def test_text_lines_count_empty_lines_and_reject_missing_files(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
     with pytest.raises(ValueError, match="bad.txt:2: not valid UTF-8"):
         read_text_lines(tmp_path / "bad.txt")
-    texts, report = read_text_lines(tmp_path / "bad.txt", limit=1)  # max_train_samples: the first ones only
+    texts, report = read_text_lines(
+        tmp_path / "bad.txt", limit=1
+    )  # max_train_samples: the first ones only
     assert texts == ["ok"] and "max_train_samples=1" in report.summary()
 
 
@@ -129,7 +157,9 @@ def test_supervised_records_errors_name_file_and_line(tmp_path):
     folder = tmp_path / "e5"
     folder.mkdir()
     (folder / "a.jsonl").write_text(json.dumps(good) + "\n\n")
-    (folder / "b.jsonl").write_text(json.dumps({k: v for k, v in good.items() if k != "instruction"}) + "\n")
+    (folder / "b.jsonl").write_text(
+        json.dumps({k: v for k, v in good.items() if k != "instruction"}) + "\n"
+    )
     records, report = read_supervised_records(folder)
     assert len(records) == 2 and records[1]["instruction"] == "" and report.empty_lines == 1
     assert "1 record(s) without an instruction" in report.summary()
@@ -139,9 +169,15 @@ def test_supervised_records_errors_name_file_and_line(tmp_path):
 def test_encoding_pools_the_text_only_and_counts_truncation():
     tokenizer = tiny_tokenizer()
     report = DataReport(path=None)
-    settings = SimpleNamespace(max_seq_length=6, pooling_mode="mean")  # the TrainConfig fields it reads
+    settings = SimpleNamespace(
+        max_seq_length=6, pooling_mode="mean"
+    )  # the TrainConfig fields it reads
     encoded = encode_texts(
-        tokenizer, [("w3 w4", "w5 w6 w7"), ("", "w8"), ("", " ".join(["w9"] * 10))], settings, "llama", report
+        tokenizer,
+        [("w3 w4", "w5 w6 w7"), ("", "w8"), ("", " ".join(["w9"] * 10))],
+        settings,
+        "llama",
+        report,
     )
     assert encoded[0].input_ids == tokenizer("w3 w4 w5 w6 w7")["input_ids"]
     assert encoded[0].pool_mask == [False, False, True, True, True]
@@ -157,7 +193,10 @@ def test_mntp_blocks_keep_every_token():
     blocks = mntp_chunks(tokenizer, texts, 4, line_by_line=False, report=report)
     assert [len(b) for b in blocks] == [4, 4, 1]
     assert sum(blocks, []) == sum((tokenizer(t)["input_ids"] for t in texts), [])
-    assert mntp_chunks(tokenizer, texts, 3, line_by_line=True, report=report)[2] == tokenizer("w8 w9 w10")["input_ids"]
+    assert (
+        mntp_chunks(tokenizer, texts, 3, line_by_line=True, report=report)[2]
+        == tokenizer("w8 w9 w10")["input_ids"]
+    )
     assert report.truncated_texts == 1
 
 

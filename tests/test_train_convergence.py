@@ -21,11 +21,23 @@ from llm2vec_fast.train import run
 def _data(tmp_path):
     base = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "base")
     rng = random.Random(2)
-    lines = [" ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 7))) for _ in range(48)]
+    lines = [
+        " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 7))) for _ in range(48)
+    ]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
     with open(tmp_path / "pairs.jsonl", "w") as handle:
         for i in range(16):
-            handle.write(json.dumps({"query": lines[i], "positive": lines[i + 16], "negative": lines[i + 32], "instruction": "w4"}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "query": lines[i],
+                        "positive": lines[i + 16],
+                        "negative": lines[i + 32],
+                        "instruction": "w4",
+                    }
+                )
+                + "\n"
+            )
     return base
 
 
@@ -35,24 +47,41 @@ def _config(tmp_path, base, objective: str, steps: int, batch: int) -> dict:
     # its loss well above 0, so the curve says something
     loss_scale = 1.0 if objective == "simcse" else 20.0
     return {
-        "model_name_or_path": str(base), "dataset_file_path": str(tmp_path / data), "per_device_train_batch_size": batch,
-        "max_seq_length": 8, "max_steps": steps, "stop_after_n_steps": steps, "lora_r": 4, "lora_dropout": 0.1, "simcse_dropout": 0.0,
-        "learning_rate": 1e-2, "warmup_steps": 0, "mask_token_type": "eos", "mlm_probability": 0.3, "loss_scale": loss_scale,
+        "model_name_or_path": str(base),
+        "dataset_file_path": str(tmp_path / data),
+        "per_device_train_batch_size": batch,
+        "max_seq_length": 8,
+        "max_steps": steps,
+        "stop_after_n_steps": steps,
+        "lora_r": 4,
+        "lora_dropout": 0.1,
+        "simcse_dropout": 0.0,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "mask_token_type": "eos",
+        "mlm_probability": 0.3,
+        "loss_scale": loss_scale,
         "torch_dtype": "float32",
-    }  # fmt: skip
+    }
 
 
-def _curves(tmp_path, monkeypatch, objective: str, steps: int, batch: int) -> tuple[list[float], list[float]]:
+def _curves(
+    tmp_path, monkeypatch, objective: str, steps: int, batch: int
+) -> tuple[list[float], list[float]]:
     base = _data(tmp_path)
     curves = []
     for backend in ("reference", "triton"):
         monkeypatch.setenv("LLM2VEC_FAST_BACKEND", backend)
-        config = dict(_config(tmp_path, base, objective, steps, batch), output_dir=str(tmp_path / backend))
+        config = dict(
+            _config(tmp_path, base, objective, steps, batch), output_dir=str(tmp_path / backend)
+        )
         curves.append(run(objective, config).losses)
     return curves[0], curves[1]
 
 
-@pytest.mark.parametrize(("objective", "steps", "batch"), [("mntp", 30, 4), ("simcse", 30, 3), ("supervised", 30, 2)])
+@pytest.mark.parametrize(
+    ("objective", "steps", "batch"), [("mntp", 30, 4), ("simcse", 30, 3), ("supervised", 30, 2)]
+)
 def test_triton_interpreter_matches_reference_curve(tmp_path, monkeypatch, objective, steps, batch):
     reference, triton = _curves(tmp_path, monkeypatch, objective, steps, batch)
     assert len(triton) == steps

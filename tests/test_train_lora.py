@@ -7,7 +7,13 @@ import torch
 from model_helpers import random_sequences, runtime_from_hf, runtime_hidden_states, tiny_hf_model
 
 from llm2vec_fast.loading import load_model
-from llm2vec_fast.train.lora import add_lora, load_lora_state_dict, lora_modules, lora_state_dict, save_adapter
+from llm2vec_fast.train.lora import (
+    add_lora,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    save_adapter,
+)
 
 
 def _random_lora_(model, seed: int) -> None:
@@ -19,7 +25,9 @@ def _random_lora_(model, seed: int) -> None:
                 b.copy_(0.05 * torch.randn(b.shape, generator=generator))
 
 
-def _peft_hidden(hf_model, folder, layout: str, sequences: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+def _peft_hidden(
+    hf_model, folder, layout: str, sequences: list[list[int]], dtype: torch.dtype
+) -> list[torch.Tensor]:
     """transformers + peft (causal attention, its default), one sequence at a time."""
     from peft import PeftModel
 
@@ -35,7 +43,9 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path, family, lay
     hf_model = tiny_hf_model(family, seed=1)
     ours = add_lora(runtime_from_hf(hf_model), r=4, alpha=8.0, dropout=0.05).eval()
     _random_lora_(ours, seed=2)
-    folder = save_adapter(ours, tmp_path / "adapter", base_model_name_or_path="unused", layout=layout)
+    folder = save_adapter(
+        ours, tmp_path / "adapter", base_model_name_or_path="unused", layout=layout
+    )
     prefix = "base_model.model.model." if layout == "causal_lm" else "base_model.model."
     assert f"{prefix}layers.1.self_attn.k_proj.lora_B.weight" in lora_state_dict(ours, layout)
 
@@ -46,7 +56,9 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path, family, lay
     for state, p32, p64 in zip(ours_states, peft32, peft64):
         ours_error = (state.double() - p64).abs().max().item()
         peft_error = (p32.double() - p64).abs().max().item()
-        assert ours_error <= 2 * peft_error + 1e-6, f"{ours_error:.3e} vs peft fp32 {peft_error:.3e}"
+        assert ours_error <= 2 * peft_error + 1e-6, (
+            f"{ours_error:.3e} vs peft fp32 {peft_error:.3e}"
+        )
     # the adapter changes the outputs, so peft agreeing means peft loaded every LoRA weight
     plain = runtime_hidden_states(runtime_from_hf(hf_model), sequences, causal=True)
     assert (plain[0] - ours_states[0]).abs().max() > 1e-3
@@ -62,7 +74,10 @@ def test_merged_by_load_model_matches_the_lora_model(tmp_path):
     folder = save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(base))
     merged, _ = load_model(folder)
     sequences = random_sequences([5, 9, 1], seed=6)
-    for a, b in zip(runtime_hidden_states(ours, sequences, causal=False), runtime_hidden_states(merged, sequences, causal=False)):
+    for a, b in zip(
+        runtime_hidden_states(ours, sequences, causal=False),
+        runtime_hidden_states(merged, sequences, causal=False),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -90,4 +105,6 @@ def test_lora_state_round_trip_and_errors():
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(target)
     with pytest.raises(ValueError, match="does not fit"):
-        load_lora_state_dict(target, {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)})
+        load_lora_state_dict(
+            target, {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)}
+        )

@@ -29,14 +29,25 @@ run("mntp", json.loads(sys.argv[1]), step_callback=lambda step, loss: time.sleep
 def _setup(tmp_path: Path) -> dict:
     base = save_tiny_folder(tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "base")
     rng = random.Random(0)
-    lines = [" ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(3, 12))) for _ in range(40)]
+    lines = [
+        " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(3, 12))) for _ in range(40)
+    ]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
     return {
-        "model_name_or_path": str(base), "dataset_file_path": str(tmp_path / "corpus.txt"),
-        "per_device_train_batch_size": 4, "max_seq_length": 10, "mask_token_type": "eos", "mlm_probability": 0.3,
-        "learning_rate": 3e-3, "warmup_steps": 2, "stop_after_n_steps": STEPS, "save_steps": 2, "lora_r": 4,
-        "lora_dropout": 0.1, "seed": 7,
-    }  # fmt: skip
+        "model_name_or_path": str(base),
+        "dataset_file_path": str(tmp_path / "corpus.txt"),
+        "per_device_train_batch_size": 4,
+        "max_seq_length": 10,
+        "mask_token_type": "eos",
+        "mlm_probability": 0.3,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "stop_after_n_steps": STEPS,
+        "save_steps": 2,
+        "lora_r": 4,
+        "lora_dropout": 0.1,
+        "seed": 7,
+    }
 
 
 def _losses(folder: Path) -> list[float]:
@@ -51,7 +62,9 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
 
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS_DIR))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dict(config, output_dir=str(killed)))], env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(dict(config, output_dir=str(killed)))], env=env
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((killed / LOG_FILE).is_file() and len(_losses(killed)) >= 5):
@@ -63,13 +76,22 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # it did not finish
-    assert sorted(p.name for p in (killed / "checkpoint-4").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "config.json", "train_config.json", "training_state.json",
-        "training_state.safetensors",
-    ]  # no pickle: the optimizer state is safetensors + JSON; config.json: the base's, as llm2vec's folders have it
+    assert (
+        sorted(p.name for p in (killed / "checkpoint-4").iterdir())
+        == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "config.json",
+            "train_config.json",
+            "training_state.json",
+            "training_state.safetensors",
+        ]
+    )  # no pickle: the optimizer state is safetensors + JSON; config.json: the base's, as llm2vec's folders have it
 
     resumed = run("mntp", dict(config, output_dir=str(killed)), resume=True)
-    assert resumed.steps == STEPS and len(resumed.losses) == STEPS - 4  # continued from checkpoint-4
+    assert (
+        resumed.steps == STEPS and len(resumed.losses) == STEPS - 4
+    )  # continued from checkpoint-4
     torch.testing.assert_close(_losses(killed), expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(resumed.losses, expected[4:], rtol=1e-6, atol=1e-7)
 
@@ -91,8 +113,11 @@ def test_resume_needs_a_checkpoint_of_the_same_config_and_output_dir_is_not_a_so
         run("mntp", config, resume=True)
     run("mntp", config)
     (tmp_path / "out" / ".checkpoint-3.abcd.tmp").mkdir()  # what a kill during a save leaves
-    with pytest.raises(ValueError, match="--resume: .*checkpoint-2 was trained with another config"
-                                         " \\(learning_rate: 0.003 -> 0.5\\)"):
+    with pytest.raises(
+        ValueError,
+        match="--resume: .*checkpoint-2 was trained with another config"
+        " \\(learning_rate: 0.003 -> 0.5\\)",
+    ):
         run("mntp", dict(config, learning_rate=0.5), resume=True)
     with pytest.raises(ValueError, match="objective: 'mntp' -> 'simcse'"):
         run("simcse", config, resume=True)
@@ -100,20 +125,35 @@ def test_resume_needs_a_checkpoint_of_the_same_config_and_output_dir_is_not_a_so
     assert resumed.steps == 3 and not list((tmp_path / "out").glob(".checkpoint-*"))
     for source in ("model_name_or_path", "peft_model_name_or_path"):
         with pytest.raises(ValueError, match=f"output_dir is the {source} folder"):
-            run("mntp", dict(config, output_dir=config["model_name_or_path"], peft_model_name_or_path=None)
-                if source == "model_name_or_path" else dict(config, peft_model_name_or_path=str(tmp_path / "out")))
+            run(
+                "mntp",
+                dict(config, output_dir=config["model_name_or_path"], peft_model_name_or_path=None)
+                if source == "model_name_or_path"
+                else dict(config, peft_model_name_or_path=str(tmp_path / "out")),
+            )
 
 
 def test_gradient_accumulation_longer_than_an_epoch_is_refused(tmp_path):
-    config = dict(_setup(tmp_path), stop_after_n_steps=None, output_dir=str(tmp_path / "out"),
-                  per_device_train_batch_size=8, gradient_accumulation_steps=50)  # 40 short lines: a few batches
-    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=50 batches, but an epoch has \d+"):
+    config = dict(
+        _setup(tmp_path),
+        stop_after_n_steps=None,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=50,
+    )  # 40 short lines: a few batches
+    with pytest.raises(
+        ValueError, match=r"gradient_accumulation_steps=50 batches, but an epoch has \d+"
+    ):
         run("mntp", config)
 
 
 def test_resume_accepts_the_same_data_path_written_another_way(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = dict(_setup(tmp_path), stop_after_n_steps=2, output_dir="out", dataset_file_path="corpus.txt")
+    config = dict(
+        _setup(tmp_path), stop_after_n_steps=2, output_dir="out", dataset_file_path="corpus.txt"
+    )
     run("mntp", config)
-    absolute = dict(config, output_dir=str(tmp_path / "out"), dataset_file_path=str(tmp_path / "corpus.txt"))
+    absolute = dict(
+        config, output_dir=str(tmp_path / "out"), dataset_file_path=str(tmp_path / "corpus.txt")
+    )
     assert run("mntp", dict(absolute, stop_after_n_steps=3), resume=True).steps == 3

@@ -45,7 +45,9 @@ CASES = {
     "truncated": ([0, 2, 5], 3),
     "ones": ([0, 1, 2, 3, 4], 4),
 }
-CASES.update({f"random-{seed}": (cu, cu[-1] + seed) for seed in range(4) for cu in [random_cu_seqlens(seed)]})
+CASES.update(
+    {f"random-{seed}": (cu, cu[-1] + seed) for seed in range(4) for cu in [random_cu_seqlens(seed)]}
+)
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm2vec_fast.kernels import apply_rotary, contrastive_loss, masked_pool, mntp_loss, rms_norm, swiglu, varlen_attention
+from llm2vec_fast.kernels import (
+    apply_rotary,
+    contrastive_loss,
+    masked_pool,
+    mntp_loss,
+    rms_norm,
+    swiglu,
+    varlen_attention,
+)
 
 LENGTHS = [1, 17, 64, 113, 200, 31]  # T = 426 tokens
 
@@ -17,7 +25,9 @@ def randn(*shape: int, device: str, dtype: torch.dtype, grad: bool = False) -> t
 
 @pytest.fixture
 def cu_seqlens(device) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return torch.tensor(
+        [0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device=device
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -32,7 +42,11 @@ def test_varlen_attention_forward_backward(timed, device, dtype, cu_seqlens):
     q = randn(sum(LENGTHS), 8, 64, device=device, dtype=dtype, grad=True)
     k, v = (randn(sum(LENGTHS), 2, 64, device=device, dtype=dtype, grad=True) for _ in range(2))
     grad_out = randn(sum(LENGTHS), 8, 64, device=device, dtype=dtype)
-    timed(lambda: torch.autograd.grad(varlen_attention(q, k, v, cu_seqlens, max(LENGTHS)), (q, k, v), grad_out))
+    timed(
+        lambda: torch.autograd.grad(
+            varlen_attention(q, k, v, cu_seqlens, max(LENGTHS)), (q, k, v), grad_out
+        )
+    )
 
 
 @pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last_token"])

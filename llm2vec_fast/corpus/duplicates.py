@@ -27,7 +27,9 @@ def unpack_location(location: int) -> tuple[int, int]:
 
 def _hashes(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Two uint64 columns: the halves of each id's 128-bit blake2b digest."""
-    digests = b"".join(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16).digest() for i in ids)
+    digests = b"".join(
+        hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16).digest() for i in ids
+    )
     pairs = np.frombuffer(digests, dtype=np.uint64).reshape(len(ids), 2)  # (n, 2)
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
@@ -36,7 +38,9 @@ class FirstOccurrences:
     """Remembers ids in the order they are checked and answers where an id was first seen."""
 
     def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (high, low, location), sorted by high
+        self._runs: list[
+            tuple[np.ndarray, np.ndarray, np.ndarray]
+        ] = []  # (high, low, location), sorted by high
 
     def __len__(self) -> int:
         return sum(len(run[0]) for run in self._runs)
@@ -53,17 +57,21 @@ class FirstOccurrences:
             left = np.searchsorted(run_high, high, side="left")
             right = np.searchsorted(run_high, high, side="right")
             for i in np.nonzero(right > left)[0]:  # candidates: the high half matches
-                same = np.nonzero(run_low[left[i]:right[i]] == low[i])[0]
+                same = np.nonzero(run_low[left[i] : right[i]] == low[i])[0]
                 if len(same):
                     first[i] = run_location[left[i] + same[0]]
         # within the batch: the earliest of equal hashes is the first occurrence
         order = np.lexsort((np.arange(len(ids)), low, high))
         same_as_previous = np.zeros(len(ids), dtype=bool)
-        same_as_previous[1:] = (high[order][1:] == high[order][:-1]) & (low[order][1:] == low[order][:-1])
+        same_as_previous[1:] = (high[order][1:] == high[order][:-1]) & (
+            low[order][1:] == low[order][:-1]
+        )
         group_start = np.maximum.accumulate(np.where(same_as_previous, 0, np.arange(len(ids))))
         earliest = order[group_start]  # (n,) in sorted order: the first index of each one's group
         repeated = order[same_as_previous]
-        first[repeated] = np.where(first[repeated] >= 0, first[repeated], location[earliest[same_as_previous]])
+        first[repeated] = np.where(
+            first[repeated] >= 0, first[repeated], location[earliest[same_as_previous]]
+        )
         new = first < 0
         self._add_run(high[new], low[new], location[new])
         return [None if f < 0 else int(f) for f in first]

@@ -61,20 +61,29 @@ class HashEngine:
     a call per shard).
     """
 
-    def __init__(self, dim: int = 16, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = False,
-                 delay: float = 0.0):
+    def __init__(
+        self,
+        dim: int = 16,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        normalize: bool = False,
+        delay: float = 0.0,
+    ):
         if dim < 1 or max_length < 1:
-            raise ValueError(f"HashEngine needs dim >= 1 and max_length >= 1, got dim={dim}, max_length={max_length}")
+            raise ValueError(
+                f"HashEngine needs dim >= 1 and max_length >= 1, got dim={dim}, max_length={max_length}"
+            )
         self.dim = dim
         self.max_length = max_length
         self.normalize = normalize
         self.delay = delay
 
     @classmethod
-    def from_spec(cls, spec: str, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = False) -> "HashEngine":
+    def from_spec(
+        cls, spec: str, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = False
+    ) -> "HashEngine":
         """``fake:`` or ``fake:dim=16,delay=0.01``."""
         options: dict[str, float] = {}
-        body = spec[len(FAKE_PREFIX):]
+        body = spec[len(FAKE_PREFIX) :]
         for part in filter(None, body.split(",")):
             key, sep, value = part.partition("=")
             if not sep or key not in ("dim", "delay"):
@@ -88,7 +97,13 @@ class HashEngine:
             instruction, body = text if isinstance(text, tuple) else ("", text)
             prefix = list(instruction.encode("utf-8"))
             ids = (prefix + list(body.encode("utf-8")))[: self.max_length]
-            items.append(Item(ids, [i >= len(prefix) for i in range(len(ids))], len(prefix) + len(body.encode("utf-8")) > self.max_length))
+            items.append(
+                Item(
+                    ids,
+                    [i >= len(prefix) for i in range(len(ids))],
+                    len(prefix) + len(body.encode("utf-8")) > self.max_length,
+                )
+            )
         return items
 
     def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
@@ -106,8 +121,15 @@ class HashEngine:
         return out
 
     def describe(self) -> dict:
-        return {"model": "fake", "adapters": [], "pooling": "hash", "max_length": self.max_length,
-                "dtype": "float32", "normalize": self.normalize, "dim": self.dim}
+        return {
+            "model": "fake",
+            "adapters": [],
+            "pooling": "hash",
+            "max_length": self.max_length,
+            "dtype": "float32",
+            "normalize": self.normalize,
+            "dim": self.dim,
+        }
 
 
 @dataclass
@@ -134,7 +156,9 @@ class LLM2VecEngine:
         from llm2vec_fast.encoder import LLM2Vec
 
         if self.device in (None, "cuda") and torch.cuda.is_available():
-            self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # torchrun: one GPU per process
+            self.device = (
+                f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # torchrun: one GPU per process
+            )
         self.model = LLM2Vec.from_pretrained(
             self.model_path,
             adapters=list(self.adapters),
@@ -144,10 +168,14 @@ class LLM2VecEngine:
             device=self.device,
             dtype=self.dtype,
             max_batch_tokens=self.max_batch_tokens,
-            enable_bidirectional=False if self.causal else None,  # None: as the adapter was trained (else True)
+            enable_bidirectional=False
+            if self.causal
+            else None,  # None: as the adapter was trained (else True)
             cuda_graphs=self.cuda_graphs,
         )
-        if self.doc_max_length is None:  # max_length alone decides: no llm2vec word cut (at 400 tokens)
+        if (
+            self.doc_max_length is None
+        ):  # max_length alone decides: no llm2vec word cut (at 400 tokens)
             self.model.doc_max_length = self.model.max_length
         self.pooling, self.max_length = self.model.pooling_mode, self.model.max_length
 
@@ -156,24 +184,37 @@ class LLM2VecEngine:
 
     def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
         # one call packs many batches: on a GPU they run back to back, the host packing the next
-        return self.model.embed_tokenized(items, normalize=self.normalize, progress=progress).numpy()  # (n, dim) fp32
+        return self.model.embed_tokenized(
+            items, normalize=self.normalize, progress=progress
+        ).numpy()  # (n, dim) fp32
 
     def describe(self) -> dict:
         """Computed once: it hashes the model and adapter files."""
         if self._description is None:
             description = dict(self.model.describe())
-            description["adapters"] = [{"path": str(Path(a).resolve()), "sha256": sha256_of_path(a)} for a in self.adapters]
+            description["adapters"] = [
+                {"path": str(Path(a).resolve()), "sha256": sha256_of_path(a)} for a in self.adapters
+            ]
             description["pooling"] = description.get("pooling_mode", self.pooling)
             description["normalize"] = self.normalize
             self._description = description
         return dict(self._description)
 
 
-def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str | None = None,
-                max_length: int | None = None,
-                device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
-                normalize: bool = False, causal: bool = False, cuda_graphs: bool = False,
-                doc_max_length: int | None = None) -> Engine:
+def load_engine(
+    model: str | None,
+    adapters: Sequence[str] = (),
+    *,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_batch_tokens: int = 16384,
+    normalize: bool = False,
+    causal: bool = False,
+    cuda_graphs: bool = False,
+    doc_max_length: int | None = None,
+) -> Engine:
     """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
 
     ``doc_max_length``: llm2vec's rule that drops a text's trailing words past that many tokens;
@@ -187,10 +228,23 @@ def load_engine(model: str | None, adapters: Sequence[str] = (), *, pooling: str
     if model is not None and str(model).startswith(FAKE_PREFIX):
         if adapters:
             raise ValueError("the fake model takes no adapters")
-        return HashEngine.from_spec(str(model), max_length=max_length or DEFAULT_MAX_LENGTH, normalize=normalize)
+        return HashEngine.from_spec(
+            str(model), max_length=max_length or DEFAULT_MAX_LENGTH, normalize=normalize
+        )
     if model is None:
         from llm2vec_fast.default_model import default_model_path
 
         model = str(default_model_path())
-    return LLM2VecEngine(str(model), tuple(str(a) for a in adapters), pooling, max_length, device, dtype,
-                         max_batch_tokens, normalize, causal, cuda_graphs, doc_max_length)
+    return LLM2VecEngine(
+        str(model),
+        tuple(str(a) for a in adapters),
+        pooling,
+        max_length,
+        device,
+        dtype,
+        max_batch_tokens,
+        normalize,
+        causal,
+        cuda_graphs,
+        doc_max_length,
+    )

@@ -30,12 +30,32 @@ import numpy as np
 
 from llm2vec_fast.corpus.duplicates import FirstOccurrences, pack_location, unpack_location
 from llm2vec_fast.corpus.engine import Engine, Item, Text, load_engine
-from llm2vec_fast.corpus.manifest import (ERRORS, MANIFEST, SHARDS_DIR, JobMismatchError, atomic_write_bytes,
-                                          atomic_write_json, identity_differences, is_temporary, load_manifest,
-                                          new_manifest, part_name, recorded_shards, with_shards)
+from llm2vec_fast.corpus.manifest import (
+    ERRORS,
+    MANIFEST,
+    SHARDS_DIR,
+    JobMismatchError,
+    atomic_write_bytes,
+    atomic_write_json,
+    identity_differences,
+    is_temporary,
+    load_manifest,
+    new_manifest,
+    part_name,
+    recorded_shards,
+    with_shards,
+)
 from llm2vec_fast.corpus.read import MATRIX_CACHE
-from llm2vec_fast.corpus.readers import (Fields, InputError, InputFile, discover_inputs, estimate_rows, fingerprint,
-                                         is_job_folder, read_rows)
+from llm2vec_fast.corpus.readers import (
+    Fields,
+    InputError,
+    InputFile,
+    discover_inputs,
+    estimate_rows,
+    fingerprint,
+    is_job_folder,
+    read_rows,
+)
 from llm2vec_fast.corpus.writer import ShardResult, ShardWriter
 
 TOKENIZE_CHUNK = 256
@@ -87,21 +107,29 @@ class JobSummary:
     tokens: int = 0  # embedded by this process in this run
     rank: int = 0  # under torchrun: the process that returned this summary (timings are its own)
     docs: int = 0  # embedded by this process in this run
-    engine: dict = field(default_factory=dict)  # the engine's description, as the manifest records it
+    engine: dict = field(
+        default_factory=dict
+    )  # the engine's description, as the manifest records it
 
     def __str__(self) -> str:
         lines = [engine_line(self.engine)] if self.engine else []
-        lines += [f"{self.output}: rows in {self.rows_in} = embedded {self.embedded} + errors {self.errors}"
-                 f" ({ERRORS}); truncated {self.truncated}; shards written now {self.shards_written}, total {self.shards_total}"
-                 + ("" if self.complete else " (incomplete)")]
+        lines += [
+            f"{self.output}: rows in {self.rows_in} = embedded {self.embedded} + errors {self.errors}"
+            f" ({ERRORS}); truncated {self.truncated}; shards written now {self.shards_written}, total {self.shards_total}"
+            + ("" if self.complete else " (incomplete)")
+        ]
         if self.seconds:
             wall = self.seconds.get("wall", 0.0)
             split = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items() if k != "wall")
             lines.append(f"time: wall {wall:.2f}s ({split}; stages overlap)")
-            embedding = wall - self.seconds.get("load model", 0.0)  # the rates leave model loading out
+            embedding = wall - self.seconds.get(
+                "load model", 0.0
+            )  # the rates leave model loading out
             if embedding > 0 and self.docs:
-                lines.append(f"rate: {self.docs / embedding:,.1f} docs/s, {self.tokens / embedding:,.0f} tokens/s"
-                             + (f" (rank {self.rank})" if self.rank else ""))
+                lines.append(
+                    f"rate: {self.docs / embedding:,.1f} docs/s, {self.tokens / embedding:,.0f} tokens/s"
+                    + (f" (rank {self.rank})" if self.rank else "")
+                )
         return "\n".join(lines)
 
 
@@ -117,8 +145,13 @@ class _Timer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
-def _rows(files: list[InputFile], fields: Fields, instruction: str | None, check_duplicates: bool,
-          limit: int | None) -> Iterator[Row]:
+def _rows(
+    files: list[InputFile],
+    fields: Fields,
+    instruction: str | None,
+    check_duplicates: bool,
+    limit: int | None,
+) -> Iterator[Row]:
     """Every input row in work order, with the job-level checks (empty text, duplicate ids)."""
     rows = _checked_rows(files, fields, instruction, limit)
     if not check_duplicates:
@@ -128,16 +161,23 @@ def _rows(files: list[InputFile], fields: Fields, instruction: str | None, check
     file_numbers = {file.name: number for number, file in enumerate(files)}
     while chunk := list(itertools.islice(rows, DUPLICATE_CHECK_ROWS)):
         candidates = [row for row in chunk if row.error is None]
-        earlier = seen.check([row.id for row in candidates],
-                             [pack_location(file_numbers[row.file], row.line) for row in candidates])
+        earlier = seen.check(
+            [row.id for row in candidates],
+            [pack_location(file_numbers[row.file], row.line) for row in candidates],
+        )
         for row, where in zip(candidates, earlier):
             if where is not None:
                 file_number, line = unpack_location(where)
-                row.error, row.text = f"duplicate id (first at {files[file_number].name}:{line})", None
+                row.error, row.text = (
+                    f"duplicate id (first at {files[file_number].name}:{line})",
+                    None,
+                )
         yield from chunk
 
 
-def _checked_rows(files: list[InputFile], fields: Fields, instruction: str | None, limit: int | None) -> Iterator[Row]:
+def _checked_rows(
+    files: list[InputFile], fields: Fields, instruction: str | None, limit: int | None
+) -> Iterator[Row]:
     """Every input row in work order, with the row-level checks (empty text, empty id)."""
     index = 0
     for file in files:
@@ -168,7 +208,11 @@ def _distributed() -> tuple[int, int, object | None, bool]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=dt.timedelta(days=7))
+        group = (
+            None
+            if dist.get_backend() == "gloo"
+            else dist.new_group(backend="gloo", timeout=dt.timedelta(days=7))
+        )
         return dist.get_rank(), dist.get_world_size(), group, False
     if world <= 1:
         return 0, 1, None, False
@@ -192,8 +236,10 @@ def _prepare_folder(folder: Path, identity: dict, overwrite: bool) -> None:
     if not (folder / MANIFEST).is_file():
         foreign = [p.name for p in folder.iterdir() if not _own_files(p)]
         if foreign:
-            raise JobMismatchError(f"{folder} is not empty and holds no embedding job ({', '.join(sorted(foreign)[:3])} ...):"
-                                   " choose an empty or new folder")
+            raise JobMismatchError(
+                f"{folder} is not empty and holds no embedding job ({', '.join(sorted(foreign)[:3])} ...):"
+                " choose an empty or new folder"
+            )
         atomic_write_json(folder / MANIFEST, new_manifest(identity))
     for path in list(folder.glob("*")) + list(folder.glob(f"{SHARDS_DIR}/*")):
         if is_temporary(path):
@@ -202,10 +248,14 @@ def _prepare_folder(folder: Path, identity: dict, overwrite: bool) -> None:
 
 def _check_identity(folder: Path, identity: dict, keys: Sequence[str]) -> None:
     old = load_manifest(folder)
-    differences = identity_differences({k: old.get(k) for k in keys}, {k: identity[k] for k in keys})
+    differences = identity_differences(
+        {k: old.get(k) for k in keys}, {k: identity[k] for k in keys}
+    )
     if differences:
-        raise JobMismatchError(f"{folder} holds a job with other settings or inputs: {'; '.join(differences[:5])}."
-                               " Use --overwrite to start over, or another output folder.")
+        raise JobMismatchError(
+            f"{folder} holds a job with other settings or inputs: {'; '.join(differences[:5])}."
+            " Use --overwrite to start over, or another output folder."
+        )
 
 
 def _finalize(folder: Path, header: dict, total_rows: int, shard_rows: int) -> dict:
@@ -214,16 +264,23 @@ def _finalize(folder: Path, header: dict, total_rows: int, shard_rows: int) -> d
     expected = math.ceil(total_rows / shard_rows)
     missing = sorted(set(range(expected)) - set(shards))
     if missing:
-        raise RuntimeError(f"{folder}: shards {missing[:10]} are not done; run the same command again to finish them")
+        raise RuntimeError(
+            f"{folder}: shards {missing[:10]} are not done; run the same command again to finish them"
+        )
     for k in range(expected):
         start, stop = shards[k]["rows"]
-        if (start, stop) != (k * shard_rows, min((k + 1) * shard_rows, total_rows)) or \
-                shards[k]["embedded"] + shards[k]["errors"] != stop - start:
-            raise RuntimeError(f"{folder}: shard {k} covers rows {start}-{stop} with {shards[k]['embedded']} embedded"
-                               f" and {shards[k]['errors']} errors, which does not account for every row read")
+        if (start, stop) != (k * shard_rows, min((k + 1) * shard_rows, total_rows)) or shards[k][
+            "embedded"
+        ] + shards[k]["errors"] != stop - start:
+            raise RuntimeError(
+                f"{folder}: shard {k} covers rows {start}-{stop} with {shards[k]['embedded']} embedded"
+                f" and {shards[k]['errors']} errors, which does not account for every row read"
+            )
     errors = b"".join((folder / shards[k]["errors_file"]).read_bytes() for k in range(expected))
     atomic_write_bytes(folder / ERRORS, errors)
-    manifest = with_shards(header, {k: shards[k] for k in range(expected)}, status="complete", total_rows=total_rows)
+    manifest = with_shards(
+        header, {k: shards[k] for k in range(expected)}, status="complete", total_rows=total_rows
+    )
     atomic_write_json(folder / MANIFEST, manifest)
     for part in folder.glob("manifest.rank-*.json"):
         part.unlink()
@@ -234,9 +291,11 @@ def engine_line(description: dict) -> str:
     """One line saying what embeds the rows: model, pooling, max length (which may have come from an
     adapter's llm2vec_config.json), dtype, attention."""
     attention = "causal" if description.get("bidirectional") is False else "bidirectional"
-    return (f"model {description.get('model')}: {description.get('pooling')} pooling, max length"
-            f" {description.get('max_length')}, {description.get('dtype')}, {attention} attention"
-            + (", normalized" if description.get("normalize") else ""))
+    return (
+        f"model {description.get('model')}: {description.get('pooling')} pooling, max length"
+        f" {description.get('max_length')}, {description.get('dtype')}, {attention} attention"
+        + (", normalized" if description.get("normalize") else "")
+    )
 
 
 def _progress(enabled: bool, rank: int):
@@ -244,7 +303,14 @@ def _progress(enabled: bool, rank: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(unit="doc", unit_scale=True, dynamic_ncols=True, smoothing=0.05, file=sys.stderr, desc="embed")
+    return tqdm(
+        unit="doc",
+        unit_scale=True,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        file=sys.stderr,
+        desc="embed",
+    )
 
 
 def embed_corpus(
@@ -287,22 +353,35 @@ def embed_corpus(
         raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, got {output_dtype!r}")
     if instruction is not None and instruction_field is not None:
         raise ValueError("give --instruction or --instruction-field, not both")
-    for name, value in (("shard_rows", shard_rows), ("batch_tokens", batch_tokens), ("max_length", max_length)):
+    for name, value in (
+        ("shard_rows", shard_rows),
+        ("batch_tokens", batch_tokens),
+        ("max_length", max_length),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if resume and overwrite:  # before hashing the inputs: a refusal should not wait for that
-        raise ValueError("--resume continues the job in the output folder and --overwrite deletes it: give one")
+        raise ValueError(
+            "--resume continues the job in the output folder and --overwrite deletes it: give one"
+        )
     started = time.perf_counter()
     timer = _Timer()
     folder = Path(output)
     files = discover_inputs(inputs, output=folder)
     fields = Fields(text=text_field, id=id_field, instruction=instruction_field)
     identity = {
-        "settings": {"id_field": id_field, "text_field": text_field, "instruction": instruction,
-                     "instruction_field": instruction_field, "on_long": on_long, "shard_rows": shard_rows,
-                     "output_dtype": output_dtype, "limit": limit},
+        "settings": {
+            "id_field": id_field,
+            "text_field": text_field,
+            "instruction": instruction,
+            "instruction_field": instruction_field,
+            "on_long": on_long,
+            "shard_rows": shard_rows,
+            "output_dtype": output_dtype,
+            "limit": limit,
+        },
         "inputs": [fingerprint(f) for f in files],
     }
     has_job = (folder / MANIFEST).is_file()
@@ -319,10 +398,19 @@ def embed_corpus(
             # a job continues with what it started with where this run does not say (pooling and length
             # may have come from an adapter's llm2vec_config.json; older versions recorded a 400 word cut)
             recorded = load_manifest(folder).get("engine", {}) if has_job and not overwrite else {}
-            engine = load_engine(model, adapters, pooling=pooling or recorded.get("pooling"),
-                                 max_length=max_length or recorded.get("max_length"), device=device, dtype=dtype,
-                                 max_batch_tokens=batch_tokens, normalize=normalize, causal=causal,
-                                 cuda_graphs=cuda_graphs, doc_max_length=recorded.get("doc_max_length"))
+            engine = load_engine(
+                model,
+                adapters,
+                pooling=pooling or recorded.get("pooling"),
+                max_length=max_length or recorded.get("max_length"),
+                device=device,
+                dtype=dtype,
+                max_batch_tokens=batch_tokens,
+                normalize=normalize,
+                causal=causal,
+                cuda_graphs=cuda_graphs,
+                doc_max_length=recorded.get("doc_max_length"),
+            )
             timer.add("load model", time.perf_counter() - load_start)
         identity["engine"] = engine.describe()
         if progress and rank == 0:
@@ -336,11 +424,30 @@ def embed_corpus(
         written = tokens = docs = 0
         total_rows = manifest.get("total_rows")
         if manifest.get("status") != "complete":
-            writer = ShardWriter(folder, folder / (MANIFEST if world == 1 else part_name(rank)), header, output_dtype,
-                                 dict(done))
+            writer = ShardWriter(
+                folder,
+                folder / (MANIFEST if world == 1 else part_name(rank)),
+                header,
+                output_dtype,
+                dict(done),
+            )
             written, total_rows, tokens, docs = _run(
-                files, fields, instruction, limit, shard_rows, rank, world, set(done), engine, on_long,
-                writer, timer, tokenize_workers, progress, identity["engine"])
+                files,
+                fields,
+                instruction,
+                limit,
+                shard_rows,
+                rank,
+                world,
+                set(done),
+                engine,
+                on_long,
+                writer,
+                timer,
+                tokenize_workers,
+                progress,
+                identity["engine"],
+            )
             if world > 1:
                 _barrier(group)
             if rank == 0:
@@ -355,9 +462,21 @@ def embed_corpus(
             dist.destroy_process_group()
     timer.add("wall", time.perf_counter() - started)
     counts = manifest["counts"]
-    return JobSummary(folder, counts["rows_in"], counts["embedded"], counts["errors"], counts["truncated"], written,
-                      counts["shards"], manifest.get("status") == "complete", dict(timer.seconds), tokens, rank, docs,
-                      manifest.get("engine", {}))
+    return JobSummary(
+        folder,
+        counts["rows_in"],
+        counts["embedded"],
+        counts["errors"],
+        counts["truncated"],
+        written,
+        counts["shards"],
+        manifest.get("status") == "complete",
+        dict(timer.seconds),
+        tokens,
+        rank,
+        docs,
+        manifest.get("engine", {}),
+    )
 
 
 def _barrier(group) -> None:
@@ -384,8 +503,21 @@ def _collective_call(rank: int, group, world: int, fn) -> None:
             raise RuntimeError(f"rank 0 could not prepare the output folder: {message[0]}")
 
 
-def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, done, pool, engine, timer,
-                 out: queue.Queue, stop: threading.Event) -> None:
+def _read_shards(
+    files,
+    fields,
+    instruction,
+    limit,
+    shard_rows,
+    rank,
+    world,
+    done,
+    pool,
+    engine,
+    timer,
+    out: queue.Queue,
+    stop: threading.Event,
+) -> None:
     """Reader thread: group rows into shards, start tokenizing the shards this rank must do."""
 
     def tokenize(texts: list[Text]) -> list[Item]:
@@ -405,9 +537,13 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
 
     def emit(index: int, rows: list[Row], stop_row: int) -> bool:
         good = [r for r in rows if r.error is None]
-        futures = [pool.submit(tokenize, [r.text for r in good[i:i + TOKENIZE_CHUNK]])
-                   for i in range(0, len(good), TOKENIZE_CHUNK)]
-        work = ShardWork(index, index * shard_rows, stop_row, good, [r for r in rows if r.error], futures)
+        futures = [
+            pool.submit(tokenize, [r.text for r in good[i : i + TOKENIZE_CHUNK]])
+            for i in range(0, len(good), TOKENIZE_CHUNK)
+        ]
+        work = ShardWork(
+            index, index * shard_rows, stop_row, good, [r for r in rows if r.error], futures
+        )
         return put(work)
 
     def timed(rows: Iterator[Row]) -> Iterator[Row]:
@@ -434,18 +570,42 @@ def _read_shards(files, fields, instruction, limit, shard_rows, rank, world, don
             if stop.is_set():
                 return
         total = index + 1
-        if total > shard * shard_rows and shard % world == rank and shard not in done and not emit(shard, current, total):
+        if (
+            total > shard * shard_rows
+            and shard % world == rank
+            and shard not in done
+            and not emit(shard, current, total)
+        ):
             return
         put(_End(total))
     except BaseException as exc:
         put(exc)
 
 
-def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engine, on_long,
-         writer: ShardWriter, timer: _Timer, tokenize_workers, progress, description: dict) -> tuple[int, int, int, int]:
+def _run(
+    files,
+    fields,
+    instruction,
+    limit,
+    shard_rows,
+    rank,
+    world,
+    done,
+    engine,
+    on_long,
+    writer: ShardWriter,
+    timer: _Timer,
+    tokenize_workers,
+    progress,
+    description: dict,
+) -> tuple[int, int, int, int]:
     """Embed this rank's missing shards; returns (shards written, total input rows, tokens and rows embedded)."""
     dim = description["dim"]
-    too_long = f"max_length={description['max_length']} tokens" if "max_length" in description else "the engine's max length"
+    too_long = (
+        f"max_length={description['max_length']} tokens"
+        if "max_length" in description
+        else "the engine's max length"
+    )
     stop = threading.Event()
     prepared: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
     finished: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
@@ -467,16 +627,37 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
                 stop.set()
                 return
 
-    reader = threading.Thread(target=_read_shards, daemon=True, name="corpus-reader",
-                              args=(files, fields, instruction, limit, shard_rows, rank, world, done, pool, engine,
-                                    timer, prepared, stop))
+    reader = threading.Thread(
+        target=_read_shards,
+        daemon=True,
+        name="corpus-reader",
+        args=(
+            files,
+            fields,
+            instruction,
+            limit,
+            shard_rows,
+            rank,
+            world,
+            done,
+            pool,
+            engine,
+            timer,
+            prepared,
+            stop,
+        ),
+    )
     writer_thread = threading.Thread(target=write_loop, daemon=True, name="corpus-writer")
     reader.start()
     writer_thread.start()
     bar = _progress(progress, rank)
-    counted: list[int] = []  # the input's row count, for the progress bar's total and ETA, once known
+    counted: list[
+        int
+    ] = []  # the input's row count, for the progress bar's total and ETA, once known
     if bar is not None:
-        threading.Thread(target=lambda: counted.append(sum(estimate_rows(f) for f in files)), daemon=True).start()
+        threading.Thread(
+            target=lambda: counted.append(sum(estimate_rows(f) for f in files)), daemon=True
+        ).start()
     written = tokens_done = docs_done = 0
     compute_start = time.perf_counter()
     try:
@@ -492,11 +673,15 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             items: list[Item] = [item for future in work.tokenized for item in future.result()]
             for row, item in zip(work.rows, items):
                 if item.truncated and on_long == "error":
-                    raise InputError(f"{row.file}:{row.line}: text is longer than {too_long}"
-                                     " (--on-long error; use --on-long truncate to embed its first tokens)")
+                    raise InputError(
+                        f"{row.file}:{row.line}: text is longer than {too_long}"
+                        " (--on-long error; use --on-long truncate to embed its first tokens)"
+                    )
                 if not any(item.pool_mask):  # pooling nothing would give a zero vector
                     row.error = "the text has no tokens to pool (the tokenizer kept none of it)"
-            error_rows = sorted(work.errors + [row for row in work.rows if row.error], key=lambda row: row.index)
+            error_rows = sorted(
+                work.errors + [row for row in work.rows if row.error], key=lambda row: row.index
+            )
             items = [item for row, item in zip(work.rows, items) if row.error is None]
             rows = [row for row in work.rows if row.error is None]
             lengths = [len(item.input_ids) for item in items]
@@ -505,7 +690,9 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
             calls = max(1, math.ceil(len(items) / EMBED_CALL_ROWS))
             call_rows = max(1, math.ceil(len(items) / calls))  # even calls
             for first in range(0, len(items), call_rows):
-                embeddings[first:first + call_rows] = engine.embed(items[first:first + call_rows], bar)
+                embeddings[first : first + call_rows] = engine.embed(
+                    items[first : first + call_rows], bar
+                )
             timer.add("compute", time.perf_counter() - start)
             tokens_done += sum(lengths)
             if bar is not None:
@@ -513,10 +700,23 @@ def _run(files, fields, instruction, limit, shard_rows, rank, world, done, engin
                 bar.set_postfix_str(f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
                 bar.update(len(error_rows))
                 if counted and bar.total is None:
-                    bar.total = _rank_rows(min(counted[0], limit if limit is not None else counted[0]),
-                                           shard_rows, rank, world, done)
-            shard = ShardResult(work.index, work.start, work.stop, [r.id for r in rows], embeddings,
-                                [_error_record(r) for r in error_rows], sum(item.truncated for item in items), sum(lengths))
+                    bar.total = _rank_rows(
+                        min(counted[0], limit if limit is not None else counted[0]),
+                        shard_rows,
+                        rank,
+                        world,
+                        done,
+                    )
+            shard = ShardResult(
+                work.index,
+                work.start,
+                work.stop,
+                [r.id for r in rows],
+                embeddings,
+                [_error_record(r) for r in error_rows],
+                sum(item.truncated for item in items),
+                sum(lengths),
+            )
             _put(finished, shard, writer_error)
             written += 1
             docs_done += len(items)

@@ -62,21 +62,39 @@ def read_json(path: Path) -> dict:
 
 def new_manifest(identity: dict) -> dict:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {"format": FORMAT, "version": VERSION, "status": "running", **identity,
-            "shards": [], "counts": count_rows([]), "created": now, "updated": now}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "status": "running",
+        **identity,
+        "shards": [],
+        "counts": count_rows([]),
+        "created": now,
+        "updated": now,
+    }
 
 
 def count_rows(shards: list[dict]) -> dict:
     embedded = sum(s["embedded"] for s in shards)
     errors = sum(s["errors"] for s in shards)
-    return {"rows_in": embedded + errors, "embedded": embedded, "errors": errors,
-            "truncated": sum(s["truncated"] for s in shards), "shards": len(shards)}
+    return {
+        "rows_in": embedded + errors,
+        "embedded": embedded,
+        "errors": errors,
+        "truncated": sum(s["truncated"] for s in shards),
+        "shards": len(shards),
+    }
 
 
 def with_shards(manifest: dict, shards: dict[int, dict], **changes) -> dict:
     ordered = [shards[k] for k in sorted(shards)]
-    return {**manifest, **changes, "shards": ordered, "counts": count_rows(ordered),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        **manifest,
+        **changes,
+        "shards": ordered,
+        "counts": count_rows(ordered),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
@@ -89,7 +107,11 @@ def identity_differences(old: dict, new: dict) -> list[str]:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            differences += [
+                f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
         elif key == "inputs" and isinstance(a, list) and isinstance(b, list):
             differences += _input_differences(a, b)
         else:
@@ -118,7 +140,9 @@ def _input_differences(old: list[dict], new: list[dict]) -> list[str]:
     for name in after.keys() & before.keys():
         a, b = before[name], after[name]
         if "sha256" not in a:
-            lines.append(f"input {name}: recorded by an older llm2vec-fast (sampled hash), cannot be compared")
+            lines.append(
+                f"input {name}: recorded by an older llm2vec-fast (sampled hash), cannot be compared"
+            )
         elif a["bytes"] != b["bytes"]:
             lines.append(f"input {name}: {a['bytes']:,} -> {b['bytes']:,} bytes")
         elif a != b:
@@ -132,7 +156,9 @@ def load_manifest(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} holds no embedding job ({MANIFEST} is missing)")
     manifest = read_json(path)
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a manifest of {FORMAT} (format {manifest.get('format')!r})")
+        raise ValueError(
+            f"{path} is not a manifest of {FORMAT} (format {manifest.get('format')!r})"
+        )
     return manifest
 
 

@@ -13,19 +13,30 @@ from llm2vec_fast.corpus.read import iter_embeddings
 CHUNK_ROWS = 65536
 
 
-def engine_for_job(folder: str | Path, device: str | None = None, batch_tokens: int = 16384) -> Engine:
+def engine_for_job(
+    folder: str | Path, device: str | None = None, batch_tokens: int = 16384
+) -> Engine:
     """Load the engine described by the job's manifest, and check it still describes the same."""
     manifest = load_manifest(Path(folder))
     described = manifest["engine"]
     adapters = [a["path"] for a in described.get("adapters", [])]
-    engine = load_engine(described["model"] if described["model"] != "fake" else f"fake:dim={described['dim']}",
-                         adapters, pooling=described["pooling"], max_length=described["max_length"], device=device,
-                         dtype=described.get("dtype"), max_batch_tokens=batch_tokens,
-                         normalize=described["normalize"], causal=not described.get("bidirectional", True),
-                         doc_max_length=described.get("doc_max_length"))
+    engine = load_engine(
+        described["model"] if described["model"] != "fake" else f"fake:dim={described['dim']}",
+        adapters,
+        pooling=described["pooling"],
+        max_length=described["max_length"],
+        device=device,
+        dtype=described.get("dtype"),
+        max_batch_tokens=batch_tokens,
+        normalize=described["normalize"],
+        causal=not described.get("bidirectional", True),
+        doc_max_length=described.get("doc_max_length"),
+    )
     differences = identity_differences({"engine": described}, {"engine": engine.describe()})
     if differences:
-        raise ValueError(f"the model of {folder} changed since the job ran: {'; '.join(differences[:5])}")
+        raise ValueError(
+            f"the model of {folder} changed since the job ran: {'; '.join(differences[:5])}"
+        )
     return engine
 
 
@@ -37,7 +48,7 @@ def top_k(matrix_chunks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     offset = 0
     for chunk in matrix_chunks:
         for start in range(0, len(chunk), CHUNK_ROWS):
-            block = np.asarray(chunk[start:start + CHUNK_ROWS], dtype=np.float32)  # (c, dim)
+            block = np.asarray(chunk[start : start + CHUNK_ROWS], dtype=np.float32)  # (c, dim)
             scores = block @ query / np.maximum(np.linalg.norm(block, axis=1), 1e-12)  # (c,)
             rows = np.arange(offset + start, offset + start + len(block))
             best_rows = np.concatenate([best_rows, rows])
@@ -50,8 +61,15 @@ def top_k(matrix_chunks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(best_rows[i]), float(best_scores[i])) for i in order]
 
 
-def search(folder: str | Path, query: str, k: int = 10, *, instruction: str | None = None,
-           engine: Engine | None = None, device: str | None = None) -> list[tuple[str, float]]:
+def search(
+    folder: str | Path,
+    query: str,
+    k: int = 10,
+    *,
+    instruction: str | None = None,
+    engine: Engine | None = None,
+    device: str | None = None,
+) -> list[tuple[str, float]]:
     """The ``k`` ids whose embeddings have the highest cosine similarity with ``query``.
 
     The query is embedded like the job's rows: same model, pooling, max length, and the job's
@@ -67,7 +85,9 @@ def search(folder: str | Path, query: str, k: int = 10, *, instruction: str | No
         instruction = manifest["settings"].get("instruction")
     item = engine.tokenize([(instruction, query) if instruction else query])
     if not any(item[0].pool_mask):  # a zero vector would score 0 against every row
-        raise ValueError(f"the query {query[:80]!r} has no tokens to pool (the tokenizer kept none of it)")
+        raise ValueError(
+            f"the query {query[:80]!r} has no tokens to pool (the tokenizer kept none of it)"
+        )
     query_embedding = engine.embed(item)[0]  # (dim,)
     ids: list[str] = []
 

@@ -23,8 +23,17 @@ from typing import IO, Iterator, Sequence
 from llm2vec_fast.corpus.manifest import FORMAT, MANIFEST
 from llm2vec_fast.files import sha256_file
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
-           ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
 
 
 # A JSONL file whose first rows all lack the text field is taken for a wrong --text-field
@@ -87,14 +96,21 @@ def _folder_files(folder: Path, output: Path | None) -> Iterator[Path]:
     jobs' folders are skipped (a job must never read its own or another job's shards)."""
     for current, dirs, files in os.walk(folder):
         here = Path(current)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside((here / d).resolve(), output)
-                   and not is_job_folder(here / d)]
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and not _inside((here / d).resolve(), output)
+            and not is_job_folder(here / d)
+        ]
         for name in files:
             if not name.startswith(".") and file_format(here / name):
                 yield here / name
 
 
-def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path | None = None) -> list[InputFile]:
+def discover_inputs(
+    specs: str | Path | Sequence[str | Path], output: str | Path | None = None
+) -> list[InputFile]:
     """The files named by files, folders (searched recursively) and globs, sorted by path.
 
     A folder contributes the files with a known extension (hidden ones skipped); a file named
@@ -113,7 +129,9 @@ def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path
             found.update(p.resolve() for p in _folder_files(path, output))
         elif path.is_file():
             if file_format(path) is None:
-                raise InputError(f"{path}: unknown input format {path.suffix!r}; known: {', '.join(sorted(FORMATS))} (optionally .gz)")
+                raise InputError(
+                    f"{path}: unknown input format {path.suffix!r}; known: {', '.join(sorted(FORMATS))} (optionally .gz)"
+                )
             if _inside(path.resolve(), output):
                 raise InputError(f"{path}: the input file lies inside the output folder {output}")
             found.add(path.resolve())
@@ -121,9 +139,15 @@ def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path
             matches = [Path(m) for m in glob.glob(str(spec), recursive=True)]
             files = [m for m in matches if m.is_file() and file_format(m)]
             if not files:
-                raise InputError(f"{spec}: no such file or folder, and no input files match it as a glob")
+                raise InputError(
+                    f"{spec}: no such file or folder, and no input files match it as a glob"
+                )
             resolved = [m.resolve() for m in files]
-            found.update(m for m in resolved if not _inside(m, output) and not any(map(is_job_folder, m.parents)))
+            found.update(
+                m
+                for m in resolved
+                if not _inside(m, output) and not any(map(is_job_folder, m.parents))
+            )
     if not found:
         raise InputError(f"no input files found in {', '.join(map(str, specs))}")
     paths = sorted(found)
@@ -134,8 +158,12 @@ def discover_inputs(specs: str | Path | Sequence[str | Path], output: str | Path
 def fingerprint(file: InputFile) -> dict:
     """Name, size and sha256 of the whole file: a resumed job must see exactly the bytes the first
     run read (one extra read of the inputs, small beside embedding them)."""
-    return {"path": file.name, "format": file.format, "bytes": file.path.stat().st_size,
-            "sha256": sha256_file(file.path)}
+    return {
+        "path": file.name,
+        "format": file.format,
+        "bytes": file.path.stat().st_size,
+        "sha256": sha256_file(file.path),
+    }
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -182,7 +210,13 @@ def _field(record: dict, name: str, integer_ok: bool = False) -> tuple[str | Non
         return value, None
     if integer_ok and isinstance(value, int) and not isinstance(value, bool):
         return str(value), None
-    kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    kind = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }
     return None, f"field {name!r} holds {kind.get(type(value), type(value).__name__)}, not a string"
 
 
@@ -215,25 +249,35 @@ def _read_jsonl(path: Path, fields: Fields) -> Iterator[RawRow]:
                 yield RawRow(line, None, None, None, "invalid UTF-8")
                 continue
             if line == 1 and decoded.lstrip().startswith("["):
-                raise InputError(f"{path}:1: a JSON array is not JSON Lines; write one JSON object per line")
+                raise InputError(
+                    f"{path}:1: a JSON array is not JSON Lines; write one JSON object per line"
+                )
             if line == 1 and decoded.strip() == "{":
-                raise InputError(f"{path}:1: a JSON document spread over lines is not JSON Lines;"
-                                 " write one JSON object per line")
+                raise InputError(
+                    f"{path}:1: a JSON document spread over lines is not JSON Lines;"
+                    " write one JSON object per line"
+                )
             try:
                 record = json.loads(decoded)
             except json.JSONDecodeError as exc:
-                yield RawRow(line, None, None, None, f"malformed JSON: {exc.msg} (column {exc.colno})")
+                yield RawRow(
+                    line, None, None, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                )
                 continue
             except RecursionError:
                 yield RawRow(line, None, None, None, "malformed JSON: nested too deeply")
                 continue
             row = _from_record(line, record, fields)
             if without_text >= 0:
-                without_text = without_text + 1 if row.error == f"missing field {fields.text!r}" else -1
+                without_text = (
+                    without_text + 1 if row.error == f"missing field {fields.text!r}" else -1
+                )
                 if without_text == FIELD_CHECK_ROWS:
-                    raise InputError(f"{path}:{line}: none of the first {FIELD_CHECK_ROWS} rows has a field"
-                                     f" {fields.text!r} (line {line} has {', '.join(map(repr, record)) or 'no field'});"
-                                     " check --text-field")
+                    raise InputError(
+                        f"{path}:{line}: none of the first {FIELD_CHECK_ROWS} rows has a field"
+                        f" {fields.text!r} (line {line} has {', '.join(map(repr, record)) or 'no field'});"
+                        " check --text-field"
+                    )
             yield row
 
 
@@ -241,12 +285,16 @@ def _read_text(path: Path) -> Iterator[RawRow]:
     with _open_binary(path) as handle:
         for line, raw in enumerate(handle, start=1):
             decoded = _decode(raw.rstrip(b"\r\n"), first_line=line == 1)
-            yield RawRow(line, None, decoded, None, None if decoded is not None else "invalid UTF-8")
+            yield RawRow(
+                line, None, decoded, None, None if decoded is not None else "invalid UTF-8"
+            )
 
 
 def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawRow]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    text_stream = io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="surrogateescape", newline="")
+    text_stream = io.TextIOWrapper(
+        _open_binary(path), encoding="utf-8", errors="surrogateescape", newline=""
+    )
     with text_stream:
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
         # strict: a quote left open raises at the end of the file instead of swallowing every later row
@@ -261,7 +309,9 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
         wanted = [f for f in (fields.text, fields.id, fields.instruction) if f is not None]
         missing = [f for f in wanted if f not in header]
         if missing:
-            raise InputError(f"{path}:1: the header has no column {missing[0]!r} (columns: {', '.join(header)})")
+            raise InputError(
+                f"{path}:1: the header has no column {missing[0]!r} (columns: {', '.join(header)})"
+            )
         column = {name: header.index(name) for name in wanted}
         start = reader.line_num + 1
         while True:
@@ -269,8 +319,10 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
                 cells = next(reader, None)
             except csv.Error as exc:
                 if "end of data" in str(exc):
-                    raise InputError(f"{path}:{start}: a quoted field opened here is never closed (the rest of the"
-                                     " file would be read as part of it); close the quote and run again") from None
+                    raise InputError(
+                        f"{path}:{start}: a quoted field opened here is never closed (the rest of the"
+                        " file would be read as part of it); close the quote and run again"
+                    ) from None
                 line, start = start, reader.line_num + 1
                 yield RawRow(line, None, None, None, f"malformed CSV: {exc}")
                 continue
@@ -285,7 +337,13 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
                 yield RawRow(line, None, None, None, "invalid UTF-8")
                 continue
             if len(cells) != len(header):
-                yield RawRow(line, None, None, None, f"{len(cells)} fields where the header has {len(header)}")
+                yield RawRow(
+                    line,
+                    None,
+                    None,
+                    None,
+                    f"{len(cells)} fields where the header has {len(header)}",
+                )
                 continue
             yield _from_record(line, {name: cells[index] for name, index in column.items()}, fields)
 
@@ -297,7 +355,9 @@ def _read_parquet(path: Path, fields: Fields) -> Iterator[RawRow]:
     wanted = [f for f in (fields.text, fields.id, fields.instruction) if f is not None]
     missing = [f for f in wanted if f not in parquet.schema_arrow.names]
     if missing:
-        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+        raise InputError(
+            f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})"
+        )
     line = 0
     for batch in parquet.iter_batches(batch_size=4096, columns=wanted):
         columns = {name: batch.column(name).to_pylist() for name in wanted}
@@ -321,7 +381,9 @@ def read_rows(file: InputFile, fields: Fields) -> Iterator[RawRow]:
     Parquet page) raises :class:`InputError` naming it and the last line read."""
     if file.format == "text":
         if fields.id is not None or fields.instruction is not None:
-            raise InputError(f"{file.path}: plain text has no fields, so --id-field / --instruction-field cannot apply")
+            raise InputError(
+                f"{file.path}: plain text has no fields, so --id-field / --instruction-field cannot apply"
+            )
         rows = _read_text(file.path)
     elif file.format == "jsonl":
         rows = _read_jsonl(file.path, fields)
@@ -340,6 +402,14 @@ def _naming_the_file(file: InputFile, rows: Iterator[RawRow]) -> Iterator[RawRow
             yield row
     except InputError:
         raise
-    except (OSError, EOFError, ValueError, RuntimeError, zlib.error) as exc:  # gzip, zlib, pyarrow errors
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,
+        zlib.error,
+    ) as exc:  # gzip, zlib, pyarrow errors
         where = f"after line {line}" if line else "before its first row"
-        raise InputError(f"{file.path}: cannot be read {where}: {type(exc).__name__}: {exc}") from exc
+        raise InputError(
+            f"{file.path}: cannot be read {where}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llm2vec_fast.corpus.manifest import (SHARDS_DIR, atomic_write_bytes, atomic_write_json, crash_point, temporary_name,
-                                          with_shards)
+from llm2vec_fast.corpus.manifest import (
+    SHARDS_DIR,
+    atomic_write_bytes,
+    atomic_write_json,
+    crash_point,
+    temporary_name,
+    with_shards,
+)
 from llm2vec_fast.files import fsync_dir, sha256_file
 
 ROW_GROUP_ROWS = 4096
@@ -51,7 +57,12 @@ def write_parquet(path: Path, ids: list[str], embeddings: np.ndarray, dtype: str
 
     dim = embeddings.shape[1]
     values = pa.array(np.ascontiguousarray(embeddings, dtype=dtype).reshape(-1))
-    table = pa.table({"id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(values, dim)})
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
+        }
+    )
     tmp = temporary_name(path)
     with open(tmp, "wb") as sink:
         with pq.ParquetWriter(sink, table.schema) as writer:
@@ -86,10 +97,16 @@ class ShardWriter:
         parquet_path = self.folder / shard_file(shard.index)
         write_parquet(parquet_path, shard.ids, shard.embeddings, self.output_dtype)
         entry = {
-            "index": shard.index, "rows": [shard.start, shard.stop], "file": shard_file(shard.index),
-            "bytes": parquet_path.stat().st_size, "sha256": sha256_file(parquet_path),
-            "errors_file": errors_file(shard.index), "errors_sha256": hashlib.sha256(lines).hexdigest(),
-            "embedded": len(shard.ids), "errors": len(shard.errors), "truncated": shard.truncated,
+            "index": shard.index,
+            "rows": [shard.start, shard.stop],
+            "file": shard_file(shard.index),
+            "bytes": parquet_path.stat().st_size,
+            "sha256": sha256_file(parquet_path),
+            "errors_file": errors_file(shard.index),
+            "errors_sha256": hashlib.sha256(lines).hexdigest(),
+            "embedded": len(shard.ids),
+            "errors": len(shard.errors),
+            "truncated": shard.truncated,
             "tokens": shard.tokens,
         }
         crash_point("before-manifest")

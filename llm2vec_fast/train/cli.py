@@ -16,7 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("objective", choices=OBJECTIVES)
     parser.add_argument("config", help="JSON config (llm2vec train_configs format, local paths)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+    )
     parser.set_defaults(run=_run)
 
 

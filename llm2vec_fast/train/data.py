@@ -41,19 +41,28 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"{self.records} record(s) from {self.path}", f"{self.empty_lines} empty line(s) skipped",
-                 f"{self.truncated_texts} text(s) truncated to max_seq_length"]
+        parts = [
+            f"{self.records} record(s) from {self.path}",
+            f"{self.empty_lines} empty line(s) skipped",
+            f"{self.truncated_texts} text(s) truncated to max_seq_length",
+        ]
         if self.dropped_tail_examples:
-            parts.append(f"{self.dropped_tail_examples} example(s) past the last full batch of each epoch unused")
+            parts.append(
+                f"{self.dropped_tail_examples} example(s) past the last full batch of each epoch unused"
+            )
         return "; ".join(parts + self.notes)
 
 
 def _data_files(path: Path, suffix: str | None) -> list[Path]:
     if not path.exists():
-        raise FileNotFoundError(f"training data not found: {path} (dataset_file_path in the config)")
+        raise FileNotFoundError(
+            f"training data not found: {path} (dataset_file_path in the config)"
+        )
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and (suffix is None or p.suffix == suffix))
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and (suffix is None or p.suffix == suffix)
+    )
     if not files:
         raise FileNotFoundError(f"no {suffix or ''} files in the data folder {path}")
     return files
@@ -93,7 +102,9 @@ def read_text_lines(path: str | Path, limit: int | None = None) -> tuple[list[st
     return texts, report
 
 
-def read_supervised_records(path: str | Path, limit: int | None = None) -> tuple[list[dict[str, str]], DataReport]:
+def read_supervised_records(
+    path: str | Path, limit: int | None = None
+) -> tuple[list[dict[str, str]], DataReport]:
     """Records ``{query, positive, negative, instruction}`` from a JSONL file or folder of them, the
     first ``limit`` when given. Each record carries its own instruction (llm2vec's E5 files take
     theirs from a table keyed by file name, which this reader does not have): the log counts the
@@ -113,19 +124,29 @@ def read_supervised_records(path: str | Path, limit: int | None = None) -> tuple
             except json.JSONDecodeError as error:
                 raise ValueError(f"{file}:{number}: not valid JSON ({error.msg})") from error
             if not isinstance(record, dict):
-                raise ValueError(f"{file}:{number}: a record must be a JSON object, got {type(record).__name__}")
+                raise ValueError(
+                    f"{file}:{number}: a record must be a JSON object, got {type(record).__name__}"
+                )
             missing = [name for name in SUPERVISED_FIELDS if name not in record]
             if missing:
-                raise ValueError(f"{file}:{number}: record lacks field(s) {', '.join(missing)} (needs {', '.join(SUPERVISED_FIELDS)}, optional instruction)")
+                raise ValueError(
+                    f"{file}:{number}: record lacks field(s) {', '.join(missing)} (needs {', '.join(SUPERVISED_FIELDS)}, optional instruction)"
+                )
             for name in (*SUPERVISED_FIELDS, "instruction"):
                 value = record.get(name, "")
                 if not isinstance(value, str):
-                    raise ValueError(f"{file}:{number}: field {name} must be a string, got {type(value).__name__}")
+                    raise ValueError(
+                        f"{file}:{number}: field {name} must be a string, got {type(value).__name__}"
+                    )
             for name in SUPERVISED_FIELDS:
                 if not record[name].strip():
                     raise ValueError(f"{file}:{number}: field {name} is empty")
-            records.append({**{name: record.get(name, "") for name in (*SUPERVISED_FIELDS, "instruction")},
-                            "source": str(file)})
+            records.append(
+                {
+                    **{name: record.get(name, "") for name in (*SUPERVISED_FIELDS, "instruction")},
+                    "source": str(file),
+                }
+            )
             if limit is not None and len(records) == limit:
                 break
     report.records = len(records)
@@ -133,7 +154,9 @@ def read_supervised_records(path: str | Path, limit: int | None = None) -> tuple
         report.notes.append(f"max_train_samples={limit}")
     without = sum(not record["instruction"] for record in records)
     if without:
-        report.notes.append(f"{without} record(s) without an instruction (their queries are embedded bare)")
+        report.notes.append(
+            f"{without} record(s) without an instruction (their queries are embedded bare)"
+        )
     if not records:
         raise ValueError(f"{path}: no records")
     return records, report
@@ -208,21 +231,33 @@ class BatchOrder:
     task are the hard ones); each group's remainder is unused in that epoch.
     """
 
-    def __init__(self, num_examples: int, per_device: int, world: int, seed: int,
-                 groups: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        per_device: int,
+        world: int,
+        seed: int,
+        groups: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         self.num_examples = num_examples
         self.per_device = per_device
         self.world = world
         self.seed = seed
         self.global_batch = per_device * world
-        self.groups = [list(group) for group in groups] if groups is not None and len(groups) > 1 else None
+        self.groups = (
+            [list(group) for group in groups] if groups is not None and len(groups) > 1 else None
+        )
         sizes = [len(group) for group in self.groups] if self.groups else [num_examples]
         self.batches_per_epoch = sum(size // self.global_batch for size in sizes)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the data has {num_examples} example(s), fewer than one batch of {self.global_batch} "
                 f"(per_device_train_batch_size={per_device} x {world} process(es))"
-                + (f" in any of its {len(sizes)} files (a batch holds one file's records)" if self.groups else "")
+                + (
+                    f" in any of its {len(sizes)} files (a batch holds one file's records)"
+                    if self.groups
+                    else ""
+                )
             )
         self._epoch = -1
         self._permutation = torch.empty(0, dtype=torch.long)
@@ -252,13 +287,17 @@ class BatchOrder:
             shuffled = torch.tensor(group)[torch.randperm(len(group), generator=generator)]
             full = len(group) // self.global_batch * self.global_batch
             batches += list(shuffled[:full].view(-1, self.global_batch))
-        return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
+        return torch.cat(
+            [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        )
 
 
 def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator private to one example in one epoch: its random masking never depends on
     which rank or batch it lands in, nor on what ran before."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
+    return torch.Generator().manual_seed(
+        ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63
+    )
 
 
 @dataclass(frozen=True)
@@ -280,5 +319,8 @@ def pack_sequences(sequences: list[list[int]], device: torch.device) -> PackedBa
     position_ids = torch.arange(int(lengths.sum())) - starts  # (T,) restarting at 0
     input_ids = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
     return PackedBatch(
-        input_ids.to(device), cu_seqlens.to(device), position_ids.to(device), max(lengths.tolist(), default=0)
+        input_ids.to(device),
+        cu_seqlens.to(device),
+        position_ids.to(device),
+        max(lengths.tolist(), default=0),
     )

@@ -48,7 +48,13 @@ OBJECTIVES = {"mntp": MNTPObjective, "simcse": SimCSEObjective, "supervised": Su
 CHECKPOINT_PREFIX = "checkpoint-"
 # what a resumed run may set differently from the run that wrote the checkpoint
 RESUMABLE_CHANGES = frozenset({"stop_after_n_steps", "save_steps", "logging_steps"})
-PATH_KEYS = ("model_name_or_path", "peft_model_name_or_path", "dataset_file_path", "train_file", "output_dir")
+PATH_KEYS = (
+    "model_name_or_path",
+    "peft_model_name_or_path",
+    "dataset_file_path",
+    "train_file",
+    "output_dir",
+)
 LOG_FILE = "train_log.jsonl"
 
 
@@ -123,40 +129,67 @@ class Trainer:
         torch.manual_seed(config.seed)
         adapters = [config.peft_model_name_or_path] if config.peft_model_name_or_path else []
         self.model, self.tokenizer = load_model(
-            config.model_name_or_path, adapters=adapters, dtype=self.dtype, device=self.context.device
+            config.model_name_or_path,
+            adapters=adapters,
+            dtype=self.dtype,
+            device=self.context.device,
         )
-        add_lora(self.model, r=config.lora_r, alpha=float(config.lora_alpha), dropout=config.lora_dropout)
+        add_lora(
+            self.model, r=config.lora_r, alpha=float(config.lora_alpha), dropout=config.lora_dropout
+        )
         if config.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
         self.model.train()
-        self.objective = OBJECTIVES[config.objective](config, self.tokenizer, self.model, self.context)
+        self.objective = OBJECTIVES[config.objective](
+            config, self.tokenizer, self.model, self.context
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.forward_model = distributed.data_parallel(self.model, self.context)
-        self.order = BatchOrder(len(self.objective), config.per_device_train_batch_size, self.context.world, config.seed,
-                                groups=getattr(self.objective, "groups", None))
+        self.order = BatchOrder(
+            len(self.objective),
+            config.per_device_train_batch_size,
+            self.context.world,
+            config.seed,
+            groups=getattr(self.objective, "groups", None),
+        )
         self.objective.data_report.dropped_tail_examples = self.order.unused_per_epoch
-        if config.max_steps <= 0 and self.order.batches_per_epoch < config.gradient_accumulation_steps:
+        if (
+            config.max_steps <= 0
+            and self.order.batches_per_epoch < config.gradient_accumulation_steps
+        ):
             raise ValueError(
                 f"config: one optimizer step takes gradient_accumulation_steps={config.gradient_accumulation_steps}"
                 f" batches, but an epoch has {self.order.batches_per_epoch}: lower it, or set max_steps"
             )
         steps_per_epoch = max(1, self.order.batches_per_epoch // config.gradient_accumulation_steps)
-        self.horizon = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+        self.horizon = (
+            config.max_steps
+            if config.max_steps > 0
+            else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+        )
         self.total_steps = min(self.horizon, config.stop_after_n_steps or self.horizon)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon, weight_decay=config.weight_decay,
-        )  # fmt: skip
+            self.params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.lr_scheduler_type, config.warmup_steps, self.horizon)
         )
         if config.lr_scheduler_type == "constant" and config.warmup_steps and self.context.is_main:
-            logger.warning("lr_scheduler_type constant ignores warmup_steps=%d, as transformers' does"
-                           " (constant_with_warmup uses it)", config.warmup_steps)
+            logger.warning(
+                "lr_scheduler_type constant ignores warmup_steps=%d, as transformers' does"
+                " (constant_with_warmup uses it)",
+                config.warmup_steps,
+            )
 
     # ------------------------------------------------------------------ training
 
-    def train(self, *, resume: bool, step_callback: Callable[[int, float], None] | None) -> TrainResult:
+    def train(
+        self, *, resume: bool, step_callback: Callable[[int, float], None] | None
+    ) -> TrainResult:
         config = self.config
         if self.context.is_main:
             self._check_output_dir(resume)
@@ -179,7 +212,12 @@ class Trainer:
                 # DDP averages the gradients once, in the backward pass of the last micro-batch
                 sync = micro == accumulation - 1 or not self.context.distributed
                 with contextlib.nullcontext() if sync else self.forward_model.no_sync():
-                    loss = self.objective.loss(self.forward_model, indices, self.order.epoch_of(micro_batch)) / accumulation
+                    loss = (
+                        self.objective.loss(
+                            self.forward_model, indices, self.order.epoch_of(micro_batch)
+                        )
+                        / accumulation
+                    )
                     loss.backward()
                 step_loss += loss.detach()
             if config.max_grad_norm > 0:
@@ -190,12 +228,23 @@ class Trainer:
             step += 1
             loss_value = float(distributed.all_reduce_mean(step_loss, self.context))
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower learning_rate or check the data")
+                raise FloatingPointError(
+                    f"loss became {loss_value} at step {step}; lower learning_rate or check the data"
+                )
             result.losses.append(loss_value)
             if self.context.is_main:
-                self._append_log({"step": step, "loss": loss_value, "lr": lr, "seconds": time.perf_counter() - started})
+                self._append_log(
+                    {
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "seconds": time.perf_counter() - started,
+                    }
+                )
                 if step % config.logging_steps == 0 or step == 1:
-                    logger.info("step %d/%d loss %.4f lr %.3g", step, self.total_steps, loss_value, lr)
+                    logger.info(
+                        "step %d/%d loss %.4f lr %.3g", step, self.total_steps, loss_value, lr
+                    )
             if step % config.save_steps == 0 and step < self.total_steps:
                 self._save_checkpoint(step)
             if step_callback is not None:
@@ -216,15 +265,19 @@ class Trainer:
         for key in ("model_name_or_path", "peft_model_name_or_path"):
             source = getattr(self.config, key)
             if source and Path(source).expanduser().resolve() == output:
-                raise ValueError(f"config: output_dir is the {key} folder ({output}); the new adapter would overwrite"
-                                 " the model it trains on: choose another output_dir")
+                raise ValueError(
+                    f"config: output_dir is the {key} folder ({output}); the new adapter would overwrite"
+                    " the model it trains on: choose another output_dir"
+                )
         if not resume and self.output_dir.is_dir() and any(_checkpoints(self.output_dir)):
             raise FileExistsError(
                 f"{self.output_dir} already holds checkpoints; pass --resume (resume=True) to continue that run, "
                 "or choose another output_dir"
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.output_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # a save killed before its rename
+        for leftover in self.output_dir.glob(
+            f".{CHECKPOINT_PREFIX}*"
+        ):  # a save killed before its rename
             if leftover.is_dir() and leftover.suffix in (".tmp", ".stale"):
                 shutil.rmtree(leftover)
 
@@ -237,15 +290,24 @@ class Trainer:
         folder = checkpoints[-1][1]
         saved_path = folder / TRAIN_CONFIG_FILE
         if not saved_path.is_file():  # written by an older version
-            logger.warning("%s does not record its config (%s): resuming without checking it", folder, TRAIN_CONFIG_FILE)
+            logger.warning(
+                "%s does not record its config (%s): resuming without checking it",
+                folder,
+                TRAIN_CONFIG_FILE,
+            )
             return folder
         saved = read_json_object(saved_path)
         current = _with_resolved_paths(self.config.to_dict())
-        changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-                   if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
+        changed = [
+            f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current))
+            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+        ]
         if changed:
-            raise ValueError(f"--resume: {folder} was trained with another config ({'; '.join(changed[:6])}); resume with"
-                             " the same config, or start a new output_dir")
+            raise ValueError(
+                f"--resume: {folder} was trained with another config ({'; '.join(changed[:6])}); resume with"
+                " the same config, or start a new output_dir"
+            )
         return folder
 
     def _log_start(self) -> None:
@@ -255,10 +317,18 @@ class Trainer:
         logger.info("data: %s", self.objective.data_report.summary())
         logger.info(
             "%s on %s (%s, %d process(es)): %d step(s) of %d x %d x %d example(s), lr %g, LoRA r=%d alpha=%g",
-            config.objective, config.model_name_or_path, str(self.dtype).removeprefix("torch."), self.context.world,
-            self.total_steps, config.per_device_train_batch_size, self.context.world,
-            config.gradient_accumulation_steps, config.learning_rate, config.lora_r, config.lora_alpha,
-        )  # fmt: skip
+            config.objective,
+            config.model_name_or_path,
+            str(self.dtype).removeprefix("torch."),
+            self.context.world,
+            self.total_steps,
+            config.per_device_train_batch_size,
+            self.context.world,
+            config.gradient_accumulation_steps,
+            config.learning_rate,
+            config.lora_r,
+            config.lora_alpha,
+        )
 
     def _base_path(self) -> str:
         """What the adapter applies to: the previous stage's adapter folder when there is one
@@ -282,11 +352,17 @@ class Trainer:
         if not self.context.is_main:
             distributed.barrier(self.context)
             return
-        tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"))
+        tmp = Path(
+            tempfile.mkdtemp(
+                dir=self.output_dir, prefix=f".{CHECKPOINT_PREFIX}{step}.", suffix=".tmp"
+            )
+        )
         self._write_base_config(tmp)
         save_adapter(self.model, tmp, self._base_path())
         save_training_state(tmp, step, self.context.world, self.optimizer, self.scheduler)
-        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(_with_resolved_paths(self.config.to_dict()), indent=2) + "\n")
+        (tmp / TRAIN_CONFIG_FILE).write_text(
+            json.dumps(_with_resolved_paths(self.config.to_dict()), indent=2) + "\n"
+        )
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -326,29 +402,47 @@ class Trainer:
         path = self.output_dir / LOG_FILE
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and _complete_step(line, step)]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and _complete_step(line, step)
+        ]
         write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def _save_final(self) -> None:
         """The trained adapter in ``output_dir``, with the tokenizer and encoder settings beside it."""
-        self._write_base_config(self.output_dir)  # before the adapter: its identity never lags the weights
+        self._write_base_config(
+            self.output_dir
+        )  # before the adapter: its identity never lags the weights
         save_adapter(self.model, self.output_dir, self._base_path())
         self.tokenizer.save_pretrained(str(self.output_dir))
         # llm2vec's own keys only: its LLM2Vec.__init__ takes every key of this file. The attention
         # direction the encoder restores comes from train_config.json's "bidirectional". Training
         # cut texts at max_seq_length tokens alone; a doc_max_length of at least llm2vec's default
         # keeps that, without capping a larger max_length given at load below llm2vec's own 400.
-        settings = {"pooling_mode": self.config.pooling_mode, "max_length": self.config.max_seq_length,
-                    "doc_max_length": max(self.config.max_seq_length, LLM2VEC_DOC_MAX_LENGTH), "skip_instruction": True}
-        write_atomically(self.output_dir / LLM2VEC_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
-        write_atomically(self.output_dir / TRAIN_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+        settings = {
+            "pooling_mode": self.config.pooling_mode,
+            "max_length": self.config.max_seq_length,
+            "doc_max_length": max(self.config.max_seq_length, LLM2VEC_DOC_MAX_LENGTH),
+            "skip_instruction": True,
+        }
+        write_atomically(
+            self.output_dir / LLM2VEC_CONFIG_FILE,
+            lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"),
+        )
+        write_atomically(
+            self.output_dir / TRAIN_CONFIG_FILE,
+            lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"),
+        )
         logger.info("saved the adapter to %s", self.output_dir)
 
 
 def _with_resolved_paths(config: dict[str, Any]) -> dict[str, Any]:
     """The config with absolute paths: the same files compare equal however the path was written."""
-    return {key: str(Path(value).expanduser().resolve()) if key in PATH_KEYS and value else value
-            for key, value in config.items()}
+    return {
+        key: str(Path(value).expanduser().resolve()) if key in PATH_KEYS and value else value
+        for key, value in config.items()
+    }
 
 
 def _complete_step(line: str, step: int) -> bool:

@@ -34,7 +34,9 @@ KEY_PREFIXES = {"llm2vec": "base_model.model.", "causal_lm": "base_model.model.m
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` whose output rows split into named parts, each with a LoRA pair."""
 
-    def __init__(self, base: nn.Linear, parts: dict[str, int], r: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self, base: nn.Linear, parts: dict[str, int], r: int, alpha: float, dropout: float
+    ) -> None:
         super().__init__()
         if sum(parts.values()) != base.out_features:
             raise ValueError(f"parts {parts} do not add up to the {base.out_features} output rows")
@@ -47,10 +49,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, dtype = base.weight.device, torch.float32  # fp32 LoRA weights under a bf16 base
         self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype)) for _ in parts
+            nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
+            for _ in parts
         )  # each (r, in)
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype)) for size in self.part_sizes
+            nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype))
+            for size in self.part_sizes
         )  # each (out_part, r)
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's default initialisation
@@ -66,7 +70,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (T, out)
         low = self.dropout(x).float() @ torch.cat(list(self.lora_A)).T  # (T, parts * r)
-        deltas = [part @ b.T for part, b in zip(low.split(self.r, dim=-1), self.lora_B)]  # each (T, out_part)
+        deltas = [
+            part @ b.T for part, b in zip(low.split(self.r, dim=-1), self.lora_B)
+        ]  # each (T, out_part)
         return out + (self.scale * torch.cat(deltas, dim=-1)).to(out.dtype)
 
 
@@ -86,7 +92,9 @@ def _targets(model: DecoderModel) -> list[tuple[str, nn.Module, str, dict[str, i
     return found
 
 
-def add_lora(model: DecoderModel, r: int = 16, alpha: float = 32.0, dropout: float = 0.05) -> DecoderModel:
+def add_lora(
+    model: DecoderModel, r: int = 16, alpha: float = 32.0, dropout: float = 0.05
+) -> DecoderModel:
     """Freeze every weight of ``model`` and wrap its projections with trainable LoRA pairs (in place)."""
     if r < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -112,7 +120,9 @@ def lora_modules(model: DecoderModel) -> list[tuple[str, LoRALinear]]:
 def lora_state_dict(model: DecoderModel, layout: str = "llm2vec") -> dict[str, torch.Tensor]:
     """The LoRA matrices under peft's key names (``...q_proj.lora_A.weight``), on the CPU."""
     if layout not in KEY_PREFIXES:
-        raise ValueError(f"unknown adapter layout {layout!r}; expected one of {', '.join(KEY_PREFIXES)}")
+        raise ValueError(
+            f"unknown adapter layout {layout!r}; expected one of {', '.join(KEY_PREFIXES)}"
+        )
     prefix = KEY_PREFIXES[layout]
     state = {}
     for layer_prefix, module in lora_modules(model):
@@ -133,7 +143,9 @@ def load_lora_state_dict(model: DecoderModel, state: dict[str, torch.Tensor]) ->
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     with torch.no_grad():
         for layer_prefix, module in lora_modules(model):
             for name, a, b in zip(module.part_names, module.lora_A, module.lora_B):
@@ -166,7 +178,9 @@ def adapter_config(model: DecoderModel, base_model_name_or_path: str) -> dict:
     }
 
 
-def save_adapter(model: DecoderModel, folder: str | Path, base_model_name_or_path: str, layout: str = "llm2vec") -> Path:
+def save_adapter(
+    model: DecoderModel, folder: str | Path, base_model_name_or_path: str, layout: str = "llm2vec"
+) -> Path:
     """Write the adapter in peft's format; each file is replaced atomically.
 
     ``layout="llm2vec"`` (default) keys the weights for the bare decoder, as llm2vec's MNTP,
@@ -178,9 +192,15 @@ def save_adapter(model: DecoderModel, folder: str | Path, base_model_name_or_pat
     state = lora_state_dict(model, layout)
     if not state:
         raise ValueError("the model has no LoRA layers to save")
-    write_atomically(folder / "adapter_model.safetensors", lambda path: save_file(state, str(path), metadata={"format": "pt"}))
+    write_atomically(
+        folder / "adapter_model.safetensors",
+        lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+    )
     config = adapter_config(model, base_model_name_or_path)
-    write_atomically(folder / "adapter_config.json", lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(
+        folder / "adapter_config.json",
+        lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
+    )
     return folder
 
 

@@ -20,7 +20,14 @@ import torch
 from .. import kernels
 from ..model import DecoderModel
 from .config import TrainConfig
-from .data import DataReport, example_generator, mntp_chunks, pack_sequences, read_text_lines, special_token_ids
+from .data import (
+    DataReport,
+    example_generator,
+    mntp_chunks,
+    pack_sequences,
+    read_text_lines,
+    special_token_ids,
+)
 from .distributed import DistContext, all_reduce_sum
 
 IGNORE_INDEX = -100
@@ -35,11 +42,15 @@ def mask_token_id(tokenizer: Any, mask_token_type: str) -> int:
         return int(token_id)
     if mask_token_type == "mask":
         if tokenizer.mask_token_id is None:
-            raise ValueError("mask_token_type='mask' but the tokenizer has no mask token; use 'blank' or 'eos'")
+            raise ValueError(
+                "mask_token_type='mask' but the tokenizer has no mask token; use 'blank' or 'eos'"
+            )
         return int(tokenizer.mask_token_id)
     token_id = tokenizer.get_vocab().get("_")  # llm2vec sets mask_token = "_", a vocabulary entry
     if token_id is None:
-        raise ValueError("mask_token_type='blank' needs '_' as one token of the vocabulary, which this tokenizer lacks; use 'eos'")
+        raise ValueError(
+            "mask_token_type='blank' needs '_' as one token of the vocabulary, which this tokenizer lacks; use 'eos'"
+        )
     return int(token_id)
 
 
@@ -68,7 +79,9 @@ def mask_block(
     return inputs.tolist(), labels.tolist()
 
 
-def predecessor_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predecessor_rows(
+    labels: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``i - 1`` whose hidden state predicts masked token ``i``, and those tokens' labels.
 
     A masked token at the start of a sequence is dropped: its predecessor is another sequence.
@@ -80,16 +93,24 @@ def predecessor_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[to
 
 
 class MNTPObjective:
-    def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
+    def __init__(
+        self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext
+    ) -> None:
         texts, self.report = read_text_lines(config.data_path)
-        self.blocks = mntp_chunks(tokenizer, texts, config.max_seq_length, config.line_by_line, self.report)
-        if config.max_train_samples is not None:  # like llm2vec's run_mntp.py: of the blocks, not the lines
+        self.blocks = mntp_chunks(
+            tokenizer, texts, config.max_seq_length, config.line_by_line, self.report
+        )
+        if (
+            config.max_train_samples is not None
+        ):  # like llm2vec's run_mntp.py: of the blocks, not the lines
             self.blocks = self.blocks[: config.max_train_samples]
             self.report.notes.append(f"max_train_samples={config.max_train_samples} block(s)")
         self.special = special_token_ids(tokenizer)
         self.mask_id = mask_token_id(tokenizer, config.mask_token_type)
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
-        self.lm_head_weight = model.lm_head_weight  # (vocab, hidden), frozen; the loss gets a DDP wrapper
+        self.lm_head_weight = (
+            model.lm_head_weight
+        )  # (vocab, hidden), frozen; the loss gets a DDP wrapper
         self.config = config
         self.context = context
 
@@ -102,16 +123,24 @@ class MNTPObjective:
         inputs, labels = [], []
         for index in indices:
             masked, target = mask_block(
-                self.blocks[index], self.special, self.config.mlm_probability,
-                self.config.data_collator_type == "all_mask", self.mask_id, self.vocab_size,
+                self.blocks[index],
+                self.special,
+                self.config.mlm_probability,
+                self.config.data_collator_type == "all_mask",
+                self.mask_id,
+                self.vocab_size,
                 example_generator(self.config.seed, epoch, index),
-            )  # fmt: skip
+            )
             inputs.append(masked)
             labels.append(target)
         batch = pack_sequences(inputs, self.context.device)
-        flat_labels = torch.tensor([t for seq in labels for t in seq], dtype=torch.long, device=batch.input_ids.device)
+        flat_labels = torch.tensor(
+            [t for seq in labels for t in seq], dtype=torch.long, device=batch.input_ids.device
+        )
         rows, targets = predecessor_rows(flat_labels, batch.cu_seqlens)
-        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids)  # (T, hidden)
+        hidden = model(
+            batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids
+        )  # (T, hidden)
         local = torch.tensor(float(targets.numel()), device=hidden.device)
         total = all_reduce_sum(local, self.context)
         mean = kernels.mntp_loss(hidden[rows], self.lm_head_weight, targets)

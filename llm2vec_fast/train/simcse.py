@@ -19,9 +19,13 @@ from .distributed import DistContext
 
 
 class SimCSEObjective:
-    def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
+    def __init__(
+        self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext
+    ) -> None:
         texts, self.report = read_text_lines(config.data_path, config.max_train_samples)
-        self.encoded = encode_texts(tokenizer, [("", text) for text in texts], config, model.config.model_type, self.report)
+        self.encoded = encode_texts(
+            tokenizer, [("", text) for text in texts], config, model.config.model_type, self.report
+        )
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context
@@ -32,13 +36,25 @@ class SimCSEObjective:
     def loss(self, model: torch.nn.Module, indices: list[int], epoch: int) -> torch.Tensor:
         items = [self.encoded[i] for i in indices] * 2
         batch = pack_sequences([item.input_ids for item in items], self.context.device)
-        pool_mask = torch.tensor([m for item in items for m in item.pool_mask], device=batch.input_ids.device)
-        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids,
-                       causal=not self.config.bidirectional)  # (T, hidden)  # fmt: skip
-        pooled = kernels.masked_pool(hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask)  # (2B, hidden)
+        pool_mask = torch.tensor(
+            [m for item in items for m in item.pool_mask], device=batch.input_ids.device
+        )
+        hidden = model(
+            batch.input_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            batch.position_ids,
+            causal=not self.config.bidirectional,
+        )  # (T, hidden)
+        pooled = kernels.masked_pool(
+            hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask
+        )  # (2B, hidden)
         first, second = pooled.float().chunk(2)
         return kernels.contrastive_loss(
-            first, second, scale=float(self.config.loss_scale), gather_across_ranks=self.context.distributed
+            first,
+            second,
+            scale=float(self.config.loss_scale),
+            gather_across_ranks=self.context.distributed,
         )
 
     @property

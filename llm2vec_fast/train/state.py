@@ -44,7 +44,9 @@ def save_training_state(
     (folder / JSON_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, int]:
+def load_training_state(
+    folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, int]:
     """Restore optimizer, scheduler and RNG from ``folder``; returns ``(step, world)`` it was saved with."""
     record = json.loads((folder / JSON_FILE).read_text())
     tensors = load_file(str(folder / TENSORS_FILE))
@@ -53,12 +55,16 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, schedule
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": record["optimizer_param_groups"]})
+    optimizer.load_state_dict(
+        {"state": per_param, "param_groups": record["optimizer_param_groups"]}
+    )
     scheduler_state = scheduler.state_dict()  # keeps the scheduler's own lr_lambdas entry
     scheduler_state.update(record["scheduler"])
     scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(tensors[_CPU_RNG])
-    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_keys = sorted(
+        (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+    )
     cuda_states = [tensors[key] for key in cuda_keys]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)

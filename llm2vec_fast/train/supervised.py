@@ -21,7 +21,9 @@ from .distributed import DistContext
 
 
 class SupervisedObjective:
-    def __init__(self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext) -> None:
+    def __init__(
+        self, config: TrainConfig, tokenizer: Any, model: DecoderModel, context: DistContext
+    ) -> None:
         records, self.report = read_supervised_records(config.data_path, config.max_train_samples)
         kind = model.config.model_type
         # llm2vec's supervised collator applies the model's wrappers (as its encoder does); its SimCSE does not
@@ -38,10 +40,16 @@ class SupervisedObjective:
             by_file.setdefault(record["source"], []).append(index)
         self.groups = list(by_file.values())  # a batch holds one file's (one task's) records
         batch = config.per_device_train_batch_size * context.world
-        too_small = [Path(f).name for f, rows in by_file.items() if len(rows) < batch] if len(by_file) > 1 else []
+        too_small = (
+            [Path(f).name for f, rows in by_file.items() if len(rows) < batch]
+            if len(by_file) > 1
+            else []
+        )
         if too_small:
-            self.report.notes.append(f"{len(too_small)} file(s) hold fewer records than one batch of {batch} and are"
-                                     f" never trained on: {', '.join(too_small[:5])}")
+            self.report.notes.append(
+                f"{len(too_small)} file(s) hold fewer records than one batch of {batch} and are"
+                f" never trained on: {', '.join(too_small[:5])}"
+            )
         model.set_dropout(attention=config.simcse_dropout, hidden=0.0)
         self.config = config
         self.context = context
@@ -50,15 +58,31 @@ class SupervisedObjective:
         return len(self.queries)
 
     def loss(self, model: torch.nn.Module, indices: list[int], epoch: int) -> torch.Tensor:
-        items = [self.queries[i] for i in indices] + [self.positives[i] for i in indices] + [self.negatives[i] for i in indices]
+        items = (
+            [self.queries[i] for i in indices]
+            + [self.positives[i] for i in indices]
+            + [self.negatives[i] for i in indices]
+        )
         batch = pack_sequences([item.input_ids for item in items], self.context.device)
-        pool_mask = torch.tensor([m for item in items for m in item.pool_mask], device=batch.input_ids.device)
-        hidden = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids,
-                       causal=not self.config.bidirectional)  # (T, hidden)  # fmt: skip
-        pooled = kernels.masked_pool(hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask).float()  # (3B, hidden)
+        pool_mask = torch.tensor(
+            [m for item in items for m in item.pool_mask], device=batch.input_ids.device
+        )
+        hidden = model(
+            batch.input_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            batch.position_ids,
+            causal=not self.config.bidirectional,
+        )  # (T, hidden)
+        pooled = kernels.masked_pool(
+            hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask
+        ).float()  # (3B, hidden)
         size = len(indices)
         return kernels.contrastive_loss(
-            pooled[:size], pooled[size:], scale=float(self.config.loss_scale), gather_across_ranks=self.context.distributed
+            pooled[:size],
+            pooled[size:],
+            scale=float(self.config.loss_scale),
+            gather_across_ranks=self.context.distributed,
         )
 
     @property

@@ -59,10 +59,12 @@ INPUTS: list = [
     "  Leading and trailing spaces are kept or stripped depending on the path.  ",
     ["Classify the sentiment of the review:", "I loved this film, the acting was great!"],
     "Bidirectional attention turns a decoder into an encoder.",
-    ["Represent this scientific abstract for retrieval of related work in machine learning and "
-     "natural language processing research:",
-     "We show that decoder language models become strong text encoders after masked next token "
-     "prediction and unsupervised contrastive learning."],
+    [
+        "Represent this scientific abstract for retrieval of related work in machine learning and "
+        "natural language processing research:",
+        "We show that decoder language models become strong text encoders after masked next token "
+        "prediction and unsupervised contrastive learning.",
+    ],
     "Numbers like 42 and 2024 appear, as do commas, periods; and semicolons.",
     ["Find the answer:", "Why is the sky blue during the day?"],
 ]
@@ -202,7 +204,10 @@ def build_models(tokenizer) -> None:
     save_base(OUT / "llama", LlamaForCausalLM, llama_config, tokenizer, "tiny-random-llama")
     torch.manual_seed(2)
     save_base(
-        OUT / "mistral", MistralForCausalLM, mistral_config, tokenizer,
+        OUT / "mistral",
+        MistralForCausalLM,
+        mistral_config,
+        tokenizer,
         "mistralai/Mistral-7B-Instruct-v0.2",
     )
     torch.manual_seed(3)
@@ -271,8 +276,11 @@ def embedding_cases() -> list[dict]:
         ("llama", "lora", {"base": "llama", "peft": "llama-lora", "merge_peft": False}),
         ("mistral", "none", {"base": "mistral"}),
         ("mistral", "lora", {"base": "mistral", "peft": "mistral-lora", "merge_peft": False}),
-        ("llama", "mntp-simcse",
-         {"base": "llama-mntp", "peft": "llama-mntp-simcse", "merge_peft": True}),
+        (
+            "llama",
+            "mntp-simcse",
+            {"base": "llama-mntp", "peft": "llama-mntp-simcse", "merge_peft": True},
+        ),
     ]
     cases = []
     for model, adapter, load in chains:
@@ -282,24 +290,28 @@ def embedding_cases() -> list[dict]:
                 if adapter in ("none", "lora") and (model, adapter) != ("mistral", "none"):
                     settings.append(("B", SETTING_B))
                 for setting_name, setting in settings:
-                    cases.append({
-                        "id": f"{model}-{adapter}-{pooling}-skip{int(skip)}-{setting_name}",
-                        "kind": "embeddings",
-                        "load": load,
-                        "enable_bidirectional": True,
-                        "pooling_mode": pooling,
-                        "skip_instruction": skip,
-                        **setting,
-                    })
-    cases.append({
-        "id": "llama-none-mean-skip1-A-causal",
-        "kind": "embeddings",
-        "load": {"base": "llama"},
-        "enable_bidirectional": False,
-        "pooling_mode": "mean",
-        "skip_instruction": True,
-        **SETTING_A,
-    })
+                    cases.append(
+                        {
+                            "id": f"{model}-{adapter}-{pooling}-skip{int(skip)}-{setting_name}",
+                            "kind": "embeddings",
+                            "load": load,
+                            "enable_bidirectional": True,
+                            "pooling_mode": pooling,
+                            "skip_instruction": skip,
+                            **setting,
+                        }
+                    )
+    cases.append(
+        {
+            "id": "llama-none-mean-skip1-A-causal",
+            "kind": "embeddings",
+            "load": {"base": "llama"},
+            "enable_bidirectional": False,
+            "pooling_mode": "mean",
+            "skip_instruction": True,
+            **SETTING_A,
+        }
+    )
     return cases
 
 
@@ -319,15 +331,17 @@ def token_edge_cases() -> list[dict]:
     for config_class, name in identities:
         for pooling in ("mean", "eos_token"):
             for setting_name, setting in (("A", SETTING_A), ("B", SETTING_B)):
-                cases.append({
-                    "id": f"tokens-{config_class}-{name.replace('/', '_')}-{pooling}-{setting_name}",
-                    "kind": "tokens",
-                    "config_class": config_class,
-                    "model_type": CONFIG_CLASSES[config_class].model_type,
-                    "name_or_path": name,
-                    "pooling_mode": pooling,
-                    **setting,
-                })
+                cases.append(
+                    {
+                        "id": f"tokens-{config_class}-{name.replace('/', '_')}-{pooling}-{setting_name}",
+                        "kind": "tokens",
+                        "config_class": config_class,
+                        "model_type": CONFIG_CLASSES[config_class].model_type,
+                        "name_or_path": name,
+                        "pooling_mode": pooling,
+                        **setting,
+                    }
+                )
     return cases
 
 
@@ -371,7 +385,10 @@ def run_embedding_case(case: dict) -> dict[str, torch.Tensor]:
     ids, masks = tokens_of(l2v, INPUTS)
     case["name_or_path"] = l2v.model.config._name_or_path
     case["model_type"] = l2v.model.config.model_type
-    return {f"{case['id']}.embeddings": embeddings.contiguous(), **flat_tokens(case["id"], ids, masks)}
+    return {
+        f"{case['id']}.embeddings": embeddings.contiguous(),
+        **flat_tokens(case["id"], ids, masks),
+    }
 
 
 def run_token_case(case: dict, tokenizer) -> dict[str, torch.Tensor]:
@@ -412,8 +429,11 @@ def main() -> None:
     save_file(tensors, OUT / "expected.safetensors")
     manifest = {
         "generated_with": {
-            "llm2vec": "0.2.3", "transformers": "4.44.2", "peft": "0.12.0",
-            "torch": torch.__version__, "python": sys.version.split()[0],
+            "llm2vec": "0.2.3",
+            "transformers": "4.44.2",
+            "peft": "0.12.0",
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
         },
         "embedding_dim": 64,
         "batch_size": 5,
