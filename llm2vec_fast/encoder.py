@@ -25,13 +25,16 @@ from .kernels import POOLING_MODES, masked_pool
 from .kernels import attention as attention_kernels
 from .loading import load_model
 from .model import DecoderModel
+from .settings import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    LLM2VEC_CONFIG_FILE,
+    LLM2VEC_DOC_MAX_LENGTH,
+    TRAIN_CONFIG_FILE,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
-LLM2VEC_CONFIG_FILE = "llm2vec_config.json"
-TRAIN_CONFIG_FILE = "train_config.json"  # written by llm2vec_fast.train beside each adapter
-LLM2VEC_DOC_MAX_LENGTH = 400  # llm2vec's default doc_max_length
-DEFAULT_MAX_BATCH_TOKENS = 8192
 # from_pretrained keywords that transformers users pass out of habit: accepted, with no effect here.
 _IGNORED_HF_KWARGS = (
     "device_map",
@@ -40,37 +43,6 @@ _IGNORED_HF_KWARGS = (
     "trust_remote_code",
     "cache_dir",
 )
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/``"auto"``: bf16 on a GPU, fp32 on a CPU; else a torch dtype or its name."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(
-                f"dtype {dtype} is not supported; expected float32, float16 or bfloat16"
-            )
-        resolved = dtype
-    else:
-        names = {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-        }
-        if str(dtype) not in names:
-            raise ValueError(
-                f"unknown dtype {dtype!r}; expected one of {', '.join(names)} or 'auto'"
-            )
-        resolved = names[str(dtype)]
-    if device.type == "cpu" and resolved == torch.float16:
-        warnings.warn(
-            "float16 on a CPU is slow and imprecise; prefer bfloat16 or float32", stacklevel=3
-        )
-    return resolved
 
 
 def _check_tokenizer_adds_bos(tokenizer: Any) -> None:

@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-from ..encoder import LLM2VEC_CONFIG_FILE, LLM2VEC_DOC_MAX_LENGTH, TRAIN_CONFIG_FILE
-from ..encoder import resolve_dtype as resolve_compute_dtype
 from ..files import fsync_dir, read_json_object
-from ..loading import CONFIG_FILE as MODEL_CONFIG_FILE
 from ..loading import load_model
+from ..settings import CONFIG_FILE, LLM2VEC_CONFIG_FILE, LLM2VEC_DOC_MAX_LENGTH, TRAIN_CONFIG_FILE
+from ..settings import resolve_dtype as resolve_compute_dtype
 from . import distributed
 from .config import TrainConfig, config_from_dict, load_config
 from .data import BatchOrder
@@ -340,12 +339,12 @@ class Trainer:
         """The base model's config.json in an adapter folder, as llm2vec's own adapter folders have
         it: the llm2vec package reads it, and its ``_name_or_path`` (the base's identity, which picks
         llm2vec's text wrappers) is what training used, however the stages are loaded later."""
-        base_config = Path(self.config.model_name_or_path).expanduser() / MODEL_CONFIG_FILE
+        base_config = Path(self.config.model_name_or_path).expanduser() / CONFIG_FILE
         if not base_config.is_file():  # a GGUF base: no config.json to carry (nor a stale one)
-            (folder / MODEL_CONFIG_FILE).unlink(missing_ok=True)
+            (folder / CONFIG_FILE).unlink(missing_ok=True)
             return
         # a copy keeps the base's _name_or_path, which model_identity reads from this file
-        write_atomically(folder / MODEL_CONFIG_FILE, lambda tmp: shutil.copyfile(base_config, tmp))
+        write_atomically(folder / CONFIG_FILE, lambda tmp: shutil.copyfile(base_config, tmp))
 
     def _save_checkpoint(self, step: int) -> None:
         """Write ``checkpoint-<step>`` atomically (temporary folder renamed into place)."""
