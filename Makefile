@@ -1,4 +1,4 @@
-# Developer entry points: `make venv`, `make test`, `make lint`, `make demo`.
+# Developer entry points: `make venv`, `make test`, `make test-slow`, `make lint`, `make demo`.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.llm2vec-fast-installed
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: venv test lint format demo
+.PHONY: venv test test-slow lint format demo
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): $(VENV_PYTHON) $(BUILD_INPUTS)
 
 test: venv
 	$(VENV_PYTHON) -m pytest -q
+
+# The tests marked slow, which `make test` leaves out: the compile matrix of every kernel option
+# and the GPU check's CPU rehearsal.
+test-slow: venv
+	$(VENV_PYTHON) -m pytest -q -m slow
 
 # ruff's format and its rule set (pyproject.toml); `make format` rewrites, `make lint` only checks.
 lint: venv

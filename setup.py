@@ -46,11 +46,22 @@ INSTALL_REQUIRES = [
     "gguf>=0.10",
     "accelerate>=1.0",
 ]
+# llm2vec-fast index / search through an index (faiss-gpu where a GPU build is wanted)
+INDEX_REQUIRES = ["faiss-cpu>=1.8"]
+# llm2vec-fast eval mteb / llm2vec_fast.mteb
+MTEB_REQUIRES = ["mteb>=2,<3"]
+# llm2vec_fast.corpus.ray_embed (Ray Data's map_batches) and examples/ray_embed.py
+RAY_REQUIRES = ["ray[data]>=2.40"]
+# llm2vec_fast.sentence_transformers (the module class of exported folders)
+SENTENCE_TRANSFORMERS_REQUIRES = ["sentence-transformers>=6,<7"]
 TEST_REQUIRES = [
+    *INDEX_REQUIRES,
+    *MTEB_REQUIRES,
+    *RAY_REQUIRES,
+    *SENTENCE_TRANSFORMERS_REQUIRES,
     "pytest>=8",
     "pytest-benchmark>=4",
     "peft>=0.15",
-    "sentence-transformers>=3",
     "matplotlib>=3.7",
     "scipy>=1.10",
     "ruff==0.17.5",
@@ -272,7 +283,13 @@ def main() -> None:
         ext_modules=ext_modules,
         cmdclass=cmdclass or {"build_ext": build_ext},
         install_requires=INSTALL_REQUIRES,
-        extras_require={"test": TEST_REQUIRES},
+        extras_require={
+            "index": INDEX_REQUIRES,
+            "mteb": MTEB_REQUIRES,
+            "ray": RAY_REQUIRES,
+            "sentence-transformers": SENTENCE_TRANSFORMERS_REQUIRES,
+            "test": TEST_REQUIRES,
+        },
         entry_points={"console_scripts": ["llm2vec-fast = llm2vec_fast.cli:main"]},
         zip_safe=False,
     )

@@ -35,7 +35,8 @@ def forward_backward(loss_fn, queries, docs):
 
 
 def measure(loss_fn, queries, docs, device) -> tuple[float | None, int | None]:
-    """(milliseconds, peak bytes) of one forward+backward, (None, None) when it runs out of memory."""
+    """(milliseconds, peak bytes) of one forward+backward; (None, None) when it runs out of
+    memory."""
     step = forward_backward(loss_fn, queries, docs)
     try:
         peak = peak_memory_bytes(step, device=device)

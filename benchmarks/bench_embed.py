@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm2vec_fast.settings import DEFAULT_MAX_BATCH_TOKENS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Results, parse_args, synchronize  # noqa: E402
 
@@ -41,20 +43,20 @@ def _extra(parser) -> None:
         "--docs", type=int, default=None, help="documents to embed (default 1000, quick 64)"
     )
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
     parser.add_argument(
         "--batch-size", type=int, default=32, help="texts per padded batch in the baseline"
     )
     parser.add_argument("--corpus", type=Path, default=CORPUS)
 
 
-def run_job(engine, corpus: Path, docs: int, batch_tokens: int) -> tuple[float, object, Path]:
+def run_job(engine, corpus: Path, docs: int, max_batch_tokens: int) -> tuple[float, object, Path]:
     from llm2vec_fast.corpus import embed_corpus
 
     out = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     start = time.perf_counter()
     summary = embed_corpus(
-        corpus, out, engine=engine, limit=docs, batch_tokens=batch_tokens, progress=False
+        corpus, out, engine=engine, limit=docs, max_batch_tokens=max_batch_tokens, progress=False
     )
     return time.perf_counter() - start, summary, out
 
@@ -78,9 +80,8 @@ def padded_loop(
         .to(device)
         .eval()
     )
-    order = np.argsort(
-        [-len(t) for t in texts], kind="stable"
-    )  # sentence-transformers sorts by length
+    # sentence-transformers sorts by length
+    order = np.argsort([-len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
     real = padded = 0
     synchronize(device)
@@ -99,12 +100,10 @@ def padded_loop(
             bidirectional = torch.zeros(
                 mask.shape[0], 1, mask.shape[1], mask.shape[1], dtype=dtype, device=device
             )
-            bidirectional.masked_fill_(
-                ~mask.bool()[:, None, None, :], torch.finfo(dtype).min
-            )  # (B, 1, L, L)
-            hidden = model(
-                input_ids=batch["input_ids"], attention_mask=bidirectional
-            ).last_hidden_state  # (B, L, H)
+            # (B, 1, L, L)
+            bidirectional.masked_fill_(~mask.bool()[:, None, None, :], torch.finfo(dtype).min)
+            hidden = model(input_ids=batch["input_ids"], attention_mask=bidirectional)
+            hidden = hidden.last_hidden_state  # (B, L, H)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1)  # (B, H)
             out[rows] = pooled.float().cpu().numpy()
@@ -131,25 +130,21 @@ def main() -> None:
         pooling="mean",
         max_length=args.max_length,
         device=args.device,
-        max_batch_tokens=args.batch_tokens,
+        max_batch_tokens=args.max_batch_tokens,
     )
     dtype = getattr(torch, engine.describe()["dtype"])
-    warm_seconds, _, warm_out = run_job(engine, args.corpus, min(64, docs), args.batch_tokens)
+    warm_seconds, _, warm_out = run_job(engine, args.corpus, min(64, docs), args.max_batch_tokens)
     shutil.rmtree(warm_out)
-    seconds, summary, out = run_job(engine, args.corpus, docs, args.batch_tokens)
+    seconds, summary, out = run_job(engine, args.corpus, docs, args.max_batch_tokens)
     from llm2vec_fast.corpus import read_embeddings
 
     ids, ours = read_embeddings(out)
     shutil.rmtree(out)
-    lines = (
-        args.corpus.read_bytes().decode("utf-8").split("\n")
-    )  # numbered as the job's text reader does
-    texts = [
-        lines[int(i.rsplit(":", 1)[1]) - 1].removesuffix("\r") for i in ids
-    ]  # the rows the job embedded
-    padded_loop(
-        model_path, texts[:64], args.max_length, args.batch_size, args.device, dtype
-    )  # warm-up
+    # the rows the job embedded, numbered as the job's text reader does
+    lines = args.corpus.read_bytes().decode("utf-8").split("\n")
+    texts = [lines[int(i.rsplit(":", 1)[1]) - 1].removesuffix("\r") for i in ids]
+    # warm-up
+    padded_loop(model_path, texts[:64], args.max_length, args.batch_size, args.device, dtype)
     base_seconds, base, real_tokens, padded_tokens = padded_loop(
         model_path, texts, args.max_length, args.batch_size, args.device, dtype
     )
@@ -159,7 +154,7 @@ def main() -> None:
         "model": Path(model_path).name,
         "docs": docs,
         "max_length": args.max_length,
-        "batch_tokens": args.batch_tokens,
+        "batch_tokens": args.max_batch_tokens,  # the results files' key
         "dtype": str(dtype).removeprefix("torch."),
     }
     split = {k: round(v, 4) for k, v in summary.seconds.items()}

@@ -29,7 +29,8 @@ bidirectional attention (Hq x D = hidden for these configs), and R the dense mat
 ``torch.matmul`` in the same dtype measured in this run on this device. Baselines are credited
 with the same useful FLOPs, so MFU ratios equal time ratios.
 
-    python benchmarks/bench_encode.py [--quick] [--source random|texts] [--configs a,b] [--model PATH]
+    python benchmarks/bench_encode.py [--quick] [--source random|texts] [--configs a,b] \
+        [--model PATH]
 """
 
 from __future__ import annotations
@@ -44,20 +45,21 @@ from workloads import lengths_for_tokens, mixed_length_texts
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.config import ModelConfig
-from llm2vec_fast.loading import build_model, canonical_tensors
 from llm2vec_fast.text import TokenizedText
+from llm2vec_fast.weights import build_model, canonical_tensors
 
 GPU_CONFIGS = "smollm2-135m,qwen2-1.5b,mistral-7b,llama-3-8b"
 SWEEP_LENGTHS = (64, 128, 256, 512)
 SWEEP_BUDGETS = (2048, 4096, 8192, 16384)
 
 
-def padded_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices sorted by length (longest first), grouped so that rows x longest <= budget."""
+def padded_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first), grouped so that rows x longest <=
+    max_batch_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for index in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
             batches[-1].append(index)
         else:
             batches.append([index])
@@ -80,12 +82,13 @@ def bidirectional_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def transformers_encode(model, tokenizer, texts: list[str], budget: int) -> torch.Tensor:
-    """Mean-pooled bidirectional embeddings ``(n, hidden)`` the way a transformers user gets them."""
+def transformers_encode(model, tokenizer, texts: list[str], max_batch_tokens: int) -> torch.Tensor:
+    """Mean-pooled bidirectional embeddings ``(n, hidden)`` the way a transformers user gets
+    them."""
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     out = torch.empty(len(texts), model.config.hidden_size)
-    for batch in padded_batches(lengths, budget):
+    for batch in padded_batches(lengths, max_batch_tokens):
         features = tokenizer([texts[i] for i in batch], padding=True, return_tensors="pt").to(
             device
         )
@@ -133,7 +136,8 @@ def encode_flops(
 
 
 def our_encoder_from(hf_model, dtype: torch.dtype, device: torch.device) -> LLM2Vec:
-    """Our runtime holding the transformers model's own weights, wrapped as a mean-pooling encoder."""
+    """Our runtime holding the transformers model's own weights, wrapped as a mean-pooling
+    encoder."""
     hf_config = hf_model.config.to_dict()
     tensors = canonical_tensors(dict(hf_model.state_dict()), hf_config)
     if not hf_config.get("tie_word_embeddings", False):
@@ -160,7 +164,8 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
     dtype = harness.default_dtype(device)
     peak = harness.matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
     results.note(
-        f"dense {dtype} matmul rate measured on this device: {peak:.4g} TFLOP/s (the MFU denominator)"
+        f"dense {dtype} matmul rate measured on this device: {peak:.4g} TFLOP/s"
+        " (the MFU denominator)"
     )
     on_gpu = device.type == "cuda"
     tokens = args.tokens or (
@@ -189,14 +194,14 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
                 ("seqlen", [s] * max(1, tokens // s), args.batch_tokens) for s in sweep_lengths
             ]
             workloads += [("batch_tokens", workloads[0][1], b) for b in sweep_budgets]
-        for sweep, lengths, budget in workloads:
+        for sweep, lengths, max_batch_tokens in workloads:
             sequences = random_ids(lengths, cfg["vocab_size"], seed=len(lengths))
             items = [TokenizedText(ids, [True] * len(ids)) for ids in sequences]
-            sorted_batches = padded_batches(lengths, budget)
+            sorted_batches = padded_batches(lengths, max_batch_tokens)
             st_batches = fixed_batches(lengths, args.st_batch_size)
 
             def run_ours():
-                return ours.embed_tokenized(items, max_batch_tokens=budget)
+                return ours.embed_tokenized(items, max_batch_tokens=max_batch_tokens)
 
             def run_sorted():
                 return transformers_encode_ids(hf_model, sequences, sorted_batches)
@@ -217,7 +222,7 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
                 "seqs": len(lengths),
                 "tokens": total,
                 "max_len": max(lengths),
-                "batch_tokens": budget,
+                "batch_tokens": max_batch_tokens,
             }
             sorted_padded = sum(len(b) * max(lengths[i] for i in b) for b in sorted_batches)
             st_padded = sum(len(b) * max(lengths[i] for i in b) for b in st_batches)
@@ -253,18 +258,28 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
             )
             if position == 0 and (on_gpu or args.quick):  # quick on a CPU: rehearses this code path
                 bench_cuda_graphs(
-                    ours, items, budget, config, total, ours_ms, sorted_ms, repeats, device, results
+                    ours,
+                    items,
+                    max_batch_tokens,
+                    config,
+                    total,
+                    ours_ms,
+                    sorted_ms,
+                    repeats,
+                    device,
+                    results,
                 )
         del hf_model, ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        results.save()  # after every config: a run cut short by its time limit keeps what it measured
+        # after every config: a run cut short by its time limit keeps what it measured
+        results.save()
 
 
 def bench_cuda_graphs(
     ours: LLM2Vec,
     items: list[TokenizedText],
-    budget: int,
+    max_batch_tokens: int,
     config: dict,
     total: int,
     eager_ms: float,
@@ -286,13 +301,13 @@ def bench_cuda_graphs(
     def run_graphed():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "CUDA graphs need")
-            return graphed.embed_tokenized(items, max_batch_tokens=budget)
+            return graphed.embed_tokenized(items, max_batch_tokens=max_batch_tokens)
 
     first_call_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=1)
     graphed_ms = harness.time_calls_ms(run_graphed, device=device, warmup=0, repeats=repeats)
     agreement = (
         torch.nn.functional.cosine_similarity(
-            run_graphed(), ours.embed_tokenized(items, max_batch_tokens=budget)
+            run_graphed(), ours.embed_tokenized(items, max_batch_tokens=max_batch_tokens)
         )
         .min()
         .item()
@@ -339,7 +354,8 @@ def bench_texts(args, device: torch.device, results: harness.Results) -> None:
             .to(device)
             .eval()
         )
-        # doc_max_length=512: no word-level cut below max_length, so ours runs every token the baseline does
+        # doc_max_length=512: no word-level cut below max_length, so ours runs every token the
+        # baseline does
         ours = LLM2Vec.from_pretrained(
             path,
             dtype=dtype,
@@ -400,7 +416,8 @@ def main() -> None:
                 "--source",
                 choices=["random", "texts"],
                 default=None,
-                help="random weights + random ids (default on a GPU) or real model + texts (default on a CPU)",
+                help="random weights + random ids (default on a GPU) or real model + texts"
+                " (default on a CPU)",
             ),
             p.add_argument(
                 "--configs",
@@ -437,7 +454,8 @@ def main() -> None:
         unknown = [name for name in args.configs.split(",") if name not in MODEL_CONFIGS]
         if unknown:
             raise SystemExit(
-                f"unknown --configs {', '.join(unknown)}; expected names among {', '.join(MODEL_CONFIGS)}"
+                f"unknown --configs {', '.join(unknown)};"
+                f" expected names among {', '.join(MODEL_CONFIGS)}"
             )
     results = harness.Results("encode" if source == "texts" else "encode-random", device, args.out)
     if source == "random":

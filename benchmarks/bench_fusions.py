@@ -1,4 +1,5 @@
-"""Memory bandwidth (GB/s) of the fused rms_norm, rotary and swiglu kernels vs their PyTorch references.
+"""Memory bandwidth (GB/s) of the fused rms_norm, rotary and swiglu kernels vs their PyTorch
+references.
 
 Each op is timed forward and backward (the backward replays ``torch.autograd.grad`` on one graph).
 GB/s counts the bytes an ideal kernel must move: every input read once, every output written once.

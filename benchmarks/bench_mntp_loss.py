@@ -1,4 +1,5 @@
-"""Fused LM head + cross-entropy (``mntp_loss``) vs ``F.linear`` + ``F.cross_entropy``: time and peak memory.
+"""Fused LM head + cross-entropy (``mntp_loss``) vs ``F.linear`` + ``F.cross_entropy``: time and
+peak memory.
 
 Forward + backward of the loss over N masked rows, with the LM head frozen (LoRA training: only the
 hidden states get a gradient) and trainable. The baseline materialises the (N, V) logits in the

@@ -48,23 +48,23 @@ def main() -> None:
             num_seqs, mean_len, width, dtype, device, generator
         )
         read_bytes = hidden.numel() * hidden.element_size()
-        for mode, normalize in (("mean", True), ("weighted_mean", False)):
+        for pooling_mode, normalize in (("mean", True), ("weighted_mean", False)):
             config = {
                 "seqs": num_seqs,
                 "tokens": hidden.shape[0],
                 "H": width,
-                "mode": mode,
+                "mode": pooling_mode,
                 "normalize": normalize,
                 "dtype": str(dtype),
             }
 
             def ours(h=hidden):
                 return masked_pool(
-                    h, cu_seqlens, mode, pool_mask, normalize, check_cu_seqlens=False
+                    h, cu_seqlens, pooling_mode, pool_mask, normalize, check_cu_seqlens=False
                 )
 
             def baseline(h=hidden):
-                return reference.masked_pool(h, cu_seqlens, mode, pool_mask, normalize)
+                return reference.masked_pool(h, cu_seqlens, pooling_mode, pool_mask, normalize)
 
             with torch.no_grad():
                 ours_ms, base_ms = (

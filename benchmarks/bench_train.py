@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from llm2vec_fast import kernels
+from llm2vec_fast.adapters import TARGET_MODULES
 from llm2vec_fast.default_model import default_model_path
 from llm2vec_fast.loading import load_model
-from llm2vec_fast.train.data import pack_sequences
-from llm2vec_fast.train.lora import TARGET_MODULES, add_lora
+from llm2vec_fast.packed import Packed
+from llm2vec_fast.train.lora import add_lora
 from llm2vec_fast.train.mntp import IGNORE_INDEX, mask_block, predecessor_rows
 
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
@@ -121,31 +122,21 @@ def ours_steps(model, sequences, device, mask_id: int):
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     vocab = model.config.vocab_size
     inputs, labels = masked(sequences, mask_id, vocab)
-    mntp_batch = pack_sequences(inputs, device)
+    mntp_batch = Packed.from_sequences(inputs).to(device)
     flat_labels = torch.tensor([t for seq in labels for t in seq], device=device)
     rows, targets = predecessor_rows(flat_labels, mntp_batch.cu_seqlens)
-    simcse_batch = pack_sequences(sequences * 2, device)
+    simcse_batch = Packed.from_sequences(sequences * 2).to(device)
 
     def mntp() -> None:
         model.set_dropout(attention=0.0, hidden=0.0)
-        hidden = model(
-            mntp_batch.input_ids,
-            mntp_batch.cu_seqlens,
-            mntp_batch.max_seqlen,
-            mntp_batch.position_ids,
-        )
+        hidden = model(mntp_batch)
         kernels.mntp_loss(hidden[rows], model.lm_head_weight, targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def simcse() -> None:
         model.set_dropout(attention=0.3, hidden=0.0)
-        hidden = model(
-            simcse_batch.input_ids,
-            simcse_batch.cu_seqlens,
-            simcse_batch.max_seqlen,
-            simcse_batch.position_ids,
-        )
+        hidden = model(simcse_batch)
         pooled = kernels.masked_pool(hidden, simcse_batch.cu_seqlens, "mean").float()
         first, second = pooled.chunk(2)
         kernels.contrastive_loss(first, second, scale=20.0).backward()

@@ -1,6 +1,6 @@
-"""Combine a GPU check's outputs into one JSON and a table; split that JSON back into result files.
+"""Combine a GPU check's outputs into one JSON and a table; split that JSON into result files.
 
-    python benchmarks/collect_results.py combine --steps S.tsv --bench-dir DIR --out results.json ...
+    python benchmarks/collect_results.py combine --steps S.tsv --bench-dir D --out results.json ...
     python benchmarks/collect_results.py split results.json [--dest benchmarks/results]
 
 ``combine`` (called by gpu_check.sh) reads the step outcomes, the pytest junit file, and every
@@ -102,14 +102,18 @@ def headline(run: dict) -> str:
     ratios = [r["ratio"] for r in run["records"] if r.get("ratio")]
     if not ratios:
         return f"{len(run['records'])} records"
-    return f"{len(run['records'])} records, ratio vs baseline {min(ratios):.2f}x .. {max(ratios):.2f}x (median {sorted(ratios)[len(ratios) // 2]:.2f}x)"
+    median = sorted(ratios)[len(ratios) // 2]
+    return (
+        f"{len(run['records'])} records, ratio vs baseline {min(ratios):.2f}x .. "
+        f"{max(ratios):.2f}x (median {median:.2f}x)"
+    )
 
 
 def table(combined: dict) -> str:
     env = combined["environment"]
     lines = [
-        f"GPU check ({combined['mode']}) on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda']}, commit {env['git_commit']}"
+        f"GPU check ({combined['mode']}) on {env['device']}: torch {env['torch']}, "
+        f"triton {env['triton']}, CUDA {env['cuda']}, commit {env['git_commit']}"
     ]
     width = max(len(s["step"]) for s in combined["steps"]) if combined["steps"] else 10
     lines += [
@@ -119,8 +123,8 @@ def table(combined: dict) -> str:
     pytest = combined["pytest_gpu"]
     if pytest is not None:
         lines.append(
-            f"pytest -m gpu: {pytest['passed']} passed, {pytest['failures']} failed, {pytest['errors']} errors, "
-            f"{pytest['skipped']} skipped of {pytest['tests']}"
+            f"pytest -m gpu: {pytest['passed']} passed, {pytest['failures']} failed, "
+            f"{pytest['errors']} errors, {pytest['skipped']} skipped of {pytest['tests']}"
         )
         lines += [f"  FAILED {test}" for test in pytest["failed"][:20]]
     for run in combined["benchmarks"]:

@@ -42,7 +42,7 @@ def parse_args(
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """The compute dtype the benchmarks use: bf16 on a GPU, fp32 on a CPU (whose bf16 may be emulated)."""
+    """The benchmarks' compute dtype: bf16 on a GPU, fp32 on a CPU (whose bf16 may be emulated)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

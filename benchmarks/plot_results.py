@@ -92,7 +92,8 @@ def main() -> None:
     runs = newest_runs(args.results)
     if not runs:
         raise SystemExit(
-            f"no *-encode-random.json in {args.results}: run benchmarks/bench_encode.py --source random first"
+            f"no *-encode-random.json in {args.results}: "
+            "run benchmarks/bench_encode.py --source random first"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     for run in runs.values():

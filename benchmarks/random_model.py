@@ -157,7 +157,8 @@ def random_hf_model(
 
 
 def bpe_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer trained on standard-library docstrings (ids 0-2: pad, bos, eos)."""
+    """A byte-level BPE tokenizer trained on standard-library docstrings (ids 0-2: pad, bos,
+    eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -178,7 +179,8 @@ def bpe_tokenizer(vocab_size: int):
 
 
 def write_model_folder(name: str, folder: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A transformers folder for config ``name``: random weights (saved in ``dtype``) and a tokenizer."""
+    """A transformers folder for config ``name``: random weights (saved in ``dtype``) and a
+    tokenizer."""
     vocab_size = MODEL_CONFIGS[name]["vocab_size"]
     model = random_hf_model(name, dtype=dtype, device="cpu", causal_lm=True)
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0

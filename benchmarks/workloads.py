@@ -66,7 +66,7 @@ def mixed_length_texts(
 def lengths_for_tokens(
     total_tokens: int, *, median: int = 48, max_tokens: int = 512, seed: int = 0
 ) -> list[int]:
-    """The shortest prefix of a ``token_lengths`` draw that holds at least ``total_tokens`` tokens."""
+    """The shortest prefix of a ``token_lengths`` draw holding at least ``total_tokens`` tokens."""
     lengths = token_lengths(
         max(1, 4 * total_tokens // median), median=median, max_tokens=max_tokens, seed=seed
     )

@@ -4,7 +4,7 @@ Every function is differentiable and dispatches per call: CUDA tensors go to Tri
 to the plain-PyTorch ``reference`` (see ``_dispatch`` for ``LLM2VEC_FAST_BACKEND``).
 """
 
-from ._dispatch import backend, describe
+from ._dispatch import backend, describe, interpreting, use_triton
 from .attention import varlen_attention
 from .contrastive import contrastive_loss
 from .mlp import swiglu
@@ -13,6 +13,7 @@ from .norm import rms_norm
 from .pooling import masked_pool
 from .reference import POOLING_MODES
 from .rope import apply_rotary
+from .varlen_checks import validate_cu_seqlens
 
 __all__ = [
     "POOLING_MODES",
@@ -20,9 +21,12 @@ __all__ = [
     "backend",
     "contrastive_loss",
     "describe",
+    "interpreting",
     "masked_pool",
     "mntp_loss",
     "rms_norm",
     "swiglu",
+    "use_triton",
+    "validate_cu_seqlens",
     "varlen_attention",
 ]

@@ -7,7 +7,6 @@ imported) or ``reference`` (always the PyTorch reference).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -23,15 +22,6 @@ def backend() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels as numpy on the CPU (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -43,17 +33,13 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if choice == "reference":
         return False
     if choice == "triton":
-        if not triton_available():
-            raise RuntimeError(f"{BACKEND_ENV}=triton but Triton is not installed")
         return True
-    return triton_available() and all(t.is_cuda for t in tensors if t is not None)
+    return all(t.is_cuda for t in tensors if t is not None)
 
 
 def describe() -> str:
     """One line for ``llm2vec-fast info``."""
     choice = backend()
-    if not triton_available():
-        return f"{choice}: reference (Triton not installed)"
     if choice == "auto":
         return "auto: Triton for CUDA tensors, PyTorch reference for CPU tensors"
     if choice == "triton":

@@ -1,8 +1,8 @@
 """Row-wise L2 normalisation helpers shared by ``pooling`` and ``contrastive``.
 
 ``F.normalize(x, dim=-1, eps)`` divides each row by ``max(||x||, eps)``; these kernels compute
-that in fp32 (each program takes a few whole rows, walking them in blocks so any width works) and its
-backward, which ``masked_pool(normalize=True)`` and the contrastive loss both need.
+that in fp32 (each program takes a few whole rows, walking them in blocks so any width works) and
+its backward, which ``masked_pool(normalize=True)`` and the contrastive loss both need.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def scale_rows(x: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> torch.
 def normalize_backward(
     x: torch.Tensor, grad_y: torch.Tensor, dtype: torch.dtype, eps: float = NORM_EPS
 ) -> torch.Tensor:
-    """Gradient w.r.t. x ``(R, W)`` of ``F.normalize(x, dim=-1, eps=eps)`` given grad_y ``(R, W)``."""
+    """Gradient w.r.t. x ``(R, W)`` of ``F.normalize(x, dim=-1, eps=eps)`` given grad_y
+    ``(R, W)``."""
     rows, width = x.shape
     grad_x = torch.empty(rows, width, device=x.device, dtype=dtype)
     if rows:

@@ -1,4 +1,5 @@
-"""Varlen attention over packed sequences (bidirectional or causal, GQA), forward and backward.
+"""Varlen attention over packed sequences (bidirectional or causal, GQA, optionally a sliding
+window), forward and backward.
 
 FlashAttention-2 in Triton. Forward: one program per (query block, query head, sequence) walks
 the key blocks of its own sequence with an online softmax in fp32 and saves the log-sum-exp per
@@ -11,7 +12,8 @@ the dK/dV kernel adds each key block's share of dQ to an fp32 buffer with atomic
 
 Head dims that are not powers of two run in a padded ``BLOCK_D`` with masks. Scores live in
 log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``. Key and query loops are split
-into blocks that need no mask and the few (diagonal, tail) blocks that do.
+into blocks that need no mask and the few (diagonal, tail, window edge) blocks that do; with a
+sliding window the loops start and stop at the band's edges, so blocks outside it cost nothing.
 
 Dropout: the keep-mask of element (query head h, query token i, key token j) is Philox keyed on
 ``seed`` with counters ``(i, j, h)`` (packed token indices), so the backward pass regenerates the
@@ -28,6 +30,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import interpreting, use_triton
+from .varlen_checks import validate_cu_seqlens
 
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,8 +64,8 @@ def _load_rows(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rows ``positions`` of one head's ``(seqlen, HEAD_DIM)`` slice at ``base`` as a ``(len, BLOCK_D)``
-    tile; zeros past HEAD_DIM and, with MASK_LENGTH, at positions >= seqlen."""
+    """Rows ``positions`` of one head's ``(seqlen, HEAD_DIM)`` slice at ``base`` as a
+    ``(len, BLOCK_D)`` tile; zeros past HEAD_DIM and, with MASK_LENGTH, at positions >= seqlen."""
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     mask = d_valid[None, :]
@@ -75,28 +78,140 @@ def _load_rows(
 
 
 @triton.jit
-def _visible_keys(rows, cols, seqlen, MASK_CAUSAL: tl.constexpr):
+def _visible_keys(rows, cols, seqlen, window, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr):
     """``(BLOCK_M, BLOCK_N)`` mask of the keys ``cols`` that the queries ``rows`` attend to: keys
-    inside the sequence and, with MASK_CAUSAL, not after the query."""
+    inside the sequence, with MASK_CAUSAL not after the query, with MASK_WINDOW within the window
+    (``_in_window``)."""
     valid = (cols < seqlen)[None, :]
     if MASK_CAUSAL:
         valid = valid & (cols[None, :] <= rows[:, None])
+    if MASK_WINDOW:
+        valid = valid & _in_window(rows[:, None], cols[None, :], window)
     return valid
 
 
 @triton.jit
-def _key_block_split(
-    start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+def _in_window(rows, cols, window):
+    """Query ``i`` sees key ``j`` when ``|i - j| < window`` (with the causal mask: ``j <= i``,
+    so ``i - window < j <= i``)."""
+    distance = rows - cols
+    return (distance < window) & (distance > -window)
+
+
+@triton.jit
+def _key_block_ranges(
+    start_m,
+    seqlen,
+    window,
+    CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Key range ends for the query block at ``start_m``: the key blocks in [0, full_end) need no
-    mask, those in [full_end, masked_end) do (the diagonal block if causal, else the tail block)."""
+    """Key ranges ``lo <= full_lo <= full_hi <= hi`` for the query block at ``start_m``: the key
+    blocks in [full_lo, full_hi) need no mask, those in [lo, full_lo) and [full_hi, hi) do (the
+    diagonal block if causal, the tail block, the window's edges); keys outside [lo, hi) are never
+    visible, so whole key blocks outside the window are skipped."""
     if CAUSAL:
-        full_end = start_m  # keys before the query block: visible to every row
-        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
+        full_hi = start_m  # keys before the query block: visible to every row
+        hi = tl.minimum(start_m + BLOCK_M, seqlen)
     else:
-        full_end = (seqlen // BLOCK_N) * BLOCK_N
-        masked_end = seqlen
-    return full_end, masked_end
+        full_hi = (seqlen // BLOCK_N) * BLOCK_N
+        hi = seqlen
+    lo = start_m * 0
+    full_lo = lo
+    if WINDOWED:
+        last_row = start_m + BLOCK_M - 1
+        # operands kept >= 0: the interpreter floors integer division, a GPU truncates
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last_row - window + 1, 0), BLOCK_N) * BLOCK_N
+        if not CAUSAL:
+            full_hi = tl.minimum(full_hi, ((start_m + window) // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(hi, last_row + window)
+        full_lo = tl.minimum(full_lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_block_ranges(
+    start_n,
+    seqlen,
+    window,
+    CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Query ranges ``lo <= full_lo <= full_hi <= hi`` for the key block at ``start_n`` of the
+    dK/dV kernel, as ``_key_block_ranges`` with queries and keys swapped: the query blocks in
+    [full_lo, full_hi) see every key of the block, those in [lo, full_lo) and [full_hi, hi) some
+    (the diagonal if causal, the tail block, the window's edges), the others none."""
+    full_hi = (seqlen // BLOCK_M) * BLOCK_M
+    hi = seqlen
+    lo = start_n * 0
+    full_lo = lo
+    if CAUSAL:
+        lo = start_n  # earlier queries see none of the block
+        full_lo = start_n + BLOCK_N  # later queries see all of it
+    if WINDOWED:
+        last_col = start_n + BLOCK_N - 1
+        hi = tl.minimum(hi, last_col + window)
+        full_hi = tl.minimum(full_hi, ((start_n + window) // BLOCK_M) * BLOCK_M)
+        if not CAUSAL:
+            lo = (tl.maximum(start_n - window + 1, 0) // BLOCK_M) * BLOCK_M
+            full_lo = tl.cdiv(tl.maximum(last_col - window + 1, 0), BLOCK_M) * BLOCK_M
+    return lo, tl.minimum(full_lo, full_hi), full_hi, hi
+
+
+@triton.jit
+def _query_block(
+    K,
+    V,
+    cu_seqlens,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    group_size,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The query block of this program of the forward or dQ kernel (grid: query blocks, query
+    heads, sequences); late query blocks, the heavy ones when causal, run first.
+
+    Returns the block's first query position ``start_m`` and the sequence length ``seqlen`` (the
+    caller returns when ``start_m >= seqlen``), the query ``head``, ``seq_start``, the block's
+    query positions ``rows`` (BLOCK_M,) and packed token indices ``tokens`` (int64), ``offs_d``
+    (BLOCK_D,), ``row_valid`` (BLOCK_M,) and ``io_mask`` (BLOCK_M, BLOCK_D) of its query rows,
+    and the sequence's K and V bases at the kv head this query head reads (GQA).
+    """
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    kv_head = head // group_size
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = rows < seqlen
+    io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tokens = (seq_start + rows).to(tl.int64)
+    k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
+    return (
+        start_m,
+        seqlen,
+        head,
+        seq_start,
+        rows,
+        tokens,
+        offs_d,
+        row_valid,
+        io_mask,
+        k_base,
+        v_base,
+    )
 
 
 @triton.jit
@@ -118,8 +233,10 @@ def _fwd_key_blocks(
     qk_scale,
     dropout_p,
     seed,
+    window,
     MASK_LENGTH: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -131,11 +248,20 @@ def _fwd_key_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
         k = _load_rows(
-            k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+            k_base,
+            cols,
+            stride_kt,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
         )  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASK_LENGTH:
-            s = tl.where(_visible_keys(rows, cols, seqlen, MASK_CAUSAL), s, float("-inf"))
+            visible = _visible_keys(
+                rows, cols, seqlen, window, MASK_CAUSAL=MASK_CAUSAL, MASK_WINDOW=MASK_WINDOW
+            )
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         alpha = tl.exp2(m_i - m_new)
@@ -147,7 +273,13 @@ def _fwd_key_blocks(
             )
             p = tl.where(keep, p, 0.0)
         v = _load_rows(
-            v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+            v_base,
+            cols,
+            stride_vt,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
         )  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -176,7 +308,9 @@ def _attn_fwd_kernel(
     dropout_p,
     keep_scale,
     seed,
+    window,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -185,34 +319,64 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = (
-        tl.num_programs(0) - 1 - tl.program_id(0)
-    ) * BLOCK_M  # late (causal: heavy) blocks first
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    start_m, seqlen, head, seq_start, rows, tokens, offs_d, row_valid, io_mask, k_base, v_base = (
+        _query_block(
+            K,
+            V,
+            cu_seqlens,
+            stride_kt,
+            stride_kh,
+            stride_vt,
+            stride_vh,
+            group_size,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=BLOCK_D,
+        )
+    )
     if start_m >= seqlen:
         return
-    kv_head = head // group_size
-
-    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the sequence
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = rows < seqlen
-    io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tokens = (seq_start + rows).to(tl.int64)
     q = tl.load(
         Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :],
         mask=io_mask,
         other=0.0,
     )
-    k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
-    v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    full_end, masked_end = _key_block_split(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_block_ranges(
+        start_m, seqlen, window, CAUSAL=CAUSAL, WINDOWED=WINDOWED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N
+    )
+    if WINDOWED:  # the key blocks that the window's left edge cuts
+        acc, l_i, m_i = _fwd_key_blocks(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            rows,
+            seq_start,
+            seqlen,
+            lo,
+            full_lo,
+            head,
+            qk_scale,
+            dropout_p,
+            seed,
+            window,
+            MASK_LENGTH=True,
+            MASK_CAUSAL=CAUSAL,
+            MASK_WINDOW=True,
+            HAS_DROPOUT=HAS_DROPOUT,
+            PRECISION=PRECISION,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+        )
     acc, l_i, m_i = _fwd_key_blocks(
         acc,
         l_i,
@@ -225,19 +389,21 @@ def _attn_fwd_kernel(
         rows,
         seq_start,
         seqlen,
-        0,
-        full_end,
+        full_lo,
+        full_hi,
         head,
         qk_scale,
         dropout_p,
         seed,
-        False,
-        False,
-        HAS_DROPOUT,
-        PRECISION,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
+        window,
+        MASK_LENGTH=False,
+        MASK_CAUSAL=False,
+        MASK_WINDOW=False,
+        HAS_DROPOUT=HAS_DROPOUT,
+        PRECISION=PRECISION,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
     )
     acc, l_i, m_i = _fwd_key_blocks(
         acc,
@@ -251,19 +417,21 @@ def _attn_fwd_kernel(
         rows,
         seq_start,
         seqlen,
-        full_end,
-        masked_end,
+        full_hi,
+        hi,
         head,
         qk_scale,
         dropout_p,
         seed,
-        True,
-        CAUSAL,
-        HAS_DROPOUT,
-        PRECISION,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
+        window,
+        MASK_LENGTH=True,
+        MASK_CAUSAL=CAUSAL,
+        MASK_WINDOW=WINDOWED,
+        HAS_DROPOUT=HAS_DROPOUT,
+        PRECISION=PRECISION,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
     )
 
     out = acc / l_i[:, None]
@@ -334,8 +502,10 @@ def _dkdv_query_blocks(
     dropout_p,
     keep_scale,
     seed,
+    window,
     MASK_LENGTH: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -343,7 +513,8 @@ def _dkdv_query_blocks(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Accumulate dK, dV ``(BLOCK_N, BLOCK_D)`` of one key block over query blocks [lo, hi) of one head.
+    """Accumulate dK, dV ``(BLOCK_N, BLOCK_D)`` of one key block over query blocks [lo, hi) of one
+    head.
 
     Works on transposed tiles (keys x queries) so the key block stays the left operand. With
     ``ATOMIC_DQ`` it also adds this key block's share of dQ into the fp32 buffer at ``dq_base``."""
@@ -361,13 +532,29 @@ def _dkdv_query_blocks(
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         q = _load_rows(
-            q_base, rows, stride_qt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+            q_base,
+            rows,
+            stride_qt,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
         )  # (BLOCK_M, BLOCK_D)
-        do = _load_rows(do_base, rows, stride_dot, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)
+        do = _load_rows(
+            do_base,
+            rows,
+            stride_dot,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
+        )
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASK_CAUSAL:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        if MASK_WINDOW:
+            p_t = tl.where(_in_window(rows[None, :], cols[:, None], window), p_t, 0.0)
         if ATOMIC_DQ:
             # keys past the sequence (zeros) get p = exp2(-lse): dK/dV never store their rows, but
             # their ds, overflowing fp16 when lse is very negative, would reach dQ as inf * 0
@@ -435,7 +622,9 @@ def _attn_bwd_dkdv_kernel(
     dropout_p,
     keep_scale,
     seed,
+    window,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -470,13 +659,9 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # causal: queries of the diagonal block [start_n, start_n + BLOCK_N) see part of the keys,
-    # later queries all of them; then full query blocks, then the tail block past the last full one
-    full_start = start_n * 0
-    if CAUSAL:
-        full_start = start_n + BLOCK_N
-    full_end = (seqlen // BLOCK_M) * BLOCK_M
-    tail_start = tl.maximum(full_start, full_end)
+    lo, full_lo, full_hi, hi = _query_block_ranges(
+        start_n, seqlen, window, CAUSAL=CAUSAL, WINDOWED=WINDOWED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N
+    )
     for g in range(group_size):
         head = kv_head * group_size + g
         q_base = Q + seq_start.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
@@ -484,7 +669,7 @@ def _attn_bwd_dkdv_kernel(
         lse_base = Lse + head.to(tl.int64) * total_tokens + seq_start
         delta_base = Delta + head.to(tl.int64) * total_tokens + seq_start
         dq_base = dQacc + seq_start.to(tl.int64) * stride_dqt + head.to(tl.int64) * stride_dqh
-        if CAUSAL:
+        if CAUSAL or WINDOWED:  # queries that see part of the key block, before the full ones
             dk, dv = _dkdv_query_blocks(
                 dk,
                 dv,
@@ -501,22 +686,24 @@ def _attn_bwd_dkdv_kernel(
                 cols,
                 seq_start,
                 seqlen,
-                start_n,
-                tl.minimum(start_n + BLOCK_N, seqlen),
+                lo,
+                full_lo,
                 head,
                 sm_scale,
                 qk_scale,
                 dropout_p,
                 keep_scale,
                 seed,
-                True,
-                True,
-                HAS_DROPOUT,
-                ATOMIC_DQ,
-                PRECISION,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
+                window,
+                MASK_LENGTH=True,
+                MASK_CAUSAL=CAUSAL,
+                MASK_WINDOW=WINDOWED,
+                HAS_DROPOUT=HAS_DROPOUT,
+                ATOMIC_DQ=ATOMIC_DQ,
+                PRECISION=PRECISION,
+                HEAD_DIM=HEAD_DIM,
+                BLOCK_M=BLOCK_M,
+                BLOCK_D=BLOCK_D,
             )
         dk, dv = _dkdv_query_blocks(
             dk,
@@ -534,22 +721,24 @@ def _attn_bwd_dkdv_kernel(
             cols,
             seq_start,
             seqlen,
-            full_start,
-            full_end,
+            full_lo,
+            full_hi,
             head,
             sm_scale,
             qk_scale,
             dropout_p,
             keep_scale,
             seed,
-            False,
-            False,
-            HAS_DROPOUT,
-            ATOMIC_DQ,
-            PRECISION,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
+            window,
+            MASK_LENGTH=False,
+            MASK_CAUSAL=False,
+            MASK_WINDOW=False,
+            HAS_DROPOUT=HAS_DROPOUT,
+            ATOMIC_DQ=ATOMIC_DQ,
+            PRECISION=PRECISION,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=BLOCK_D,
         )
         dk, dv = _dkdv_query_blocks(
             dk,
@@ -567,24 +756,25 @@ def _attn_bwd_dkdv_kernel(
             cols,
             seq_start,
             seqlen,
-            tail_start,
-            seqlen,
+            full_hi,
+            hi,
             head,
             sm_scale,
             qk_scale,
             dropout_p,
             keep_scale,
             seed,
-            True,
-            False,
-            HAS_DROPOUT,
-            ATOMIC_DQ,
-            PRECISION,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
+            window,
+            MASK_LENGTH=True,
+            MASK_CAUSAL=CAUSAL,
+            MASK_WINDOW=WINDOWED,
+            HAS_DROPOUT=HAS_DROPOUT,
+            ATOMIC_DQ=ATOMIC_DQ,
+            PRECISION=PRECISION,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=BLOCK_D,
         )
-
     dk = dk * sm_scale
     tl.store(
         dK + tokens[:, None] * stride_dkt + kv_head.to(tl.int64) * stride_dkh + offs_d[None, :],
@@ -619,8 +809,10 @@ def _dq_key_blocks(
     dropout_p,
     keep_scale,
     seed,
+    window,
     MASK_LENGTH: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -632,13 +824,30 @@ def _dq_key_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
         k = _load_rows(
-            k_base, cols, stride_kt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D
+            k_base,
+            cols,
+            stride_kt,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
         )  # (BLOCK_N, BLOCK_D)
-        v = _load_rows(v_base, cols, stride_vt, seqlen, MASK_LENGTH, HEAD_DIM, BLOCK_D)
+        v = _load_rows(
+            v_base,
+            cols,
+            stride_vt,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
         if MASK_LENGTH:
-            p = tl.where(_visible_keys(rows, cols, seqlen, MASK_CAUSAL), p, 0.0)
+            visible = _visible_keys(
+                rows, cols, seqlen, window, MASK_CAUSAL=MASK_CAUSAL, MASK_WINDOW=MASK_WINDOW
+            )
+            p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             keep = _dropout_keep(
@@ -677,7 +886,9 @@ def _attn_bwd_dq_kernel(
     dropout_p,
     keep_scale,
     seed,
+    window,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -686,22 +897,23 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = (
-        tl.num_programs(0) - 1 - tl.program_id(0)
-    ) * BLOCK_M  # late (causal: heavy) blocks first
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    start_m, seqlen, head, seq_start, rows, tokens, offs_d, row_valid, io_mask, k_base, v_base = (
+        _query_block(
+            K,
+            V,
+            cu_seqlens,
+            stride_kt,
+            stride_kh,
+            stride_vt,
+            stride_vh,
+            group_size,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=BLOCK_D,
+        )
+    )
     if start_m >= seqlen:
         return
-    kv_head = head // group_size
-
-    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the sequence
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = rows < seqlen
-    io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tokens = (seq_start + rows).to(tl.int64)
     q = tl.load(
         Q + tokens[:, None] * stride_qt + head.to(tl.int64) * stride_qh + offs_d[None, :],
         mask=io_mask,
@@ -714,11 +926,42 @@ def _attn_bwd_dq_kernel(
     )
     lse = tl.load(Lse + head.to(tl.int64) * total_tokens + tokens, mask=row_valid, other=0.0)
     delta = tl.load(Delta + head.to(tl.int64) * total_tokens + tokens, mask=row_valid, other=0.0)
-    k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
-    v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, masked_end = _key_block_split(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_block_ranges(
+        start_m, seqlen, window, CAUSAL=CAUSAL, WINDOWED=WINDOWED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N
+    )
+    if WINDOWED:  # the key blocks that the window's left edge cuts
+        dq = _dq_key_blocks(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            rows,
+            seq_start,
+            seqlen,
+            lo,
+            full_lo,
+            head,
+            qk_scale,
+            dropout_p,
+            keep_scale,
+            seed,
+            window,
+            MASK_LENGTH=True,
+            MASK_CAUSAL=CAUSAL,
+            MASK_WINDOW=True,
+            HAS_DROPOUT=HAS_DROPOUT,
+            PRECISION=PRECISION,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+        )
     dq = _dq_key_blocks(
         dq,
         q,
@@ -732,20 +975,22 @@ def _attn_bwd_dq_kernel(
         rows,
         seq_start,
         seqlen,
-        0,
-        full_end,
+        full_lo,
+        full_hi,
         head,
         qk_scale,
         dropout_p,
         keep_scale,
         seed,
-        False,
-        False,
-        HAS_DROPOUT,
-        PRECISION,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
+        window,
+        MASK_LENGTH=False,
+        MASK_CAUSAL=False,
+        MASK_WINDOW=False,
+        HAS_DROPOUT=HAS_DROPOUT,
+        PRECISION=PRECISION,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
     )
     dq = _dq_key_blocks(
         dq,
@@ -760,20 +1005,22 @@ def _attn_bwd_dq_kernel(
         rows,
         seq_start,
         seqlen,
-        full_end,
-        masked_end,
+        full_hi,
+        hi,
         head,
         qk_scale,
         dropout_p,
         keep_scale,
         seed,
-        True,
-        CAUSAL,
-        HAS_DROPOUT,
-        PRECISION,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
+        window,
+        MASK_LENGTH=True,
+        MASK_CAUSAL=CAUSAL,
+        MASK_WINDOW=WINDOWED,
+        HAS_DROPOUT=HAS_DROPOUT,
+        PRECISION=PRECISION,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
     )
     dq = dq * sm_scale
     tl.store(
@@ -811,7 +1058,8 @@ def _dropout_mask_kernel(
 
 
 def _empty(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every kernel output is allocated here (tests fill it with NaN to catch unwritten elements)."""
+    """Every kernel output is allocated here (tests fill it with NaN to catch unwritten
+    elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -869,6 +1117,7 @@ def _attention_forward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     causal: bool,
+    window: int | None,
     softmax_scale: float,
     dropout_p: float,
     seed: int,
@@ -901,7 +1150,9 @@ def _attention_forward(
         dropout_p,
         _keep_scale(dropout_p),
         seed,
+        window or 0,
         CAUSAL=causal,
+        WINDOWED=window is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=_precision(q.dtype),
         HEAD_DIM=head_dim,
@@ -921,6 +1172,7 @@ def _attention_backward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     causal: bool,
+    window: int | None,
     softmax_scale: float,
     dropout_p: float,
     seed: int,
@@ -962,6 +1214,7 @@ def _attention_backward(
     _, dkdv_config, dq_config = _configs(head_dim, q.dtype)
     common = dict(
         CAUSAL=causal,
+        WINDOWED=window is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=_precision(q.dtype),
         HEAD_DIM=head_dim,
@@ -975,6 +1228,7 @@ def _attention_backward(
         dropout_p,
         _keep_scale(dropout_p),
         seed,
+        window or 0,
     )
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_config["BLOCK_N"]), num_kv_heads, batch)](
         q,
@@ -1069,17 +1323,19 @@ class VarlenAttentionFunction(torch.autograd.Function):
         cu_seqlens,
         max_seqlen,
         causal,
+        window,
         softmax_scale,
         dropout_p,
         dropout_seed,
         deterministic,
     ):
         out, lse = _attention_forward(
-            q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, dropout_seed
+            q, k, v, cu_seqlens, max_seqlen, causal, window, softmax_scale, dropout_p, dropout_seed
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.causal = causal
+        ctx.window = window
         ctx.softmax_scale = softmax_scale
         ctx.dropout_p = dropout_p
         ctx.dropout_seed = dropout_seed
@@ -1099,12 +1355,13 @@ class VarlenAttentionFunction(torch.autograd.Function):
             cu_seqlens,
             ctx.max_seqlen,
             ctx.causal,
+            ctx.window,
             ctx.softmax_scale,
             ctx.dropout_p,
             ctx.dropout_seed,
             ctx.deterministic,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1112,11 +1369,12 @@ class VarlenAttentionFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, window, dropout_p) -> None:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
             raise ValueError(
-                f"{name} must be a 3-D tensor (T, heads, head_dim), got {getattr(tensor, 'shape', type(tensor))}"
+                f"{name} must be a 3-D tensor (T, heads, head_dim),"
+                f" got {getattr(tensor, 'shape', type(tensor))}"
             )
     if k.shape != v.shape:
         raise ValueError(
@@ -1124,7 +1382,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
         )
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(
-            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on tokens (dim 0) and head_dim (dim 2)"
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on tokens (dim 0) and"
+            " head_dim (dim 2)"
         )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(
@@ -1132,38 +1391,27 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
         )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+            "q, k, v must share one dtype among float16, bfloat16, float32;"
+            f" got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if not (q.device == k.device == v.device == cu_seqlens.device):
         raise ValueError(
-            f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}"
+            "q, k, v and cu_seqlens must be on one device;"
+            f" got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}"
         )
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
-            f"cu_seqlens must be a 1-D int32 tensor of length B + 1 >= 2, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            "cu_seqlens must be a 1-D int32 tensor of length B + 1 >= 2,"
+            f" got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
-    """Value checks of cu_seqlens (one device sync)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    first, last, shortest, longest = torch.stack(
-        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
-    ).tolist()
-    if first != 0 or last != total:
-        raise ValueError(
-            f"cu_seqlens must start at 0 and end at the token count {total}, got {first} ... {last}"
-        )
-    if shortest < 0:
-        raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
-    if longest > max_seqlen:
-        raise ValueError(
-            f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})"
-        )
 
 
 def varlen_attention(
@@ -1174,6 +1422,7 @@ def varlen_attention(
     max_seqlen: int,
     *,
     causal: bool = False,
+    window: int | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
@@ -1186,6 +1435,14 @@ def varlen_attention(
     ``h // (Hq // Hkv)``), cu_seqlens int32 ``(B + 1,)`` from 0 to T, ``max_seqlen`` >= the
     longest sequence. Returns ``(T, Hq, D)``. ``softmax_scale`` defaults to ``1 / sqrt(D)``.
 
+    ``window``: sliding-window attention, query i sees key j only when ``|i - j| < window``
+    (positions within the sequence). Causal, that is ``i - window < j <= i``: transformers'
+    ``masking_utils.sliding_window_causal_mask_function`` (Mistral, Qwen2, Qwen3, Gemma 3).
+    Bidirectional, ``|i - j| < window`` is Gemma 3's ``_bidirectional_window_overlay``
+    (``modeling_gemma3``); ``masking_utils.sliding_window_bidirectional_overlay`` counts the
+    distance inclusively (``|i - j| <= w``): pass ``window=w + 1`` for it. The kernels skip the
+    key tiles outside the band.
+
     ``dropout_p`` drops attention probabilities; on the Triton path the mask is Philox keyed on
     ``dropout_seed`` (drawn from torch's generator when None), head and token indices, and the
     backward pass regenerates it. The CPU reference draws its mask from torch's RNG instead.
@@ -1193,9 +1450,9 @@ def varlen_attention(
     ``deterministic=False`` lets the backward pass accumulate dQ with atomics in the dK/dV kernel
     (one pass fewer; gradients may differ in the last bits between runs).
     """
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, window, dropout_p)
     if check_cu_seqlens:
-        _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+        validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if not use_triton(q, k, v):
         return reference.varlen_attention(
             q,
@@ -1204,6 +1461,7 @@ def varlen_attention(
             cu_seqlens,
             max_seqlen,
             causal=causal,
+            window=window,
             softmax_scale=softmax_scale,
             dropout_p=dropout_p,
         )
@@ -1214,7 +1472,8 @@ def varlen_attention(
         )
     if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
         raise ValueError(
-            f"the Triton kernel takes at most {MAX_SEQUENCES} sequences per call, got {cu_seqlens.numel() - 1}"
+            f"the Triton kernel takes at most {MAX_SEQUENCES} sequences per call, "
+            f"got {cu_seqlens.numel() - 1}"
         )
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError(
@@ -1223,6 +1482,8 @@ def varlen_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
+    if window is not None and window >= max_seqlen:
+        window = None  # it spans every sequence: the kernels without the window's masks
     if (
         q.shape[0] == 0 or max_seqlen == 0
     ):  # nothing to attend; stay in the autograd graph of q, k, v
@@ -1234,6 +1495,7 @@ def varlen_attention(
         cu_seqlens.contiguous(),
         max_seqlen,
         bool(causal),
+        window,
         float(scale),
         float(dropout_p),
         int(dropout_seed or 0),

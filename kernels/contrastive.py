@@ -15,7 +15,8 @@ input dtype with fp32 accumulation (exact products), the norms are applied in fp
   dots) so the gradients keep fp32 accuracy, as the fp32 PyTorch reference has.
 
 ``symmetric`` runs the same kernels for ``docs[:B]`` against the queries, adding into the same
-fp32 gradient buffers; ``gather_across_ranks`` all-gathers the batch with gradient first.
+fp32 gradient buffers. The loss over the batches of all torch.distributed ranks is training's
+(``llm2vec_fast.train.distributed``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _dot_fp32_lhs(g, x, IEEE: tl.constexpr):
 
 @triton.jit
 def _power_of_two_split(inv):
-    """``(p, f)`` with ``p * f == inv`` exactly and ``p`` a power of two: ``inv`` with its mantissa cleared."""
+    """``(p, f)`` with ``p * f == inv`` exactly and ``p`` a power of two: ``inv`` with its
+    mantissa cleared."""
     power = (inv.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
     return power, inv / power
 
@@ -157,10 +159,10 @@ def _forward_kernel(
             stride_a,
             stride_b,
             scale,
-            IEEE,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
+            IEEE=IEEE,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         positive += tl.sum(tl.where(cols[None, :] == rows[:, None], logits, 0.0), axis=1)
@@ -215,10 +217,10 @@ def _score_grad_kernel(
         stride_a,
         stride_b,
         scale,
-        IEEE,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
+        IEEE=IEEE,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )
     g = tl.exp(logits - lse[:, None]) - (cols[None, :] == rows[:, None]).to(tl.float32)
     tl.store(
@@ -266,8 +268,8 @@ def _row_grad_kernel(
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        g, b = _scaled_operands(g, inv_b, b, IEEE)
-        acc += _dot_fp32_lhs(g, b, IEEE)
+        g, b = _scaled_operands(g, inv_b, b, IEEE=IEEE)
+        acc += _dot_fp32_lhs(g, b, IEEE=IEEE)
     _add_scaled_tile(grad_a_hat_ptr, rows, row_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc)
 
 
@@ -310,8 +312,8 @@ def _col_grad_kernel(
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        g_t, a = _scaled_operands(tl.trans(g), inv_a, a, IEEE)
-        acc += _dot_fp32_lhs(g_t, a, IEEE)
+        g_t, a = _scaled_operands(tl.trans(g), inv_a, a, IEEE=IEEE)
+        acc += _dot_fp32_lhs(g_t, a, IEEE=IEEE)
     _add_scaled_tile(
         grad_b_hat_ptr, col_start + local, col_ok, ds, d_ok, stride_grad, coef_ptr, scale, acc
     )
@@ -475,86 +477,15 @@ class _InfoNCE(torch.autograd.Function):
                 grad_d_hat[:batch],
                 grad_q_hat,
             )
-        # grad_x_hat is d loss / d normalised x; the normalisation's backward turns it into d loss / d x
+        # grad_x_hat is d loss / d normalised x; the normalisation's backward turns it into
+        # d loss / d x
         grad_q = normalize_backward(queries, grad_q_hat, queries.dtype)
         grad_d = normalize_backward(docs, grad_d_hat, docs.dtype)
         return grad_q, grad_d, None, None
 
 
-def _loss(queries: torch.Tensor, docs: torch.Tensor, scale: float, symmetric: bool) -> torch.Tensor:
-    """The loss without gathering, on the Triton or the reference path."""
-    if use_triton(queries, docs):
-        return _InfoNCE.apply(queries.contiguous(), docs.contiguous(), float(scale), symmetric)
-    return reference.contrastive_loss(queries, docs, scale=scale, symmetric=symmetric)
-
-
-class _AllGather(torch.autograd.Function):
-    """Concatenate equal-shaped ``(n, D)`` tensors of all ranks; the backward sums every rank's
-    gradient of the gathered tensor and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x):
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank = dist.get_rank()
-        ctx.rows = x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def _gathered_loss(
-    queries: torch.Tensor, docs: torch.Tensor, scale: float, symmetric: bool
-) -> torch.Tensor:
-    """This rank's share of the loss over the batch concatenated across ranks.
-
-    All docs are laid out as [this rank's positives, the other ranks' positives, every rank's
-    hard negatives]: cross-entropy does not depend on the column order, so this equals the
-    layout [all positives, all negatives] with targets offset by this rank's query offset, and
-    the first ``B`` columns stay the positives of this rank's queries.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "gather_across_ranks=True needs an initialised torch.distributed process group"
-        )
-    world, rank = dist.get_world_size(), dist.get_rank()
-    batch, n_docs = queries.shape[0], docs.shape[0]
-    sizes = [torch.zeros(2, dtype=torch.int64, device=queries.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([batch, n_docs], device=queries.device))
-    sizes = [tuple(s.tolist()) for s in sizes]
-    if any(s != (batch, n_docs) for s in sizes):
-        raise ValueError(
-            f"gather_across_ranks needs equal batch sizes on every rank; (queries, docs) per rank: {sizes}"
-        )
-    all_queries = _AllGather.apply(queries)  # (R*B, D)
-    all_docs = _AllGather.apply(docs)  # (R*N, D), rank k's rows at k*N
-    ranks = torch.tensor([rank] + [k for k in range(world) if k != rank], device=docs.device)
-    doc_index = torch.arange(world * n_docs, device=docs.device).view(world, n_docs)
-    doc_order = torch.cat([doc_index[ranks, :batch].flatten(), doc_index[:, batch:].flatten()])
-    laid_out_docs = all_docs[doc_order]
-    own_queries = all_queries[rank * batch : (rank + 1) * batch]
-    loss = _loss(own_queries, laid_out_docs, scale, symmetric=False)
-    if symmetric:
-        query_order = (
-            torch.arange(world * batch, device=queries.device).view(world, batch)[ranks].flatten()
-        )
-        loss = 0.5 * (
-            loss + _loss(laid_out_docs[:batch], all_queries[query_order], scale, symmetric=False)
-        )
-    return loss
-
-
-def _check_inputs(queries, docs, scale) -> None:
+def check_contrastive_inputs(queries, docs, scale) -> None:
+    """Raise on inputs ``contrastive_loss`` does not take (shapes, dtypes, devices, scale)."""
     for name, x in (("queries", queries), ("docs", docs)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(
@@ -591,7 +522,6 @@ def contrastive_loss(
     *,
     scale: float = 20.0,
     symmetric: bool = False,
-    gather_across_ranks: bool = False,
 ) -> torch.Tensor:
     """In-batch InfoNCE over cosine similarities; scalar fp32 loss.
 
@@ -599,11 +529,8 @@ def contrastive_loss(
     ``queries[i]`` and rows ``B..N-1`` are hard negatives of every query. The loss is the mean
     cross-entropy of ``scale * cos(q_i, d_j)`` over all ``j`` with target ``i``; ``symmetric``
     averages it with the positives-to-queries direction (``scale * cos(d_i, q_j)``, ``j < B``).
-    ``gather_across_ranks`` contrasts against the queries and docs of every torch.distributed
-    rank (equal ``B`` and ``N`` per rank); the loss is over this rank's queries, so the
-    DDP-averaged gradient equals that of the loss over the concatenated batch.
     """
-    _check_inputs(queries, docs, scale)
-    if gather_across_ranks:
-        return _gathered_loss(queries, docs, scale, symmetric)
-    return _loss(queries, docs, scale, symmetric)
+    check_contrastive_inputs(queries, docs, scale)
+    if use_triton(queries, docs):
+        return _InfoNCE.apply(queries.contiguous(), docs.contiguous(), float(scale), symmetric)
+    return reference.contrastive_loss(queries, docs, scale=scale, symmetric=symmetric)

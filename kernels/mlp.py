@@ -21,7 +21,8 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _load_gate_up(
     gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr
 ):
-    """This program's tile: (row_ids, cols, mask, gate, up), gate and up ``(BLOCK_T, BLOCK_I)`` in fp32."""
+    """This program's tile: (row_ids, cols, mask, gate, up), gate and up ``(BLOCK_T, BLOCK_I)``
+    in fp32."""
     row_ids = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (row_ids < rows)[:, None] & (cols < intermediate)[None, :]
@@ -43,7 +44,7 @@ def _swiglu_forward_kernel(
     BLOCK_I: tl.constexpr,
 ):
     row_ids, cols, mask, gate, up = _load_gate_up(
-        gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T, BLOCK_I
+        gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T=BLOCK_T, BLOCK_I=BLOCK_I
     )
     silu = gate * tl.sigmoid(gate)
     out_ptrs = out_ptr + row_ids[:, None] * stride_out_row + cols[None, :]
@@ -64,7 +65,7 @@ def _swiglu_backward_kernel(
     BLOCK_I: tl.constexpr,
 ):
     row_ids, cols, mask, gate, up = _load_gate_up(
-        gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T, BLOCK_I
+        gate_up_ptr, rows, intermediate, stride_in_row, BLOCK_T=BLOCK_T, BLOCK_I=BLOCK_I
     )
     grad_out_ptrs = grad_out_ptr + row_ids[:, None] * stride_grad_out_row + cols[None, :]
     grad_out = tl.load(grad_out_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -118,11 +118,11 @@ def _mntp_forward_kernel(
             hidden_size,
             stride_hidden,
             stride_weight,
-            HAS_BIAS,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            EXACT_FP32,
+            HAS_BIAS=HAS_BIAS,
+            BLOCK_N=BLOCK_N,
+            BLOCK_V=BLOCK_V,
+            BLOCK_H=BLOCK_H,
+            EXACT_FP32=EXACT_FP32,
         )
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
         target += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
@@ -176,11 +176,11 @@ def _mntp_logits_grad_kernel(
         hidden_size,
         stride_hidden,
         stride_weight,
-        HAS_BIAS,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-        EXACT_FP32,
+        HAS_BIAS=HAS_BIAS,
+        BLOCK_N=BLOCK_N,
+        BLOCK_V=BLOCK_V,
+        BLOCK_H=BLOCK_H,
+        EXACT_FP32=EXACT_FP32,
     )
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -255,7 +255,8 @@ def _mntp_forward(
 
 
 def _grad_chunk(rows: int, vocab: int) -> int:
-    """Vocabulary columns per backward chunk: a multiple of the tile, at most the whole vocabulary."""
+    """Vocabulary columns per backward chunk: a multiple of the tile, at most the whole
+    vocabulary."""
     columns = max(_BLOCK_V, (_GRAD_CHUNK_ELEMENTS // max(rows, 1)) // _BLOCK_V * _BLOCK_V)
     return min(columns, vocab)
 
@@ -367,7 +368,8 @@ def _check_inputs(
         raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(
-            f"weight must be (V, {hidden.shape[1]}) to match hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}"
+            f"weight must be (V, {hidden.shape[1]}) to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(weight.shape)}"
         )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (V = 0)")
@@ -377,7 +379,8 @@ def _check_inputs(
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
         raise TypeError(
-            f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}"
+            "hidden and weight must share one floating dtype, "
+            f"got {hidden.dtype} and {weight.dtype}"
         )
     if bias is not None:
         if bias.shape != (weight.shape[0],):
@@ -397,7 +400,8 @@ def mntp_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, never holding N x V logits.
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, never holding N x V
+    logits.
 
     hidden ``(N, H)``, weight ``(V, H)`` (the LM head), labels ``(N,)`` integer, bias ``(V,)``.
     Rows labelled ``ignore_index`` do not count; with no counted row the loss is 0 (not NaN).
@@ -418,7 +422,8 @@ def mntp_loss(
     if bool(out_of_range.any()):
         bad = kept_labels[out_of_range][0].item()
         raise ValueError(
-            f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
+            f"label {bad} is outside the vocabulary [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
         )
     if kept_rows.numel() == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0

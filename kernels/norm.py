@@ -5,9 +5,9 @@ Forward: each program takes a few rows (one when H is large), adds the residual,
 normalised row rounded to the input dtype before the weight multiplies it, as Hugging Face's
 ``LlamaRMSNorm`` does.
 
-Backward: each program walks a contiguous range of row tiles, writes the input gradients tile by tile
-and keeps its partial sum of the weight gradient in registers; the partial sums ``(P, H)`` are added
-up afterwards, so no atomics and a deterministic result.
+Backward: each program walks a contiguous range of row tiles, writes the input gradients tile by
+tile and keeps its partial sum of the weight gradient in registers; the partial sums ``(P, H)`` are
+added up afterwards, so no atomics and a deterministic result.
 """
 
 from __future__ import annotations
@@ -222,7 +222,8 @@ def _rms_norm_backward(
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``(x, weight, residual)`` -> ``(normed, x + residual)``; without a residual only ``normed``."""
+    """``(x, weight, residual)`` -> ``(normed, x + residual)``; without a residual only
+    ``normed``."""
 
     @staticmethod
     def forward(
@@ -256,7 +257,8 @@ def _check_inputs(
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(
-            f"weight must have shape ({x.shape[1]},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}"
+            f"weight must have shape ({x.shape[1]},) to match x {tuple(x.shape)}, "
+            f"got {tuple(weight.shape)}"
         )
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
@@ -281,7 +283,8 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of ``x + residual``, scaled by ``weight``, with the sum returned for the residual stream.
+    """RMSNorm of ``x + residual``, scaled by ``weight``, with the sum returned for the residual
+    stream.
 
     x, residual ``(T, H)``, weight ``(H,)``; returns ``(normed, summed)``: ``normed`` ``(T, H)`` in
     the promoted dtype of weight and x, ``summed = x + residual`` ``(T, H)`` (``x`` itself without a
@@ -292,7 +295,8 @@ def rms_norm(
         return reference.rms_norm(x, weight, eps, residual)
     if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
         raise TypeError(
-            f"Triton rms_norm supports fp16, bf16 and fp32, got x {x.dtype} and weight {weight.dtype}"
+            "Triton rms_norm supports fp16, bf16 and fp32, "
+            f"got x {x.dtype} and weight {weight.dtype}"
         )
     if x.shape[1] > _MAX_HIDDEN:
         raise ValueError(

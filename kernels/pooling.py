@@ -15,6 +15,7 @@ import triton.language as tl
 from . import reference
 from ._dispatch import use_triton
 from ._l2norm import inverse_row_norms, normalize_backward, scale_rows
+from .varlen_checks import validate_cu_seqlens
 
 BLOCK_TOKENS = 32
 BLOCK_HIDDEN = 128
@@ -43,7 +44,8 @@ def _token_weights(mask_ptr, tokens, in_seq, rank_base, MODE: tl.constexpr, HAS_
 
 @triton.jit
 def _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H: tl.constexpr):
-    """This program's sequence, its ``[start, end)`` tokens (int64) and its block of hidden columns."""
+    """This program's sequence, its ``[start, end)`` tokens (int64) and its block of hidden
+    columns."""
     seq = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_width = cols < width
@@ -67,7 +69,7 @@ def _pool_forward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H)
+    seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H=BLOCK_H)
     out_row = out_ptr + seq.to(tl.int64) * stride_out + cols
     if MODE >= 2:
         if MODE == 2:
@@ -85,7 +87,9 @@ def _pool_forward_kernel(
         for offset in range(0, end - start, BLOCK_T):
             tokens = start + offset + tl.arange(0, BLOCK_T)
             in_seq = tokens < end
-            weights, rank_base = _token_weights(mask_ptr, tokens, in_seq, rank_base, MODE, HAS_MASK)
+            weights, rank_base = _token_weights(
+                mask_ptr, tokens, in_seq, rank_base, MODE=MODE, HAS_MASK=HAS_MASK
+            )
             h = tl.load(
                 hidden_ptr + tokens[:, None] * stride_hidden + cols[None, :],
                 mask=in_seq[:, None] & in_width[None, :],
@@ -115,7 +119,7 @@ def _pool_backward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H)
+    seq, start, end, cols, in_width = _sequence_and_columns(cu_seqlens_ptr, width, BLOCK_H=BLOCK_H)
     grad = tl.load(
         grad_pooled_ptr + seq.to(tl.int64) * stride_grad_pooled + cols, mask=in_width, other=0.0
     )
@@ -130,7 +134,9 @@ def _pool_backward_kernel(
         elif MODE == 3:
             weights = (tokens == start).to(tl.float32)
         else:
-            weights, rank_base = _token_weights(mask_ptr, tokens, in_seq, rank_base, MODE, HAS_MASK)
+            weights, rank_base = _token_weights(
+                mask_ptr, tokens, in_seq, rank_base, MODE=MODE, HAS_MASK=HAS_MASK
+            )
         tl.store(
             grad_hidden_ptr + tokens[:, None] * stride_grad_hidden + cols[None, :],
             (weights[:, None] * grad[None, :]).to(grad_hidden_ptr.dtype.element_ty),
@@ -212,10 +218,11 @@ class _MaskedPool(torch.autograd.Function):
         return grad_hidden, None, None, None, None
 
 
-def _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens: bool) -> None:
-    if mode not in reference.POOLING_MODES:
+def _check_inputs(hidden, cu_seqlens, pooling_mode, pool_mask, check_cu_seqlens: bool) -> None:
+    if pooling_mode not in reference.POOLING_MODES:
         raise ValueError(
-            f"unknown pooling mode {mode!r}; expected one of {', '.join(reference.POOLING_MODES)}"
+            f"unknown pooling mode {pooling_mode!r};"
+            f" expected one of {', '.join(reference.POOLING_MODES)}"
         )
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(
@@ -235,33 +242,22 @@ def _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens: bool) -
     if pool_mask is not None:
         if pool_mask.shape != (total,):
             raise ValueError(
-                f"pool_mask must have shape ({total},) like hidden's tokens, got {tuple(pool_mask.shape)}"
+                f"pool_mask must have shape ({total},) like hidden's tokens,"
+                f" got {tuple(pool_mask.shape)}"
             )
         if pool_mask.dtype != torch.bool:
             raise TypeError(f"pool_mask must be bool, got {pool_mask.dtype}")
         if pool_mask.device != hidden.device:
             raise ValueError(f"pool_mask is on {pool_mask.device} but hidden is on {hidden.device}")
-    if not check_cu_seqlens:
-        return
-    # one host sync; a bad cu_seqlens would otherwise read or leave tokens out of bounds
-    first, last, min_length = torch.stack(
-        [
-            cu_seqlens[0],
-            cu_seqlens[-1],
-            (cu_seqlens[1:] - cu_seqlens[:-1]).min() if cu_seqlens.numel() > 1 else cu_seqlens[0],
-        ]
-    ).tolist()
-    if first != 0 or last != total or min_length < 0:
-        raise ValueError(
-            f"cu_seqlens must start at 0, never decrease and end at T={total}; got start {first}, end {last}"
-            + (", and a decreasing step" if min_length < 0 else "")
-        )
+    if check_cu_seqlens:
+        # a bad cu_seqlens would read or leave tokens out of bounds
+        validate_cu_seqlens(cu_seqlens, total)
 
 
 def masked_pool(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    mode: str,
+    pooling_mode: str,
     pool_mask: torch.Tensor | None = None,
     normalize: bool = False,
     *,
@@ -270,15 +266,15 @@ def masked_pool(
     """Pool each packed sequence of ``hidden`` into one vector.
 
     hidden ``(T, H)`` float; cu_seqlens int32 ``(B + 1,)`` (0, ..., T); pool_mask ``(T,)`` bool
-    marks the tokens ``mean``/``weighted_mean`` pool (all when None); mode is one of
+    marks the tokens ``mean``/``weighted_mean`` pool (all when None); pooling_mode is one of
     ``reference.POOLING_MODES``. Returns ``(B, H)`` in hidden's dtype (computed in fp32),
     L2-normalised per row when ``normalize``. Sequences with nothing to pool give zeros.
     Differentiable w.r.t. ``hidden``. ``check_cu_seqlens=False`` skips the check of the values
     of cu_seqlens (0, non-decreasing, T), which costs a host sync on a GPU.
     """
-    _check_inputs(hidden, cu_seqlens, mode, pool_mask, check_cu_seqlens)
+    _check_inputs(hidden, cu_seqlens, pooling_mode, pool_mask, check_cu_seqlens)
     if not use_triton(hidden):
-        return reference.masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize)
+        return reference.masked_pool(hidden, cu_seqlens, pooling_mode, pool_mask, normalize)
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(
             f"Triton masked_pool supports float16, bfloat16 and float32, got {hidden.dtype}"
@@ -286,5 +282,5 @@ def masked_pool(
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     return _MaskedPool.apply(
-        hidden, cu_seqlens.contiguous(), MODE_CODES[mode], pool_mask, bool(normalize)
+        hidden, cu_seqlens.contiguous(), MODE_CODES[pooling_mode], pool_mask, bool(normalize)
     )

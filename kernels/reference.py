@@ -28,13 +28,16 @@ def varlen_attention(
     max_seqlen: int,
     *,
     causal: bool = False,
+    window: int | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention within each packed sequence, never across sequences.
 
     q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` with ``Hq % Hkv == 0`` (GQA); returns ``(T, Hq, D)``.
-    Dropout on the attention probabilities uses PyTorch's global RNG.
+    ``window``: query i sees key j only when ``|i - j| < window`` (and ``j <= i`` if causal), as
+    ``kernels.attention.varlen_attention`` documents. Dropout on the attention probabilities uses
+    PyTorch's global RNG.
     """
     del max_seqlen  # the reference walks the sequences one by one
     total, num_q_heads, head_dim = q.shape
@@ -53,12 +56,20 @@ def varlen_attention(
         qs = q[start:end].transpose(0, 1)
         ks = k[start:end].transpose(0, 1)
         vs = v[start:end].transpose(0, 1)
+        mask = None
+        if window is not None:
+            positions = torch.arange(end - start, device=q.device)
+            distance = positions[:, None] - positions[None, :]  # (L, L) query - key
+            mask = (distance < window) & (distance > -window)
+            if causal:
+                mask &= distance >= 0
         os_ = F.scaled_dot_product_attention(
             qs.unsqueeze(0),
             ks.unsqueeze(0),
             vs.unsqueeze(0),
+            attn_mask=mask,
             dropout_p=dropout_p,
-            is_causal=causal,
+            is_causal=causal and mask is None,
             scale=scale,
             enable_gqa=num_q_heads != num_kv_heads,
         )
@@ -77,7 +88,7 @@ def sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 def masked_pool(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    mode: str,
+    pooling_mode: str,
     pool_mask: torch.Tensor | None = None,
     normalize: bool = False,
 ) -> torch.Tensor:
@@ -89,9 +100,9 @@ def masked_pool(
     first, whatever the mask. Sequences with nothing to pool give zeros. Returns ``(B, H)`` in the
     dtype of ``hidden``, computed in fp32.
     """
-    if mode not in POOLING_MODES:
+    if pooling_mode not in POOLING_MODES:
         raise ValueError(
-            f"unknown pooling mode {mode!r}; expected one of {', '.join(POOLING_MODES)}"
+            f"unknown pooling mode {pooling_mode!r}; expected one of {', '.join(POOLING_MODES)}"
         )
     total, width = hidden.shape
     batch = cu_seqlens.numel() - 1
@@ -99,8 +110,8 @@ def masked_pool(
     ends = cu_seqlens[1:].long()
     compute = _compute_dtype(hidden.dtype)
     hidden32 = hidden.to(compute)
-    if mode in ("eos_token", "last_token", "bos_token"):
-        index = (ends - 1) if mode != "bos_token" else starts
+    if pooling_mode in ("eos_token", "last_token", "bos_token"):
+        index = (ends - 1) if pooling_mode != "bos_token" else starts
         nonempty = ends > starts
         picked = (
             hidden32[index.clamp(0, max(total - 1, 0))]
@@ -116,7 +127,7 @@ def masked_pool(
             else pool_mask.bool()
         )
         weights = mask.to(compute)
-        if mode == "weighted_mean":
+        if pooling_mode == "weighted_mean":
             # rank of each pooled token inside its sequence: 1, 2, ... L
             running = torch.cumsum(weights, 0)
             offset = torch.cat([running.new_zeros(1), running])[
@@ -172,7 +183,8 @@ def mntp_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, in fp32 (fp64 for fp64 inputs).
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, in fp32 (fp64 for
+    fp64 inputs).
 
     hidden ``(N, H)``, weight ``(V, H)``, labels ``(N,)``; rows labelled ``ignore_index`` do not
     count. With no counted row the loss is 0 (not NaN), so an unlucky batch cannot poison training.
@@ -239,7 +251,8 @@ def apply_rotary(
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` where gate_up ``(T, 2I)`` holds gate in its first half: returns ``(T, I)``."""
+    """``silu(gate) * up`` where gate_up ``(T, 2I)`` holds gate in its first half: returns
+    ``(T, I)``."""
     gate, up = gate_up.chunk(2, dim=-1)
     compute = _compute_dtype(gate_up.dtype)
     return (F.silu(gate.to(compute)) * up.to(compute)).to(gate_up.dtype)

@@ -2,7 +2,8 @@
 
 One program per tile of tokens x heads: it computes the angles ``position * inv_freq`` and their
 cos/sin in fp32 for its tokens, so no ``(T, D)`` table is ever materialised, and rotates the two
-halves of every head with them. The backward is the same kernel with the inverse rotation (sin negated).
+halves of every head with them. The backward is the same kernel with the inverse rotation (sin
+negated).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def _check_inputs(
         raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if inv_freq.dim() != 1 or inv_freq.shape[0] != head_dim // 2:
         raise ValueError(
-            f"inv_freq must have shape ({head_dim // 2},) for head_dim {head_dim}, got {tuple(inv_freq.shape)}"
+            f"inv_freq must have shape ({head_dim // 2},) for head_dim {head_dim}, "
+            f"got {tuple(inv_freq.shape)}"
         )
     if not inv_freq.is_floating_point():
         raise TypeError(f"inv_freq must be floating-point, got {inv_freq.dtype}")

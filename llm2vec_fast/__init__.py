@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return LLM2Vec
     if name == "read_embeddings":
-        from .corpus.read import read_embeddings
+        from .corpus.output import read_embeddings
 
         return read_embeddings
     raise AttributeError(f"module 'llm2vec_fast' has no attribute {name!r}")

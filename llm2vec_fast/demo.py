@@ -33,6 +33,10 @@ QUESTIONS = (
     "compress data with gzip",
 )
 INSTRUCTION = "Given a question, retrieve Python documentation that answers it:"
+# The job's engine and the one that embeds the questions must agree on these.
+POOLING_MODE = "mean"
+MAX_LENGTH = 256
+MAX_BATCH_TOKENS = 4096
 
 
 def write_corpus(path: Path, limit: int | None) -> int:
@@ -66,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     model = default_model_path()
-    print(
-        f"model: SmolLM2-135M-Instruct (embedded default) at {model} [{time.perf_counter() - started:.1f}s]"
-    )
+    seconds = time.perf_counter() - started
+    print(f"model: SmolLM2-135M-Instruct (embedded default) at {model} [{seconds:.1f}s]")
     corpus = args.output / "stdlib_docstrings.jsonl"
     rows = write_corpus(corpus, args.limit)
     print(f"corpus: {rows} docstrings of the Python standard library -> {corpus}")
@@ -80,24 +83,29 @@ def main(argv: list[str] | None = None) -> int:
             model=str(model),
             id_field="id",
             text_field="text",
-            pooling="mean",
-            max_length=256,
+            pooling_mode=POOLING_MODE,
+            max_length=MAX_LENGTH,
             normalize=True,
             causal=True,
-            batch_tokens=4096,
+            max_batch_tokens=MAX_BATCH_TOKENS,
             overwrite=overwrite,
         )
 
     try:
         summary = embed(args.overwrite)
-    except (
-        JobMismatchError
-    ) as exc:  # another --limit, another Python's docstrings: the old job is of no use
+    except JobMismatchError as exc:  # another --limit or Python: the old job is of no use
         print(f"the last demo run's embeddings do not fit ({exc}): embedding again")
         summary = embed(True)
     print(summary)
 
-    engine = load_engine(str(model), pooling="mean", max_length=256, normalize=True, causal=True)
+    engine = load_engine(
+        str(model),
+        pooling=POOLING_MODE,
+        max_length=MAX_LENGTH,
+        max_batch_tokens=MAX_BATCH_TOKENS,
+        normalize=True,
+        causal=True,
+    )
     texts = {}
     with open(corpus, encoding="utf-8") as handle:
         for line in handle:

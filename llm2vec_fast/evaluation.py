@@ -5,7 +5,9 @@ score, sentence1, sentence2, sometimes more columns after them; no CSV quoting, 
 sentences hold a bare ``"``). The data file is a path given by the caller: nothing is
 downloaded and nothing outside the package is assumed to exist.
 
-``llm2vec-fast eval sts --model PATH [--adapter PATH ...] --data sts-test.csv [--pooling mean] [--causal]``
+``llm2vec-fast eval sts --model PATH [--adapter PATH ...] --data sts-test.csv
+[--pooling-mode mean] [--causal]``; ``llm2vec-fast eval mteb`` runs MTEB tasks
+(``llm2vec_fast.mteb``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .settings import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_LENGTH, DEFAULT_POOLING_MODE
 
 STSB_SCORE_COLUMN = 4  # 0-based: genre, file, year, id, score, sentence1, sentence2
 
@@ -46,7 +50,8 @@ def read_sts(path: str | Path) -> STSData:
             fields = line.split("\t")
             if len(fields) < STSB_SCORE_COLUMN + 3:
                 raise ValueError(
-                    f"{path}:{number}: expected at least 7 tab-separated fields (genre, file, year, id, score, sentence1, sentence2), got {len(fields)}"
+                    f"{path}:{number}: expected at least 7 tab-separated fields (genre, file, "
+                    f"year, id, score, sentence1, sentence2), got {len(fields)}"
                 )
             try:
                 score = float(fields[STSB_SCORE_COLUMN])
@@ -92,7 +97,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
         if not np.isfinite(values).all():
             bad = np.flatnonzero(~np.isfinite(values))
             raise ValueError(
-                f"spearman: the {name} array holds {len(bad)} NaN/inf values (first at index {bad[0]})"
+                f"spearman: the {name} array holds {len(bad)} NaN/inf values"
+                f" (first at index {bad[0]})"
             )
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -110,17 +116,30 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def evaluate_sts(
-    encoder: Any, data: STSData, *, batch_size: int = 32, show_progress_bar: bool = False
+    encoder: Any,
+    data: STSData,
+    *,
+    batch_size: int = 32,
+    show_progress_bar: bool = False,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
 ) -> dict[str, Any]:
-    """Spearman x100 of cosine similarity against the gold scores, for an ``LLM2Vec``-like encoder."""
+    """Spearman x100 of cosine similarity against the gold scores, for an ``LLM2Vec``-like
+    encoder; ``prompt`` / ``prompt_name`` go to its ``encode`` (both sentences get it)."""
     unique = sorted(set(data.sentences1) | set(data.sentences2))
     index = {sentence: i for i, sentence in enumerate(unique)}
+    prompts = {
+        key: value
+        for key, value in (("prompt", prompt), ("prompt_name", prompt_name))
+        if value is not None
+    }
     embeddings = np.asarray(
         encoder.encode(
             unique,
             batch_size=batch_size,
             show_progress_bar=show_progress_bar,
             convert_to_numpy=True,
+            **prompts,
         )
     )
     first = embeddings[[index[s] for s in data.sentences1]]
@@ -128,83 +147,150 @@ def evaluate_sts(
     if not np.isfinite(embeddings).all():
         bad = sorted({unique[i] for i in np.flatnonzero(~np.isfinite(embeddings).all(axis=1))})
         raise ValueError(
-            f"the encoder gave NaN/inf embeddings for {len(bad)} sentences (first: {bad[0][:80]!r});"
-            " a 16-bit dtype may overflow: try --dtype float32"
+            f"the encoder gave NaN/inf embeddings for {len(bad)} sentences"
+            f" (first: {bad[0][:80]!r}); a 16-bit dtype may overflow: try --dtype float32"
         )
     similarity = cosine_rows(first, second)
     return {"spearman": 100.0 * spearman(similarity, data.scores), "pairs": len(data.scores)}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate an encoder (STS Spearman)")
+    parser = subparsers.add_parser("eval", help="evaluate an encoder (STS Spearman, MTEB)")
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     sts = tasks.add_parser(
         "sts", help="STS-B style file: Spearman x100 of cosine similarity vs gold scores"
     )
-    sts.add_argument(
-        "--model", required=True, help="model folder, .gguf file, or LLM2Vec MNTP adapter folder"
-    )
-    sts.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        help="LoRA adapter merged on top (repeatable, in order)",
-    )
+    _add_encoder_arguments(sts)
     sts.add_argument(
         "--data",
         required=True,
         help="STS file (tab-separated: genre, file, year, id, score, sentence1, sentence2)",
     )
-    sts.add_argument(
-        "--pooling",
+    sts.add_argument("--output", help="also write the result as JSON here")
+    prompt = sts.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt-name",
         default=None,
-        help="pooling mode (mean, weighted_mean, eos_token, last_token,"
-        " bos_token; default: the adapter's llm2vec_config.json, else mean)",
+        help="the model's prompt of this name (config_sentence_transformers.json) before every"
+        " sentence (default: the model's default prompt, if any)",
     )
-    sts.add_argument(
+    prompt.add_argument(
+        "--prompt",
+        default=None,
+        help="this prompt before every sentence (an llm2vec model takes it as the instruction)",
+    )
+    sts.set_defaults(run=_run_sts)
+
+    mteb = tasks.add_parser(
+        "mteb", help="MTEB tasks through mteb.evaluate (needs the [mteb] extra)"
+    )
+    _add_encoder_arguments(mteb)
+    mteb.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated MTEB task names, benchmarks such as 'MTEB(eng, v2)', or local"
+        " task definitions (.json files; see llm2vec_fast/mteb.py)",
+    )
+    mteb.add_argument("--output", required=True, help="mteb's results folder goes here")
+    mteb.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        help=f"tokens per packed batch, no padding (default: {DEFAULT_MAX_BATCH_TOKENS})",
+    )
+    mteb.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run every task again (default: only what --output lacks)",
+    )
+    mteb.set_defaults(run=_run_mteb)
+
+
+def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that load the encoder, shared by the evaluations."""
+    parser.add_argument(
+        "--model", required=True, help="model folder, .gguf file, or LLM2Vec MNTP adapter folder"
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="LoRA adapter merged on top (repeatable, in order)",
+    )
+    parser.add_argument(
+        "--pooling-mode",
+        default=None,
+        help="mean, weighted_mean, eos_token, last_token or bos_token (default: the adapter's"
+        f" llm2vec_config.json, else {DEFAULT_POOLING_MODE})",
+    )
+    parser.add_argument(
         "--causal",
         action="store_true",
         help="causal attention (the untouched decoder) instead of"
         " bidirectional (or what the adapter was trained with)",
     )
-    sts.add_argument(
+    parser.add_argument(
         "--max-length",
         type=int,
         default=None,
-        help="tokens per sentence (default: the adapter's"
-        " llm2vec_config.json, else 512; without this option llm2vec's rules apply, its word cut at"
+        help="tokens per sentence (default: the adapter's llm2vec_config.json, else"
+        f" {DEFAULT_MAX_LENGTH}; without this option llm2vec's rules apply, its word cut at"
         " doc_max_length included)",
     )
-    sts.add_argument(
+    parser.add_argument(
         "--dtype",
         default=None,
         help="float32, bfloat16, ... (default: bf16 on a GPU, fp32 on a CPU)",
     )
-    sts.add_argument("--output", help="also write the result as JSON here")
-    sts.set_defaults(run=_run_sts)
+
+
+def _run_mteb(args: argparse.Namespace) -> int:
+    try:
+        from .mteb import run_eval_mteb
+    except ModuleNotFoundError as error:
+        if error.name != "mteb":
+            raise
+        raise SystemExit(
+            'llm2vec-fast eval mteb: error: mteb is not installed; pip install "llm2vec-fast[mteb]"'
+        ) from None
+    return run_eval_mteb(
+        args, lambda: encoder_from_args(args, max_batch_tokens=args.max_batch_tokens)
+    )
+
+
+def encoder_from_args(args: argparse.Namespace, **options):
+    """The encoder the shared model options of ``eval`` name. ``enable_bidirectional`` None: as
+    the adapter was trained (else True); a given ``--max-length`` alone decides the cut (no
+    llm2vec word cut at doc_max_length)."""
+    from .encoder import LLM2Vec
+
+    return LLM2Vec.from_pretrained(
+        args.model,
+        adapters=args.adapter,
+        enable_bidirectional=False if args.causal else None,
+        pooling_mode=args.pooling_mode,
+        max_length=args.max_length,
+        doc_max_length=args.max_length,
+        dtype=args.dtype,
+        **options,
+    )
 
 
 def _run_sts(args: argparse.Namespace) -> int:
-    from .encoder import LLM2Vec
-
     data = read_sts(args.data)
-    encoder = LLM2Vec.from_pretrained(
-        args.model,
-        adapters=args.adapter,
-        enable_bidirectional=False
-        if args.causal
-        else None,  # None: as the adapter was trained (else True)
-        pooling_mode=args.pooling,
-        max_length=args.max_length,
-        doc_max_length=args.max_length,  # a given --max-length alone decides: no llm2vec word cut at 400
-        dtype=args.dtype,
+    encoder = encoder_from_args(args)
+    result = evaluate_sts(
+        encoder,
+        data,
+        show_progress_bar=True,
+        prompt=args.prompt,
+        prompt_name=args.prompt_name,
     )
-    result = evaluate_sts(encoder, data, show_progress_bar=True)
     result.update(
         model=str(args.model),
         adapters=list(args.adapter),
         data=str(args.data),
-        pooling=encoder.pooling_mode,
+        pooling_mode=encoder.pooling_mode,
         max_length=encoder.max_length,
         causal=not encoder.enable_bidirectional,
     )

@@ -11,14 +11,6 @@ import json
 import os
 from pathlib import Path
 
-CACHE_ENV = "LLM2VEC_FAST_CACHE"
-
-
-def model_cache_dir() -> Path:
-    """Where converted models are cached: ``$LLM2VEC_FAST_CACHE`` or ``~/.cache/llm2vec-fast``."""
-    configured = os.environ.get(CACHE_ENV, "").strip()
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "llm2vec-fast"
-
 
 def describe_extension() -> str:
     from llm2vec_fast._ext import extension_status
@@ -57,9 +49,10 @@ def describe_cuda_devices() -> list[str]:
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         memory_gib = props.total_memory / 2**30
+        bf16 = props.major >= 8  # Ampere on; per device, not the current one
         devices.append(
             f"cuda:{index} {props.name} (sm_{props.major}{props.minor}, {memory_gib:.0f} GiB, "
-            f"bf16 {'yes' if props.major >= 8 else 'no'})"  # Ampere on; per device, not the current one
+            f"bf16 {'yes' if bf16 else 'no'})"
         )
     return devices
 
@@ -77,6 +70,7 @@ def describe_cpu_bf16() -> str:
 
 def collect_info() -> dict[str, object]:
     from llm2vec_fast import __version__
+    from llm2vec_fast.default_model import model_cache_dir
     from llm2vec_fast.kernels import describe
 
     return {

@@ -1,4 +1,4 @@
-"""The decoder runtime over packed tokens: Llama / Mistral / Qwen2 as one module.
+"""The decoder runtime over packed tokens: Llama / Mistral / Qwen2 / Qwen3 as one module.
 
 Every sequence of a batch is packed into one ``(T, hidden)`` stream described by ``cu_seqlens``;
 no pad token is ever computed. Each op goes through ``llm2vec_fast.kernels``, so the same code
@@ -16,6 +16,8 @@ Dropout, for SimCSE (both off by default, both only active in train mode):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ModelConfig
-from .varlen import varlen_metadata
+from .packed import Packed
 
 
 class RMSNorm(nn.Module):
@@ -40,42 +42,49 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, sliding_window: int | None = None) -> None:
+        """``sliding_window``: this layer's window, applied to causal passes (bidirectional
+        encoding attends over the whole sequence, as LLM2Vec does)."""
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        self.sliding_window = sliding_window
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.qkv_split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_split), bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.dropout_p = 0.0
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        position_ids: torch.Tensor,
-        inv_freq: torch.Tensor,
-        causal: bool,
+        self, x: torch.Tensor, packed: Packed, inv_freq: torch.Tensor, causal: bool
     ) -> torch.Tensor:
         total = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        if self.q_norm is not None:
+            # Qwen3's per-head RMSNorm is the model's rms_norm kernel over (T * H, D) rows, one
+            # row per head: its forward, backward and rounding already are Qwen3RMSNorm's, so no
+            # kernel of its own. A fusion with RoPE would save one pass over q and k, small beside
+            # the projections.
+            q = self.q_norm(q.reshape(total * self.num_heads, self.head_dim))[0]
+            k = self.k_norm(k.reshape(total * self.num_kv_heads, self.head_dim))[0]
         q = q.view(total, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.view(total, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(total, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        q, k = kernels.apply_rotary(q, k, position_ids, inv_freq)
+        q, k = kernels.apply_rotary(q, k, packed.position_ids, inv_freq)
         out = kernels.varlen_attention(
             q,
             k,
             v,
-            cu_seqlens,
-            max_seqlen,
+            packed.cu_seqlens,
+            packed.max_seqlen,
             causal=causal,
+            window=self.sliding_window if causal else None,
             dropout_p=self.dropout_p if self.training else 0.0,
-            check_cu_seqlens=False,  # DecoderModel.forward checked them once for all layers
+            check_cu_seqlens=False,  # checked once for all layers, where the batch was built
         )  # (T, Hq, D)
         return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 
@@ -96,10 +105,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, config.layer_window(layer))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
         self.hidden_dropout_p = 0.0
@@ -108,16 +117,14 @@ class DecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        position_ids: torch.Tensor,
+        packed: Packed,
         inv_freq: torch.Tensor,
         causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes and returns the residual stream split as ``(block output, residual)``; their sum
         is the hidden state, added inside the next norm."""
         normed, residual = self.input_layernorm(hidden, residual)
-        attn = self.self_attn(normed, cu_seqlens, max_seqlen, position_ids, inv_freq, causal)
+        attn = self.self_attn(normed, packed, inv_freq, causal)
         attn = F.dropout(attn, self.hidden_dropout_p, self.training)
         normed, residual = self.post_attention_layernorm(attn, residual)
         out = F.dropout(self.mlp(normed), self.hidden_dropout_p, self.training)
@@ -133,7 +140,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -152,8 +159,8 @@ class DecoderModel(nn.Module):
             return self.lm_head.weight
         if not self.config.tie_word_embeddings:
             raise ValueError(
-                "this checkpoint has no lm_head.weight (a bare decoder, as llm2vec's save() writes):"
-                " it encodes, but MNTP training needs the model's output embedding"
+                "this checkpoint has no lm_head.weight (a bare decoder, as llm2vec's save()"
+                " writes): it encodes, but MNTP training needs the model's output embedding"
             )
         return self.embed_tokens.weight
 
@@ -170,48 +177,32 @@ class DecoderModel(nn.Module):
         """Recompute each layer in the backward pass instead of keeping its activations."""
         self.gradient_checkpointing = enabled
 
+    @property
+    def rope_inv_freq(self) -> torch.Tensor:
+        """The RoPE inverse frequencies ``(D // 2,)`` fp32, on the device of the last forward."""
+        return self._inv_freq
+
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """The RoPE inverse frequencies ``(D // 2,)`` fp32 on ``device`` (moved there once)."""
         if self._inv_freq.device != device:
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        position_ids: torch.Tensor | None = None,
-        *,
-        causal: bool = False,
-    ) -> torch.Tensor:
-        """input_ids ``(T,)``, cu_seqlens int32 ``(B + 1,)`` -> last hidden states ``(T, hidden)``
-        after the final norm. Attention is bidirectional within each sequence unless ``causal``."""
-        self.check_inputs(input_ids, cu_seqlens, max_seqlen, position_ids, causal)
-        if position_ids is None:
-            _, position_ids = varlen_metadata(
-                cu_seqlens, input_ids.shape[0]
-            )  # (T,) restarting at 0
-        return self.forward_unchecked(
-            input_ids, cu_seqlens, max_seqlen, position_ids, causal=causal
-        )
+    def forward(self, packed: Packed, *, causal: bool = False) -> torch.Tensor:
+        """A packed batch -> last hidden states ``(T, hidden)`` after the final norm. Attention is
+        bidirectional within each sequence unless ``causal``. ``packed`` was validated when it
+        was built; this adds the model's own rules (``check_inputs``)."""
+        self.check_inputs(packed)
+        return self.forward_unchecked(packed, causal=causal)
 
-    def forward_unchecked(
-        self,
-        input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        position_ids: torch.Tensor,
-        *,
-        causal: bool = False,
-    ) -> torch.Tensor:
-        """``forward`` without reading cu_seqlens back to the host: for inputs already checked (on
-        the host, by ``check_inputs``) and for CUDA graph capture, where a device sync is illegal."""
-        inv_freq = self.inv_freq_on(input_ids.device)
-        hidden = self.embed_tokens(input_ids)  # (T, hidden)
+    def forward_unchecked(self, packed: Packed, *, causal: bool = False) -> torch.Tensor:
+        """``forward`` without ``check_inputs``, which reads token ids back to the host: for a
+        batch whose host copy was checked, and for CUDA graph capture, where a sync is illegal."""
+        inv_freq = self.inv_freq_on(packed.device)
+        hidden = self.embed_tokens(packed.input_ids)  # (T, hidden)
         residual = None
         for layer in self.layers:
-            args = (hidden, residual, cu_seqlens, max_seqlen, position_ids, inv_freq, causal)
+            args = (hidden, residual, packed, inv_freq, causal)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, residual = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -219,56 +210,34 @@ class DecoderModel(nn.Module):
         normed, _ = self.norm(hidden, residual)
         return normed
 
-    def check_inputs(
-        self,
-        input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        position_ids: torch.Tensor | None,
-        causal: bool,
-    ) -> None:
-        """Shapes, dtypes, token ids and cu_seqlens values, once per forward; the layers then skip the
-        kernels' own checks."""
-        if input_ids.ndim != 1 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"input_ids must be a 1-D integer tensor (T,), got {input_ids.dtype} {tuple(input_ids.shape)}"
-            )
-        if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D int32 tensor (B + 1,) with B >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-            )
-        if position_ids is not None and position_ids.shape != input_ids.shape:
-            raise ValueError(
-                f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        window = self.config.sliding_window
-        if causal and window is not None and max_seqlen > window:
-            raise ValueError(
-                f"causal pass over {max_seqlen} tokens exceeds the model's sliding window ({window}), "
-                "which this runtime does not apply"
-            )
-        values = [cu_seqlens.to(torch.int64)]
-        if input_ids.numel():
-            values.append(torch.stack(torch.aminmax(input_ids)).to(torch.int64))
-        values = torch.cat(
-            values
-        ).tolist()  # one device sync per forward on a GPU, instead of one per layer
-        bounds = values[: cu_seqlens.numel()]
+    def check_inputs(self, packed: Packed) -> None:
+        """The model's rules for a packed batch (Packed checked its own layout): token ids
+        inside the vocabulary. One device sync when the batch is on a GPU; none on the host."""
+        if not packed.num_tokens:
+            return
+        lowest, highest = torch.stack(torch.aminmax(packed.input_ids)).tolist()
         vocab = self.config.vocab_size
-        outside = [token for token in values[cu_seqlens.numel() :] if not 0 <= token < vocab]
-        if outside:
-            raise ValueError(
-                f"token id {outside[0]} is outside the model's vocabulary [0, {vocab}): does the"
-                " tokenizer belong to this model?"
-            )
-        if bounds[0] != 0 or bounds[-1] != input_ids.shape[0]:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={input_ids.shape[0]}, got {bounds[0]}..{bounds[-1]}"
-            )
-        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        if any(length < 0 for length in lengths):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if lengths and max(lengths) > max_seqlen:
-            raise ValueError(
-                f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})"
-            )
+        for token in (lowest, highest):
+            if not 0 <= token < vocab:
+                raise ValueError(
+                    f"token id {token} is outside the model's vocabulary [0, {vocab}): does the"
+                    " tokenizer belong to this model?"
+                )
+
+
+def forward_and_pool(
+    forward: Callable[..., torch.Tensor],
+    packed: Packed,
+    pooling_mode: str,
+    *,
+    causal: bool,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """One vector per sequence: ``forward(packed, causal=causal)`` (a ``DecoderModel``, its DDP
+    wrapper or its ``forward_unchecked``), then each sequence pooled over ``packed.pool_mask``.
+    Returns ``(B, hidden)``, L2-normalised when ``normalize``; cu_seqlens were validated where
+    ``packed`` was built."""
+    hidden = forward(packed, causal=causal)  # (T, hidden)
+    return kernels.masked_pool(
+        hidden, packed.cu_seqlens, pooling_mode, packed.pool_mask, normalize, check_cu_seqlens=False
+    )  # (B, hidden)

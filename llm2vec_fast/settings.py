@@ -1,14 +1,20 @@
 """Names, defaults and file names shared by encoding, training and the corpus job.
 
 Each setting has one name and one default here; the CLI, the Python API and the runtime import
-them, so that a default changes in one place.
+them, so that a default changes in one place. torch is imported only by the dtype functions:
+the command-line parsers read their defaults here, and ``llm2vec-fast --help`` stays light.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
 
 # Files of a model folder and of an adapter folder (transformers' and PEFT's names).
 CONFIG_FILE = "config.json"
@@ -30,6 +36,8 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/``"auto"``: bf16 on a GPU, fp32 on a CPU; else a torch dtype or its name."""
+    import torch
+
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
@@ -57,3 +65,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             "float16 on a CPU is slow and imprecise; prefer bfloat16 or float32", stacklevel=3
         )
     return resolved
+
+
+def resolve_training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Like ``resolve_dtype`` on a GPU; a CPU always trains in fp32 (its bf16 matmuls are slow)."""
+    import torch
+
+    if device.type != "cuda":
+        if name not in ("auto", "float32"):
+            logger.info("torch_dtype=%s applies on a GPU; training on the CPU in float32", name)
+        return torch.float32
+    return resolve_dtype(name, device)

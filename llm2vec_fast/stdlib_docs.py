@@ -18,7 +18,8 @@ def _first_paragraph(doc: str, max_chars: int) -> str:
 
 
 def iter_stdlib_docstrings(min_chars: int = 40, max_chars: int = 600) -> Iterator[dict]:
-    """Yield ``{"id": "module.qualname", "text": first paragraph}`` for modules, classes and functions.
+    """Yield ``{"id": "module.qualname", "text": first paragraph}`` for modules, classes and
+    functions.
 
     Walks the standard library's ``.py`` files in sorted order (so the corpus is the same on every
     run), skipping tests, private names, methods, codecs and idle/tkinter demos.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .kernels.reference import POOLING_MODES
+from .settings import CONFIG_FILE, DEFAULT_MAX_LENGTH, DEFAULT_POOLING_MODE, LLM2VEC_DOC_MAX_LENGTH
 
 # llm2vec joins instruction and text with this marker, then splits on it again before tokenizing.
 SEPARATOR = "!@#$%^&*()"
@@ -39,7 +40,7 @@ def model_identity(model_path: str | Path) -> str:
     model (for an LLM2Vec chain: the MNTP folder, not the folder its weights come from); ""
     when the entry is absent or the path is not a folder with a config.json (a GGUF file).
     """
-    config_path = Path(model_path) / "config.json"
+    config_path = Path(model_path) / CONFIG_FILE
     if not config_path.is_file():
         return ""
     return str(json.loads(config_path.read_text()).get("_name_or_path", ""))
@@ -65,18 +66,19 @@ def check_positive_int(name: str, value: Any) -> None:
 
 
 def _check_encodable(index: int, text: str) -> None:
-    """A lone surrogate (e.g. from text decoded with errors="surrogateescape") has no UTF-8 form."""
+    """A lone surrogate (text decoded with errors="surrogateescape", say) has no UTF-8 form."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(
-            f"inputs[{index}] is not valid Unicode: {exc.object[exc.start : exc.end]!r} at character"
-            f" {exc.start} is a lone surrogate"
+            f"inputs[{index}] is not valid Unicode: {exc.object[exc.start : exc.end]!r} at"
+            f" character {exc.start} is a lone surrogate"
         ) from None
 
 
 def as_instruction_pairs(inputs: Sequence) -> list[tuple[str, str]]:
-    """Validate inputs: each a text (str) or an [instruction, text] pair; a text gets "" as instruction."""
+    """Validate inputs: each a text (str) or an [instruction, text] pair; a bare text gets ""
+    as its instruction."""
     if isinstance(inputs, (str, bytes)):
         raise TypeError(
             "inputs must be a sequence of texts or [instruction, text] pairs, got a single "
@@ -161,10 +163,10 @@ def tokenize(
     tokenizer,
     inputs: Sequence,
     *,
-    max_length: int = 512,
-    doc_max_length: int = 400,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    doc_max_length: int = LLM2VEC_DOC_MAX_LENGTH,
     skip_instruction: bool = True,
-    pooling_mode: str = "mean",
+    pooling_mode: str = DEFAULT_POOLING_MODE,
     model_name: str = "",
     model_type: str = "",
 ) -> list[TokenizedText]:

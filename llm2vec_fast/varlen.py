@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._ext import cuda_ops_loaded, extension_loaded, ops
+from .kernels import validate_cu_seqlens
 
 
 def varlen_metadata(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +22,7 @@ def varlen_metadata(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor,
         if cuda_ops_loaded():
             return ops().varlen_metadata(cu_seqlens, total)
         return _varlen_metadata_torch(cu_seqlens, total)
-    _check_cpu_cu_seqlens(cu_seqlens)
+    validate_cu_seqlens(cu_seqlens)  # start at 0, never decrease
     if extension_loaded():
         return ops().varlen_metadata(cu_seqlens, total)
     return _varlen_metadata_torch(cu_seqlens, total)
@@ -40,18 +41,6 @@ def _check_inputs(cu_seqlens: torch.Tensor, total: int) -> None:
         raise TypeError(f"total must be an int, got {total!r}")
     if not 0 <= total <= torch.iinfo(torch.int32).max:
         raise ValueError(f"total must be in [0, 2^31 - 1], got {total}")
-
-
-def _check_cpu_cu_seqlens(cu_seqlens: torch.Tensor) -> None:
-    if int(cu_seqlens[0]) != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
-    steps = torch.diff(cu_seqlens)
-    if steps.numel() > 0 and int(steps.min()) < 0:
-        b = int(torch.argmin(steps))
-        raise ValueError(
-            f"cu_seqlens must be non-decreasing, got {int(cu_seqlens[b])} then "
-            f"{int(cu_seqlens[b + 1])} at index {b}"
-        )
 
 
 def _varlen_metadata_torch(

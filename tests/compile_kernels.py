@@ -9,8 +9,9 @@ so each launcher picks exactly the block sizes, warps and stages it would pick o
 distinct launch is then compiled by Triton down to a cubin for sm_80 (A100) and sm_90 (H100),
 and the shared memory it needs is checked against the card's per-block limit.
 
-    python tests/compile_kernels.py            # the full matrix (all dtypes, head dims, options)
-    python tests/compile_kernels.py --quick    # one case per kernel and option (CI)
+    python tests/compile_kernels.py                   # the full matrix (dtypes, head dims, options)
+    python tests/compile_kernels.py --quick           # one case per kernel and option (slow tests)
+    python tests/compile_kernels.py --representative  # each kernel once (default test suite)
 
 Exit status 1 if any launch fails to compile or does not fit.
 """
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit(
-        "compile_kernels.py needs TRITON_INTERPRET unset: it compiles for GPUs instead of interpreting"
+        "compile_kernels.py needs TRITON_INTERPRET unset: "
+        "it compiles for GPUs instead of interpreting"
     )
 os.environ["LLM2VEC_FAST_BACKEND"] = "triton"  # CPU tensors go to the Triton launchers
 
@@ -87,7 +89,8 @@ def _launch_of(kernel: JITFunction, args: tuple, kwargs: dict) -> Launch:
 
 
 def record_launches(workload) -> list[Launch]:
-    """Run ``workload()`` with every Triton launch recorded (in order, duplicates kept), none run."""
+    """Run ``workload()`` with every Triton launch recorded (in order, duplicates kept), none
+    run."""
     launches: list[Launch] = []
     original_run = JITFunction.run
 
@@ -103,7 +106,8 @@ def record_launches(workload) -> list[Launch]:
 
 
 def compile_launch(launch: Launch, arch: int) -> int:
-    """Compile ``launch`` to a cubin for ``sm_{arch}``; returns the shared memory it needs (bytes)."""
+    """Compile ``launch`` to a cubin for ``sm_{arch}``; returns the shared memory it needs
+    (bytes)."""
     source = ASTSource(
         fn=launch.kernel, signature=dict(launch.signature), constexprs=dict(launch.constexprs)
     )
@@ -128,7 +132,12 @@ def _backward(*outputs: torch.Tensor) -> None:
 
 
 def attention(
-    dtype: torch.dtype, head_dim: int, causal: bool, dropout_p: float, deterministic: bool = True
+    dtype: torch.dtype,
+    head_dim: int,
+    causal: bool,
+    dropout_p: float,
+    deterministic: bool = True,
+    window: int | None = None,
 ) -> None:
     cu_seqlens = torch.tensor([0, 5, 5, 70, 200], dtype=torch.int32)
     total = int(cu_seqlens[-1])
@@ -142,6 +151,7 @@ def attention(
         cu_seqlens,
         130,
         causal=causal,
+        window=window,
         dropout_p=dropout_p,
         dropout_seed=seed,
         deterministic=deterministic,
@@ -151,11 +161,11 @@ def attention(
         dropout_keep_mask(4, total, dropout_p, seed, "cpu")
 
 
-def pooling(dtype: torch.dtype, mode: str, normalize: bool) -> None:
+def pooling(dtype: torch.dtype, pooling_mode: str, normalize: bool) -> None:
     cu_seqlens = torch.tensor([0, 3, 3, 40], dtype=torch.int32)
     hidden = _randn(40, 576, dtype=dtype)
     pool_mask = torch.arange(40) % 3 != 0
-    _backward(kernels.masked_pool(hidden, cu_seqlens, mode, pool_mask, normalize))
+    _backward(kernels.masked_pool(hidden, cu_seqlens, pooling_mode, pool_mask, normalize))
 
 
 def contrastive(dtype: torch.dtype, symmetric: bool, hard_negatives: bool) -> None:
@@ -195,8 +205,10 @@ def mlp(dtype: torch.dtype, intermediate: int) -> None:
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def workloads(quick: bool) -> list[tuple[str, object]]:
-    """(label, callable) pairs; ``quick`` covers each kernel option once, the full set every combination."""
+def workloads(matrix: str) -> list[tuple[str, object]]:
+    """(label, callable) pairs. ``representative`` launches every kernel once, each with its
+    options on (causal attention with dropout, symmetric contrastive loss with hard negatives,
+    ...); ``quick`` covers each kernel option once; ``full`` every combination."""
     cases: list[tuple[str, object]] = []
 
     def add(fn, **kw) -> None:
@@ -208,7 +220,17 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
         )
         cases.append((label, lambda: fn(**kw)))
 
-    if quick:
+    if matrix == "representative":
+        add(attention, dtype=torch.bfloat16, head_dim=64, causal=True, dropout_p=0.1)
+        add(attention, dtype=torch.bfloat16, head_dim=128, causal=False, dropout_p=0.0, window=48)
+        add(pooling, dtype=torch.bfloat16, pooling_mode="weighted_mean", normalize=True)
+        add(contrastive, dtype=torch.bfloat16, symmetric=True, hard_negatives=True)
+        add(mntp, dtype=torch.bfloat16, vocab=1000, weight_grad=True)
+        add(norm, dtype=torch.bfloat16, hidden_size=576, residual=True)
+        add(rope, dtype=torch.bfloat16, head_dim=128)
+        add(mlp, dtype=torch.bfloat16, intermediate=1536)
+        return cases
+    if matrix == "quick":
         for head_dim in (64, 80, 96, 128, 256):
             add(attention, dtype=torch.bfloat16, head_dim=head_dim, causal=False, dropout_p=0.0)
         add(attention, dtype=torch.float16, head_dim=128, causal=True, dropout_p=0.1)
@@ -221,8 +243,13 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
             dropout_p=0.1,
             deterministic=False,
         )
-        for mode in kernels.POOLING_MODES:
-            add(pooling, dtype=torch.bfloat16, mode=mode, normalize=mode == "mean")
+        for pooling_mode in kernels.POOLING_MODES:
+            add(
+                pooling,
+                dtype=torch.bfloat16,
+                pooling_mode=pooling_mode,
+                normalize=pooling_mode == "mean",
+            )
         add(contrastive, dtype=torch.bfloat16, symmetric=True, hard_negatives=True)
         add(contrastive, dtype=torch.float32, symmetric=False, hard_negatives=False)
         add(mntp, dtype=torch.bfloat16, vocab=1000, weight_grad=True)
@@ -245,9 +272,9 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
                             dropout_p=dropout_p,
                             deterministic=deterministic,
                         )
-        for mode in kernels.POOLING_MODES:
+        for pooling_mode in kernels.POOLING_MODES:
             for normalize in (False, True):
-                add(pooling, dtype=dtype, mode=mode, normalize=normalize)
+                add(pooling, dtype=dtype, pooling_mode=pooling_mode, normalize=normalize)
         for symmetric in (False, True):
             for hard_negatives in (False, True):
                 add(contrastive, dtype=dtype, symmetric=symmetric, hard_negatives=hard_negatives)
@@ -266,8 +293,14 @@ def workloads(quick: bool) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="one case per kernel option (what CI runs)"
+    matrix = parser.add_mutually_exclusive_group()
+    matrix.add_argument(
+        "--quick", action="store_true", help="one case per kernel option (the slow tests)"
+    )
+    matrix.add_argument(
+        "--representative",
+        action="store_true",
+        help="every kernel once, with its options on (the default test suite)",
     )
     parser.add_argument(
         "--arch",
@@ -280,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     archs = args.arch or sorted(SHARED_MEMORY_LIMIT)
 
     unique: dict[Launch, str] = {}
-    for label, workload in workloads(args.quick):
+    chosen = "quick" if args.quick else "representative" if args.representative else "full"
+    for label, workload in workloads(chosen):
         for launch in record_launches(workload):
             unique.setdefault(launch, label)
     print(
@@ -308,15 +342,15 @@ def main(argv: list[str] | None = None) -> int:
             if shared > SHARED_MEMORY_LIMIT[arch]:
                 failures += 1
                 print(
-                    f"FAIL sm_{arch} {launch.describe()}  (from {label}): needs {shared} B of shared memory, "
+                    f"FAIL sm_{arch} {launch.describe()}  (from {label}): "
+                    f"needs {shared} B of shared memory, "
                     f"the card allows {SHARED_MEMORY_LIMIT[arch]}",
                     flush=True,
                 )
             else:
                 print(f"ok   sm_{arch} {launch.describe()}  shared {shared} B", flush=True)
-    print(
-        f"{len(unique) * len(archs) - failures} compiled, {failures} failed in {time.perf_counter() - started:.0f} s"
-    )
+    elapsed = time.perf_counter() - started
+    print(f"{len(unique) * len(archs) - failures} compiled, {failures} failed in {elapsed:.0f} s")
     return 1 if failures else 0
 
 

@@ -67,7 +67,8 @@ def assert_close_to_oracle(
     baseline_error = max_error(baseline, oracle)
     bound = factor * baseline_error + atol
     assert error <= bound, (
-        f"{name}: kernel error {error:.3e} > {factor} x PyTorch error {baseline_error:.3e} + atol {atol:.1e}"
+        f"{name}: kernel error {error:.3e} > {factor} x PyTorch error {baseline_error:.3e} "
+        f"+ atol {atol:.1e}"
     )
 
 
@@ -90,7 +91,8 @@ def nan_allocations() -> Iterator[None]:
 
 
 class fresh_tensor_shapes(TorchDispatchMode):
-    """Records the shape of every tensor an ATen op returns that is not a view or an in-place result."""
+    """Records the shape of every tensor an ATen op returns that is not a view or an in-place
+    result."""
 
     def __init__(self) -> None:
         super().__init__()

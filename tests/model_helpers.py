@@ -17,11 +17,13 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from llm2vec_fast.config import ModelConfig
-from llm2vec_fast.loading import build_model, canonical_tensors
 from llm2vec_fast.model import DecoderModel
+from llm2vec_fast.packed import Packed
+from llm2vec_fast.weights import build_model, canonical_tensors
 
 VOCAB = 96
 TINY = dict(
@@ -37,12 +39,20 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
-FAMILIES = tuple(CONFIG_CLASSES)
+CONFIG_CLASSES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+# The families whose head_dim is hidden / heads (16 here); Qwen3 has its own tests.
+FAMILIES = ("llama", "mistral", "qwen2")
+# Qwen3: head_dim explicit and unlike hidden / heads, so that q/k/v sizes cannot be derived wrongly.
+FAMILY_DEFAULTS = {"qwen3": dict(head_dim=24)}
 
 
 def tiny_hf_config(family: str, **overrides):
-    values = dict(TINY, attn_implementation="eager")
+    values = dict(TINY, attn_implementation="eager", **FAMILY_DEFAULTS.get(family, {}))
     values.update(overrides)
     return CONFIG_CLASSES[family](**values)
 
@@ -90,21 +100,12 @@ def hf_hidden_states(hf_model, ids: list[int], *, causal: bool) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
-def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """input_ids ``(T,)``, cu_seqlens int32 ``(B + 1,)`` and max_seqlen of these sequences."""
-    lengths = [len(seq) for seq in sequences]
-    input_ids = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return input_ids, cu_seqlens, max(lengths, default=0)
-
-
 def runtime_hidden_states(
     model: DecoderModel, sequences: list[list[int]], *, causal: bool
 ) -> list[torch.Tensor]:
     """Our runtime on all sequences packed together, split back per sequence."""
-    input_ids, cu_seqlens, max_seqlen = pack(sequences)
     with torch.no_grad():
-        hidden = model(input_ids, cu_seqlens, max_seqlen, causal=causal)
+        hidden = model(Packed.from_sequences(sequences), causal=causal)
     return list(hidden.split([len(seq) for seq in sequences]))
 
 

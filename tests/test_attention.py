@@ -86,6 +86,7 @@ def check_against_reference(
     device,
     *,
     causal,
+    window=None,
     softmax_scale=None,
     exact_dtype=torch.float64,
     deterministic=True,
@@ -93,7 +94,7 @@ def check_against_reference(
     cu_seqlens = cu_seqlens_of(lengths, device)
     max_seqlen = max(lengths)
     q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
-    options = dict(causal=causal, softmax_scale=softmax_scale)
+    options = dict(causal=causal, window=window, softmax_scale=softmax_scale)
 
     def ours(q_, k_, v_):
         return varlen_attention(
@@ -106,7 +107,9 @@ def check_against_reference(
     mine = forward_backward(ours, q, k, v, grad_out)
     exact = forward_backward(ref, *(x.to(exact_dtype) for x in (q, k, v, grad_out)))
     in_dtype = forward_backward(ref, q, k, v, grad_out)
-    assert_within_tolerance(mine, exact, in_dtype, dtype, label=f"lengths={lengths}")
+    assert_within_tolerance(
+        mine, exact, in_dtype, dtype, label=f"lengths={lengths} window={window}"
+    )
 
 
 def check_backward_is_deterministic(
@@ -211,6 +214,107 @@ def test_backward_is_deterministic(triton_backend):
     check_backward_is_deterministic([70, 33], 4, 1, 64, torch.float16, "cpu", causal=True)
 
 
+# Sliding windows: smaller than a key tile (5), window 1 (each query sees itself only), between
+# the key and the query tile (40), longer than some sequences but not the longest (100). Every
+# (dtype, direction) pair and both dQ paths appear.
+@pytest.mark.parametrize(
+    "dtype, causal, window, num_q_heads, num_kv_heads, deterministic",
+    [
+        pytest.param(torch.float32, True, 5, 4, 1, True, id="fp32-causal-W5-Hq4-Hkv1"),
+        pytest.param(torch.float16, False, 5, 3, 1, False, id="fp16-bidirectional-W5-atomic"),
+        pytest.param(torch.float32, False, 1, 2, 2, True, id="fp32-bidirectional-W1"),
+        pytest.param(torch.float16, True, 40, 4, 1, True, id="fp16-causal-W40-Hq4-Hkv1"),
+        pytest.param(torch.float32, True, 100, 3, 1, False, id="fp32-causal-W100-atomic"),
+        pytest.param(torch.float32, False, 40, 2, 1, True, id="fp32-bidirectional-W40"),
+    ],
+)
+def test_sliding_window_matches_reference(
+    triton_backend, dtype, causal, window, num_q_heads, num_kv_heads, deterministic
+):
+    check_against_reference(
+        CPU_LENGTHS,
+        num_q_heads,
+        num_kv_heads,
+        32,
+        dtype,
+        "cpu",
+        causal=causal,
+        window=window,
+        deterministic=deterministic,
+    )
+
+
+# The GPU's tile shapes (forward/dQ 128 x 64 and 128 x 32 queries x keys, dK/dV 32 x 128) and
+# small square ones, so that the window's edges fall at other places in the tiles.
+GPU_TILES = (
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
+    dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1),
+)
+SMALL_TILES = (dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),) * 3
+
+
+@pytest.mark.parametrize(
+    "tiles, causal, window, deterministic",
+    [
+        pytest.param(GPU_TILES, True, 33, True, id="gpu-tiles-causal-W33"),
+        pytest.param(GPU_TILES, False, 64, False, id="gpu-tiles-bidirectional-W64-atomic"),
+        pytest.param(SMALL_TILES, False, 17, True, id="small-tiles-bidirectional-W17"),
+        pytest.param(SMALL_TILES, True, 2, False, id="small-tiles-causal-W2-atomic"),
+    ],
+)
+def test_sliding_window_with_other_tile_sizes(
+    triton_backend, monkeypatch, tiles, causal, window, deterministic
+):
+    monkeypatch.setattr(attention, "_configs", lambda head_dim, dtype: tiles)
+    check_against_reference(
+        [1, 31, 65, 200],
+        2,
+        1,
+        16,
+        torch.float32,
+        "cpu",
+        causal=causal,
+        window=window,
+        deterministic=deterministic,
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_window_covering_every_sequence_changes_nothing(triton_backend, causal):
+    q, k, v, _ = make_inputs([7, 30], 2, 1, 32, torch.float32, "cpu")
+    cu_seqlens = cu_seqlens_of([7, 30], "cpu")
+    plain = varlen_attention(q, k, v, cu_seqlens, 30, causal=causal)
+    for window in (30, 1000):
+        windowed = varlen_attention(q, k, v, cu_seqlens, 30, causal=causal, window=window)
+        torch.testing.assert_close(windowed, plain, rtol=0, atol=0)
+    narrower = varlen_attention(q, k, v, cu_seqlens, 30, causal=causal, window=29)
+    assert (narrower[7:] - plain[7:]).abs().max() > 1e-3  # the 30-token sequence's corners
+
+
+def test_window_semantics_of_the_reference():
+    """Query i sees key j when |i - j| < window (and j <= i if causal): with v = one-hot
+    positions, each output row is the attention weight of every key."""
+    length, window = 9, 3
+    q = torch.zeros(length, 1, length, dtype=torch.float64)  # equal scores for every key
+    v = torch.eye(length, dtype=torch.float64)[:, None, :]  # (L, 1, L)
+    cu_seqlens = cu_seqlens_of([length], "cpu")
+    for causal in (False, True):
+        out = reference.varlen_attention(q, q, v, cu_seqlens, length, causal=causal, window=window)[
+            :, 0
+        ]  # (L, L) weights
+        i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+        visible = ((i - j).abs() < window) & ((j <= i) | (not causal))
+        assert torch.equal(out > 0, visible)
+
+
+@pytest.mark.parametrize("window", [0, -2, 2.0, True])
+def test_rejects_bad_window(window):
+    q, k, v, cu_seqlens, max_seqlen = _valid_inputs()
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=window)
+
+
 @pytest.mark.parametrize(
     "dtype, causal, num_q_heads, num_kv_heads, head_dim",
     [
@@ -271,7 +375,7 @@ def test_atomic_dq_with_dropout(triton_backend):
     )
 
 
-def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dtype):
+def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dtype, window=None):
     """Attention with an explicit dropout keep-mask ``(Hq, T, T)``, in ``compute_dtype``; softmax in
     at least fp32 (what PyTorch's SDPA math path does)."""
     group = q.shape[1] // k.shape[1]
@@ -285,9 +389,12 @@ def masked_attention(q, k, v, cu_seqlens, keep, dropout_p, *, causal, compute_dt
         ks = k[start:end].transpose(0, 1).repeat_interleave(group, 0).to(compute_dtype)
         vs = v[start:end].transpose(0, 1).repeat_interleave(group, 0).to(compute_dtype)
         scores = (qs @ ks.transpose(1, 2)) * scale  # (Hq, L, L)
-        if causal:
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
+        positions = torch.arange(end - start, device=q.device)
+        distance = positions[:, None] - positions[None, :]  # (L, L) query - key
+        hidden = distance < 0 if causal else torch.zeros_like(distance, dtype=torch.bool)
+        if window is not None:
+            hidden |= distance.abs() >= window
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = torch.softmax(scores.to(torch.promote_types(compute_dtype, torch.float32)), -1).to(
             compute_dtype
         )
@@ -308,8 +415,10 @@ def check_dropout_against_masked_reference(
     dropout_p,
     seed,
     deterministic=True,
+    window=None,
 ) -> None:
-    """Triton dropout against ``masked_attention`` with the kernels' own keep-mask, and unlike no dropout."""
+    """Triton dropout against ``masked_attention`` with the kernels' own keep-mask, and unlike no
+    dropout."""
     cu_seqlens = cu_seqlens_of(lengths, device)
     max_seqlen = max(lengths)
     q, k, v, grad_out = make_inputs(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device)
@@ -323,6 +432,7 @@ def check_dropout_against_masked_reference(
             cu_seqlens,
             max_seqlen,
             causal=causal,
+            window=window,
             dropout_p=dropout_p,
             dropout_seed=seed,
             deterministic=deterministic,
@@ -330,7 +440,15 @@ def check_dropout_against_masked_reference(
 
     def ref(compute_dtype):
         return lambda q_, k_, v_: masked_attention(
-            q_, k_, v_, cu_seqlens, keep, dropout_p, causal=causal, compute_dtype=compute_dtype
+            q_,
+            k_,
+            v_,
+            cu_seqlens,
+            keep,
+            dropout_p,
+            causal=causal,
+            compute_dtype=compute_dtype,
+            window=window,
         )
 
     mine = forward_backward(ours, q, k, v, grad_out)
@@ -339,20 +457,33 @@ def check_dropout_against_masked_reference(
     )
     in_dtype = forward_backward(ref(dtype), q, k, v, grad_out)
     assert_within_tolerance(mine, exact, in_dtype, dtype)
-    without_dropout = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal)
+    without_dropout = varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window
+    )
     assert not torch.allclose(mine[0], without_dropout), "dropout changed nothing"
 
 
 @pytest.mark.parametrize(
-    "dtype, causal",
+    "dtype, causal, window",
     [
-        pytest.param(torch.float32, False, id="fp32-bidirectional"),
-        pytest.param(torch.float16, True, id="fp16-causal"),
+        pytest.param(torch.float32, False, None, id="fp32-bidirectional"),
+        pytest.param(torch.float16, True, None, id="fp16-causal"),
+        pytest.param(torch.float32, True, 10, id="fp32-causal-W10"),
+        pytest.param(torch.float16, False, 20, id="fp16-bidirectional-W20"),
     ],
 )
-def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal):
+def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal, window):
     check_dropout_against_masked_reference(
-        [0, 33, 1, 70], 3, 1, 64, dtype, "cpu", causal=causal, dropout_p=0.25, seed=1234
+        [0, 33, 1, 70],
+        3,
+        1,
+        64,
+        dtype,
+        "cpu",
+        causal=causal,
+        dropout_p=0.25,
+        seed=1234,
+        window=window,
     )
 
 
@@ -446,7 +577,7 @@ def _valid_inputs():
         pytest.param(
             lambda q, k, v, cu, m: (q, k, v, cu[:2], m),
             ValueError,
-            "end at the token count",
+            "end at T=",
             id="tokens-uncovered",
         ),
         pytest.param(
@@ -507,6 +638,34 @@ CAUSAL = [pytest.param(False, id="bidirectional"), pytest.param(True, id="causal
 def test_gpu_matches_reference(triton_backend, dtype, causal, num_q_heads, num_kv_heads):
     check_against_reference(
         GPU_LENGTHS, num_q_heads, num_kv_heads, 128, dtype, "cuda", causal=causal
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "window, head_dim, deterministic",
+    [
+        pytest.param(1, 64, True, id="W1-D64"),
+        pytest.param(100, 128, True, id="W100-D128"),
+        pytest.param(300, 128, False, id="W300-D128-atomic"),
+        pytest.param(512, 256, True, id="W512-D256"),
+    ],
+)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("dtype", [*GPU_DTYPES, pytest.param(torch.float32, id="fp32")])
+def test_gpu_sliding_window_matches_reference(
+    triton_backend, dtype, causal, window, head_dim, deterministic
+):
+    check_against_reference(
+        GPU_LENGTHS,
+        4,
+        1,
+        head_dim,
+        dtype,
+        "cuda",
+        causal=causal,
+        window=window,
+        deterministic=deterministic,
     )
 
 

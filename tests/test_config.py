@@ -69,6 +69,49 @@ def test_qwen2_window_only_when_a_layer_slides(max_window_layers):
     assert ModelConfig.from_hf_dict(old_style).sliding_window == (128 if slides else None)
 
 
+def test_qwen3_config():
+    """Explicit head_dim (transformers' default 128 when absent, not hidden / heads), q/k norms,
+    attention_bias on q/k/v and o alike, never an MLP bias."""
+    config = ModelConfig.from_hf_dict(hf_dict("qwen3"))
+    assert (config.model_type, config.head_dim, config.qk_norm) == ("qwen3", 24, True)
+    assert (config.qkv_bias, config.o_bias, config.mlp_bias) == (False, False, False)
+    biased = ModelConfig.from_hf_dict(hf_dict("qwen3", attention_bias=True))
+    assert (biased.qkv_bias, biased.o_bias, biased.mlp_bias) == (True, True, False)
+    without_head_dim = {k: v for k, v in hf_dict("qwen3").items() if k != "head_dim"}
+    assert ModelConfig.from_hf_dict(without_head_dim).head_dim == 128
+    assert not any(ModelConfig.from_hf_dict(hf_dict(family)).qk_norm for family in FAMILIES)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_layer_types_give_per_layer_windows(family):
+    kinds = ["sliding_attention", "full_attention"]
+    raw = hf_dict(family, use_sliding_window=True, sliding_window=8, layer_types=kinds)
+    config = ModelConfig.from_hf_dict(raw)
+    assert [config.layer_window(i) for i in range(2)] == [8, None]
+    # transformers drops the window without use_sliding_window, then cannot build the mask
+    without_flag = hf_dict(family, sliding_window=8, layer_types=kinds)
+    with pytest.raises(ValueError, match="marks sliding_attention layers but the config sets no"):
+        ModelConfig.from_hf_dict(without_flag)
+    all_full = hf_dict(family, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    config = ModelConfig.from_hf_dict(all_full)
+    assert [config.layer_window(i) for i in range(2)] == [None, None]
+
+
+def test_mistral_window_covers_every_layer_and_llama_has_none():
+    mistral = ModelConfig.from_hf_dict(hf_dict("mistral", sliding_window=5))
+    assert [mistral.layer_window(i) for i in range(2)] == [5, 5]
+    llama = ModelConfig.from_hf_dict(hf_dict("llama"))
+    assert [llama.layer_window(i) for i in range(2)] == [None, None]
+
+
+def test_bad_layer_types_are_refused():
+    raw = hf_dict("qwen2", use_sliding_window=True, sliding_window=8)
+    with pytest.raises(ValueError, match="layer_types lists 3 layers, the model has 2"):
+        ModelConfig.from_hf_dict({**raw, "layer_types": ["sliding_attention"] * 3})
+    with pytest.raises(ValueError, match="unsupported layer_types \\['chunked_attention'\\]"):
+        ModelConfig.from_hf_dict({**raw, "layer_types": ["sliding_attention", "chunked_attention"]})
+
+
 def test_tie_word_embeddings():
     assert ModelConfig.from_hf_dict(hf_dict("llama", tie_word_embeddings=True)).tie_word_embeddings
     assert not ModelConfig.from_hf_dict(

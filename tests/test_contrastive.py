@@ -166,11 +166,6 @@ def test_input_validation(monkeypatch, backend, queries, docs, error, match):
         contrastive_loss(queries, docs)
 
 
-def test_gather_needs_a_process_group():
-    with pytest.raises(RuntimeError, match="process group"):
-        contrastive_loss(torch.randn(2, 8), torch.randn(2, 8), gather_across_ranks=True)
-
-
 # ---------------------------------------------------------------- GPU (pytest -m gpu)
 
 GPU_CASES = CASES + [

@@ -1,7 +1,7 @@
-"""contrastive_loss(gather_across_ranks=True) on 2 gloo processes equals the single-process loss
-on the concatenated batch: the loss averaged over ranks, and the gradients after DDP-style
-all-reduce averaging (a shared projection ``W``) and per input (each rank's input gradient is
-``world`` times the single-process one, since DDP divides by ``world`` afterwards)."""
+"""gathered_contrastive_loss on 2 gloo processes equals the single-process loss on the
+concatenated batch: the loss averaged over ranks, and the gradients after DDP-style all-reduce
+averaging (a shared projection ``W``) and per input (each rank's input gradient is ``world``
+times the single-process one, since DDP divides by ``world`` afterwards)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from llm2vec_fast.kernels import contrastive_loss, reference
+from llm2vec_fast.train.distributed import (
+    DistContext,
+    contrastive_loss_over_ranks,
+    gathered_contrastive_loss,
+)
 
 WORLD = 2
 BATCH, WIDTH, PROJECTED = 5, 12, 24
@@ -41,6 +46,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
+        context = DistContext(rank=rank, world=WORLD)
         results = []
         for i, (backend, negatives, symmetric) in enumerate(CONFIGS):
             os.environ["LLM2VEC_FAST_BACKEND"] = backend
@@ -48,7 +54,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             x_q = x_queries[rank].float().requires_grad_()
             x_d = x_docs[rank].float().requires_grad_()
             w = weight.float().requires_grad_()
-            loss = contrastive_loss(x_q @ w, x_d @ w, symmetric=symmetric, gather_across_ranks=True)
+            loss = gathered_contrastive_loss(
+                x_q @ w, x_d @ w, scale=20.0, symmetric=symmetric, context=context
+            )
             loss.backward()
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
@@ -57,7 +65,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         os.environ["LLM2VEC_FAST_BACKEND"] = "reference"
         uneven = torch.randn(BATCH + rank, PROJECTED)
         try:
-            contrastive_loss(uneven, uneven, gather_across_ranks=True)
+            gathered_contrastive_loss(uneven, uneven, scale=20.0, symmetric=False, context=context)
             results.append("no error")
         except ValueError as error:
             results.append(str(error))
@@ -73,7 +81,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def _single_process(negatives: int, symmetric: bool, seed: int):
-    """Loss and gradients on the concatenated batch: [all queries], [all positives, all negatives]."""
+    """Loss and gradients on the concatenated batch: [all queries], [all positives, all
+    negatives]."""
     x_queries, x_docs, weight = _inputs(negatives, seed)
     x_q = x_queries.clone().requires_grad_()
     x_d = x_docs.clone().requires_grad_()
@@ -120,7 +129,24 @@ def test_single_rank_group_is_the_plain_loss(tmp_path, negatives):
             torch.randn(4, 8, generator=generator),
             torch.randn(4 + negatives, 8, generator=generator),
         )
-        gathered = contrastive_loss(queries, docs, symmetric=True, gather_across_ranks=True)
+        gathered = contrastive_loss_over_ranks(queries, docs, scale=20.0, symmetric=True)
         torch.testing.assert_close(gathered, contrastive_loss(queries, docs, symmetric=True))
     finally:
         dist.destroy_process_group()
+
+
+def test_loss_over_ranks_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        contrastive_loss_over_ranks(
+            torch.randn(2, 8), torch.randn(2, 8), scale=20.0, symmetric=False
+        )
+
+
+def test_single_process_context_is_the_plain_loss():
+    """Without torchrun (world size 1) nothing is gathered and no process group is needed."""
+    generator = torch.Generator().manual_seed(0)
+    queries, docs = torch.randn(3, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    loss = gathered_contrastive_loss(
+        queries, docs, scale=20.0, symmetric=True, context=DistContext()
+    )
+    torch.testing.assert_close(loss, contrastive_loss(queries, docs, symmetric=True))

@@ -42,7 +42,7 @@ def test_job_embeddings_equal_the_encoders_and_search_reloads_the_model(
         engine=engine,
         id_field="id",
         instruction=INSTRUCTION,
-        batch_tokens=48,
+        max_batch_tokens=48,
         shard_rows=2,
         progress=False,
     )
@@ -72,7 +72,8 @@ def test_job_embeddings_equal_the_encoders_and_search_reloads_the_model(
 
 
 def test_max_length_alone_decides_truncation_past_llm2vecs_400_token_word_cut(default_model_folder):
-    """The Python API keeps llm2vec's doc_max_length=400 word rule; the job's --max-length does not."""
+    """The Python API keeps llm2vec's doc_max_length=400 word rule; the job's --max-length does
+    not."""
     text = " ".join(f"word{i}" for i in range(300))  # ~ 900 tokens
     engine = load_engine(str(default_model_folder), max_length=2048, device="cpu", dtype="float32")
     whole = engine.tokenize([text])[0]
@@ -105,7 +106,7 @@ def _tiny_corpus_job(tmp_path, name: str, **options) -> tuple[list[str], np.ndar
         tmp_path / name,
         model=str(model),
         max_length=128,
-        batch_tokens=1024,
+        max_batch_tokens=1024,
         shard_rows=100,
         normalize=True,
         progress=False,
@@ -204,7 +205,7 @@ def test_a_rerun_without_pooling_or_max_length_continues_with_what_the_job_recor
     _tiny_corpus_job(tmp_path, "plain")  # writes the tiny model folder and the corpus
     options = dict(model=str(tmp_path / "model"), shard_rows=100, limit=150)
     embed_corpus(
-        tmp_path / "in.txt", tmp_path / "out", pooling="last_token", max_length=64, **options
+        tmp_path / "in.txt", tmp_path / "out", pooling_mode="last_token", max_length=64, **options
     )
     summary = embed_corpus(
         tmp_path / "in.txt", tmp_path / "out", **{**options, "limit": 150}

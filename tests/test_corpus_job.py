@@ -9,8 +9,10 @@ import pytest
 
 from llm2vec_fast.corpus import embed_corpus, read_embeddings, read_errors, search, verify
 from llm2vec_fast.corpus.engine import HashEngine
+from llm2vec_fast.corpus.inputs import InputError
+from llm2vec_fast.corpus.job_settings import JobSettings
 from llm2vec_fast.corpus.manifest import JobMismatchError, load_manifest
-from llm2vec_fast.corpus.readers import InputError
+from llm2vec_fast.settings import DEFAULT_MAX_BATCH_TOKENS
 
 
 def _jsonl(path, records):
@@ -37,7 +39,7 @@ def test_embeddings_are_the_engines_in_input_order_across_shards(tmp_path):
         engine,
         id_field="id",
         shard_rows=10,
-        batch_tokens=100,
+        max_batch_tokens=100,
     )
     assert (summary.rows_in, summary.embedded, summary.errors, summary.shards_total) == (
         53,
@@ -233,9 +235,8 @@ def test_read_embeddings_memory_mapped_and_search(tmp_path):
     elsewhere = read_embeddings(
         tmp_path / "out", mmap=True, matrix_path=tmp_path / "m" / "corpus.npy"
     )[1]
-    assert (
-        Path(elsewhere.filename) == tmp_path / "m" / "corpus.npy"
-    )  # a read-only job folder needs this
+    # a read-only job folder needs this
+    assert Path(elsewhere.filename) == tmp_path / "m" / "corpus.npy"
     np.testing.assert_array_equal(elsewhere, in_memory)
     (tmp_path / "out" / "embeddings.npy.tmp-99999").write_bytes(b"left by a killed reader")
     assert (
@@ -265,14 +266,12 @@ def test_the_engine_gets_whole_shards_in_even_calls_of_at_most_embed_call_rows(
 ):
     """The engine packs its own batches: one call per shard lets a GPU run them without a wait
     for each batch's result; EMBED_CALL_ROWS bounds what one call holds on the device."""
-    lines = [
-        "" if i % 6 == 5 else f"line {i} " + "y" * (i % 9) for i in range(25)
-    ]  # 4 empty: error rows
+    lines = ["" if i % 6 == 5 else f"line {i} " + "y" * (i % 9) for i in range(25)]  # 4 empty
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     engine = _CallRecordingEngine(dim=4, max_length=64)
-    _embed(tmp_path / "in.txt", tmp_path / "whole", engine, shard_rows=10, batch_tokens=8)
+    _embed(tmp_path / "in.txt", tmp_path / "whole", engine, shard_rows=10, max_batch_tokens=8)
     assert engine.calls == [9, 8, 4]  # shards of 10 rows, less their error rows
-    monkeypatch.setattr("llm2vec_fast.corpus.job.EMBED_CALL_ROWS", 4)
+    monkeypatch.setattr("llm2vec_fast.corpus.pipeline.EMBED_CALL_ROWS", 4)
     engine = _CallRecordingEngine(dim=4, max_length=64)
     summary = _embed(
         tmp_path / "in.txt", tmp_path / "chunked", engine, shard_rows=10, progress=True
@@ -280,9 +279,8 @@ def test_the_engine_gets_whole_shards_in_even_calls_of_at_most_embed_call_rows(
     assert engine.calls == [3, 3, 3, 4, 4, 4]  # 9 rows in 3 even calls, not 4 + 4 + 1
     bar = engine.progress_seen[-1]
     assert all(seen is bar for seen in engine.progress_seen)
-    assert (
-        bar.n == summary.rows_in == 25
-    )  # embedded rows counted once (by the engine), error rows by the job
+    # embedded rows counted once (by the engine), error rows by the job
+    assert bar.n == summary.rows_in == 25
     np.testing.assert_array_equal(
         read_embeddings(tmp_path / "whole")[1], read_embeddings(tmp_path / "chunked")[1]
     )
@@ -299,77 +297,192 @@ def test_a_shard_of_error_rows_only_makes_no_engine_call(tmp_path):
     )
 
 
-def test_cli_help_explains_every_option_and_search_prints_hits(tmp_path, capsys):
-    from llm2vec_fast.corpus.cli import main
+def _cli(*args) -> int:
+    from llm2vec_fast.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["embed", "--help"])
-    help_text = capsys.readouterr().out
-    for option in [
-        "--model",
-        "--adapter",
-        "--input",
-        "--output",
-        "--id-field",
-        "--text-field",
-        "--instruction",
-        "--instruction-field",
-        "--pooling",
-        "--max-length",
-        "--batch-tokens",
-        "--normalize",
-        "--dtype",
-        "--output-dtype",
-        "--device",
-        "--limit",
-        "--resume",
-        "--overwrite",
-        "--on-long",
-        "--shard-rows",
+    return main([str(a) for a in args])
+
+
+def _cli_embed(inputs, out, *options) -> int:
+    return _cli("embed", "--input", inputs, "--output", out, "--no-progress", *options)
+
+
+def test_cli_embed_defaults_are_the_python_apis():
+    from llm2vec_fast.cli import build_parser
+
+    args = build_parser().parse_args(["embed", "--input", "in.txt", "--output", "out"])
+    defaults = JobSettings()
+    assert args.max_batch_tokens == defaults.max_batch_tokens == DEFAULT_MAX_BATCH_TOKENS
+    for name in [
+        "model",
+        "id_field",
+        "text_field",
+        "instruction",
+        "instruction_field",
+        "pooling_mode",
+        "max_length",
+        "normalize",
+        "causal",
+        "cuda_graphs",
+        "dtype",
+        "output_dtype",
+        "device",
+        "limit",
+        "resume",
+        "overwrite",
+        "on_long",
+        "shard_rows",
     ]:
-        assert option in help_text
+        assert getattr(args, name) == getattr(defaults, name), name
+    assert tuple(args.adapter) == defaults.adapters and args.no_progress is not defaults.progress
+
+
+def test_cli_pooling_mode_choices_are_the_kernels():
+    from llm2vec_fast.corpus.cli import POOLING_MODES
+    from llm2vec_fast.kernels import POOLING_MODES as KERNEL_POOLING_MODES
+
+    assert POOLING_MODES == KERNEL_POOLING_MODES
+
+
+def _recording_load_engine(monkeypatch) -> list:
+    calls = []
+
+    def load_engine(model, adapters=(), **options):
+        calls.append((model, tuple(adapters), options))
+        return HashEngine(dim=4, max_length=options["max_length"] or 64)
+
+    monkeypatch.setattr("llm2vec_fast.corpus.job.load_engine", load_engine)
+    return calls
+
+
+def test_cli_model_options_reach_the_engine(tmp_path, monkeypatch):
+    calls = _recording_load_engine(monkeypatch)
+    (tmp_path / "in.txt").write_text("alpha\n")
+    given = "--model m --adapter a1 --adapter a2 --pooling-mode last_token --max-length 32"
+    given += " --max-batch-tokens 77 --normalize --causal --cuda-graphs --dtype float16"
+    assert (
+        _cli_embed(tmp_path / "in.txt", tmp_path / "given", *given.split(), "--device", "cpu") == 0
+    )
+    assert _cli_embed(tmp_path / "in.txt", tmp_path / "default") == 0
+    options = dict(device="cpu", dtype="float16", normalize=True, causal=True, cuda_graphs=True)
+    assert calls[0] == (
+        "m",
+        ("a1", "a2"),
+        dict(
+            pooling="last_token",
+            max_length=32,
+            max_batch_tokens=77,
+            doc_max_length=None,
+            dim=None,
+            prompt=None,
+            prompt_name=None,
+            **options,
+        ),
+    )
+    assert calls[1] == (
+        None,
+        (),
+        dict(
+            pooling=None,
+            max_length=None,
+            device=None,
+            dtype=None,
+            max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
+            normalize=False,
+            causal=False,
+            cuda_graphs=False,
+            doc_max_length=None,
+            dim=None,
+            prompt=None,
+            prompt_name=None,
+        ),
+    )
+
+
+def test_cli_row_options_choose_ids_texts_instructions_and_storage(tmp_path, capsys):
+    rows = [{"key": f"k{i}", "body": f"text {i}", "q": "find:" if i % 2 else ""} for i in range(5)]
+    _jsonl(tmp_path / "in.jsonl", rows)
+    options = ["--model", "fake:dim=4", "--id-field", "key", "--text-field", "body"]
+    options += ["--instruction-field", "q", "--output-dtype", "float16"]
+    assert _cli_embed(tmp_path / "in.jsonl", tmp_path / "out", *options, "--limit", "4") == 0
+    assert "rows in 4 = embedded 4 + errors 0" in capsys.readouterr().err
+    ids, matrix = read_embeddings(tmp_path / "out")
+    assert ids == ["k0", "k1", "k2", "k3"] and matrix.dtype == np.float16
+    texts = ["text 0", ("find:", "text 1"), "text 2", ("find:", "text 3")]
+    np.testing.assert_array_equal(matrix, _expected(HashEngine(dim=4), texts).astype(np.float16))
+    fixed = ["--model", "fake:dim=4", "--text-field", "body", "--instruction", "find:"]
+    assert _cli_embed(tmp_path / "in.jsonl", tmp_path / "fixed", *fixed) == 0
+    ids, matrix = read_embeddings(tmp_path / "fixed")
+    assert ids == [f"in.jsonl:{line}" for line in range(1, 6)]
+    texts = [("find:", row["body"]) for row in rows]
+    np.testing.assert_array_equal(matrix, _expected(HashEngine(dim=4), texts))
+
+
+def test_cli_shard_rows_sets_the_unit_of_resume(tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(7)))
+    options = ["--model", "fake:dim=4", "--shard-rows", "3"]
+    assert _cli_embed(tmp_path / "in.txt", tmp_path / "out", *options) == 0
+    shards = load_manifest(tmp_path / "out")["shards"]
+    assert [shard["rows"] for shard in shards] == [[0, 3], [3, 6], [6, 7]]
+
+
+def test_cli_on_long_error_exits_2_naming_the_line_and_truncate_counts_it(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("short\n" + "z" * 9 + "\n")
+    model = ["--model", "fake:dim=4", "--max-length", "8"]
+    assert _cli_embed(tmp_path / "in.txt", tmp_path / "out", *model, "--on-long", "error") == 2
+    assert "in.txt:2: text is longer than max_length=8 tokens" in capsys.readouterr().err
+    assert _cli_embed(tmp_path / "in.txt", tmp_path / "out", *model) == 0
+    assert "truncated 1;" in capsys.readouterr().err
+
+
+def test_cli_resume_insists_on_a_job_and_overwrite_starts_over(tmp_path, capsys):
     (tmp_path / "in.txt").write_text("alpha\nbeta\ngamma\n")
-    assert (
-        main(
-            [
-                "embed",
-                "--model",
-                "fake:dim=4",
-                "--input",
-                str(tmp_path / "in.txt"),
-                "--output",
-                str(tmp_path / "out"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert "rows in 3 = embedded 3 + errors 0" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "embed",
-                "--model",
-                "fake:dim=5",
-                "--input",
-                str(tmp_path / "in.txt"),
-                "--output",
-                str(tmp_path / "out"),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    inputs, out = tmp_path / "in.txt", tmp_path / "out"
+    assert _cli_embed(inputs, out, "--model", "fake:dim=4", "--resume") == 2
+    assert "no embedding job to resume" in capsys.readouterr().err
+    assert _cli_embed(inputs, out, "--model", "fake:dim=4") == 0
+    assert _cli_embed(inputs, out, "--model", "fake:dim=5") == 2
     assert "engine.dim: 4 -> 5" in capsys.readouterr().err
-    assert main(["search", str(tmp_path / "out"), "--query", "beta", "-k", "2"]) == 0
+    assert _cli_embed(inputs, out, "--model", "fake:dim=4", "--resume") == 0
+    assert "shards written now 0" in capsys.readouterr().err
+    assert _cli_embed(inputs, out, "--model", "fake:dim=5", "--overwrite") == 0
+    assert read_embeddings(out)[1].shape == (3, 5)
+    with pytest.raises(SystemExit):
+        _cli_embed(inputs, out, "--model", "fake:dim=5", "--resume", "--overwrite")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_shows_a_progress_bar_unless_no_progress(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("alpha\nbeta\n")
+    command = ["embed", "--model", "fake:dim=4", "--input", tmp_path / "in.txt"]
+    assert _cli(*command, "--output", tmp_path / "bar") == 0
+    assert "embed: " in capsys.readouterr().err
+    assert _cli(*command, "--output", tmp_path / "quiet", "--no-progress") == 0
+    assert "embed: " not in capsys.readouterr().err
+
+
+@pytest.fixture
+def embedded_job(tmp_path):
+    (tmp_path / "in.txt").write_text("alpha\nbeta\ngamma\n")
+    assert _cli_embed(tmp_path / "in.txt", tmp_path / "out", "--model", "fake:dim=4") == 0
+    return tmp_path / "out"
+
+
+def test_cli_search_prints_rank_score_and_id_of_the_k_nearest(embedded_job, capsys):
+    capsys.readouterr()
+    assert _cli("search", embedded_job, "--query", "beta", "-k", "2") == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split() == ["1", "1.0000", "in.txt:2"]
-    assert (
-        main(["search", str(tmp_path / "out"), "--query", "  ", "-k", "2"]) == 2
-    )  # not k arbitrary rows at 0.0
+
+
+def test_cli_search_refuses_an_empty_query(embedded_job, capsys):
+    assert _cli("search", embedded_job, "--query", "  ", "-k", "2") == 2  # not k rows at 0.0
     assert "the query is empty" in capsys.readouterr().err
+
+
+def test_search_refuses_a_query_with_no_tokens_to_pool(embedded_job):
     with pytest.raises(ValueError, match="has no tokens to pool"):
-        search(tmp_path / "out", "xxx", engine=_DroppingEngine(dim=4, max_length=512))
+        search(embedded_job, "xxx", engine=_DroppingEngine(dim=4, max_length=512))
 
 
 def test_an_edit_that_keeps_the_size_is_caught_anywhere_in_the_file(tmp_path):
@@ -401,10 +514,9 @@ def test_a_relative_input_folder_still_skips_the_output_folder(tmp_path, monkeyp
     (tmp_path / "data").mkdir()
     _jsonl(tmp_path / "data" / "a.jsonl", [{"text": "alpha"}])
     (tmp_path / "data" / "out").mkdir()
-    (tmp_path / "data" / "out" / "errors.jsonl").write_text(
-        ""
-    )  # an output folder without its manifest yet
-    from llm2vec_fast.corpus.readers import discover_inputs
+    # an output folder without its manifest yet
+    (tmp_path / "data" / "out" / "errors.jsonl").write_text("")
+    from llm2vec_fast.corpus.inputs import discover_inputs
 
     assert [f.name for f in discover_inputs("data", output="data/out")] == ["a.jsonl"]
 

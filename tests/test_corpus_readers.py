@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llm2vec_fast.corpus.readers import (
+from llm2vec_fast.corpus.inputs import (
     Fields,
     InputError,
     discover_inputs,
@@ -182,9 +182,8 @@ def test_texts_must_be_strings_ids_may_be_integers(tmp_path):
         '{"id": true, "text": "x"}\n{"id": 10, "text": "half \\ud800 a pair"}\n'
     )
     rows = list(read_rows(discover_inputs(path)[0], Fields(id="id")))
-    assert (
-        rows.pop().error == "field 'text' holds a lone surrogate (not valid Unicode)"
-    )  # a JSON escape can say that
+    # a JSON escape can say that
+    assert rows.pop().error == "field 'text' holds a lone surrogate (not valid Unicode)"
     assert [(r.id, r.text, r.error) for r in rows] == [
         ("7", "seven", None),
         ("8", None, "field 'text' holds a number, not a string"),
@@ -208,7 +207,7 @@ def test_json_too_deep_or_pretty_printed_and_a_wrong_text_field(tmp_path, monkey
     control.write_bytes(b'{"text": "a\x01b"}\n')
     [row] = read_rows(discover_inputs(control)[0], Fields())
     assert row.error == "malformed JSON: Invalid control character at (column 12)"
-    monkeypatch.setattr("llm2vec_fast.corpus.readers.FIELD_CHECK_ROWS", 5)
+    monkeypatch.setattr("llm2vec_fast.corpus.inputs.FIELD_CHECK_ROWS", 5)
     typo = tmp_path / "typo.jsonl"
     typo.write_text('{"body": "x"}\n' * 6)
     with pytest.raises(

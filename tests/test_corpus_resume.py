@@ -55,7 +55,7 @@ def _command(corpus: Path, out: Path, model: str = "fake:dim=8") -> list[str]:
     return [
         sys.executable,
         "-m",
-        "llm2vec_fast.corpus.cli",
+        "llm2vec_fast.cli",
         "embed",
         "--model",
         model,
@@ -67,7 +67,7 @@ def _command(corpus: Path, out: Path, model: str = "fake:dim=8") -> list[str]:
         "id",
         "--shard-rows",
         str(SHARD_ROWS),
-        "--batch-tokens",
+        "--max-batch-tokens",
         "64",
         "--no-progress",
     ]
@@ -93,7 +93,7 @@ def corpus_and_clean(tmp_path_factory):
         engine=HashEngine(dim=8),
         id_field="id",
         shard_rows=SHARD_ROWS,
-        batch_tokens=64,
+        max_batch_tokens=64,
         progress=False,
     )
     return corpus, root / "clean"
@@ -153,9 +153,7 @@ def test_killed_at_every_stage_of_a_shard_write_then_resumed(corpus_and_clean, t
 def test_killed_at_random_moments_then_resumed(corpus_and_clean, tmp_path):
     corpus, clean = corpus_and_clean
     out = tmp_path / "out"
-    command = _command(
-        corpus, out, model="fake:dim=8,delay=0.1"
-    )  # delay: per call, a call per shard
+    command = _command(corpus, out, model="fake:dim=8,delay=0.1")  # delay: a call per shard
     rng = random.Random(1234)
     progress = []
     for target in (2, 5, 9):
@@ -166,9 +164,8 @@ def test_killed_at_random_moments_then_resumed(corpus_and_clean, tmp_path):
             (out / "manifest.json").exists() and len(recorded_shards(out)) >= target
         ):
             time.sleep(0.01)
-        time.sleep(
-            rng.uniform(0.0, 0.2)
-        )  # somewhere inside a later shard: tokenizing, embedding or writing
+        # somewhere inside a later shard: tokenizing, embedding or writing
+        time.sleep(rng.uniform(0.0, 0.2))
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL
         _assert_partial_state_is_consistent(out)

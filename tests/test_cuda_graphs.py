@@ -8,15 +8,9 @@ import torch
 from model_helpers import VOCAB, runtime_from_hf, tiny_hf_model
 
 from llm2vec_fast import LLM2Vec
-from llm2vec_fast.batching import plan_batches
-from llm2vec_fast.cuda_graphs import (
-    GraphedEncoder,
-    graph_shape,
-    memory_fingerprint,
-    pad_batch,
-    round_up_size,
-)
+from llm2vec_fast.cuda_graphs import GraphedEncoder, memory_fingerprint
 from llm2vec_fast.kernels import POOLING_MODES, masked_pool
+from llm2vec_fast.packed import Packed, graph_shape, pack_batches, round_up_size
 from llm2vec_fast.text import TokenizedText
 
 
@@ -51,9 +45,10 @@ def test_graph_shape_holds_the_batch_and_its_padding(lengths):
     assert shape.slots & (shape.slots - 1) == 0  # a power of two
     ids = torch.arange(sum(lengths)) % VOCAB
     cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    padded_ids, padded_mask, padded_cu, positions = pad_batch(
-        ids, torch.ones(sum(lengths), dtype=torch.bool), cu_seqlens, shape
-    )
+    packed = Packed.from_sequences(ids.split(lengths), [[True] * length for length in lengths])
+    padded = packed.padded_to(shape)
+    padded_ids, padded_mask = padded.input_ids, padded.pool_mask
+    padded_cu, positions = padded.cu_seqlens, padded.position_ids
     assert padded_ids.shape == padded_mask.shape == positions.shape == (shape.tokens,)
     assert padded_cu.shape == (shape.slots + 1,) and padded_cu.dtype == torch.int32
     assert (
@@ -67,42 +62,35 @@ def test_graph_shape_holds_the_batch_and_its_padding(lengths):
     assert torch.equal(positions, torch.arange(shape.tokens) - starts)
 
 
-def test_pad_batch_refuses_a_shape_too_small():
-    cu_seqlens = torch.tensor([0, 50, 100], dtype=torch.int32)
+def test_padding_refuses_a_shape_too_small():
+    packed = Packed.from_sequences([[0] * 50, [0] * 50], [[True] * 50, [True] * 50])
+    assert packed.cu_seqlens.tolist() == [0, 50, 100]
     shape = graph_shape([50, 50])
     with pytest.raises(ValueError, match="does not fit"):
-        pad_batch(
-            torch.zeros(100, dtype=torch.long),
-            torch.ones(100, dtype=torch.bool),
-            cu_seqlens,
-            type(shape)(tokens=64, slots=shape.slots, max_seqlen=shape.max_seqlen),
-        )
+        packed.padded_to(type(shape)(tokens=64, slots=shape.slots, max_seqlen=shape.max_seqlen))
     with pytest.raises(ValueError, match="do not fit"):
-        pad_batch(
-            torch.zeros(100, dtype=torch.long),
-            torch.ones(100, dtype=torch.bool),
-            cu_seqlens,
-            type(shape)(tokens=128, slots=2, max_seqlen=64),
-        )
+        packed.padded_to(type(shape)(tokens=128, slots=2, max_seqlen=64))
 
 
-@pytest.mark.parametrize("mode", POOLING_MODES)
+@pytest.mark.parametrize("pooling_mode", POOLING_MODES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_padding_leaves_the_real_sequences_unchanged(runtime, mode, causal):
+def test_padding_leaves_the_real_sequences_unchanged(runtime, pooling_mode, causal):
     """The runtime on a padded batch pools the real sequences exactly as on the unpadded one."""
     rng = random.Random(7)
     lengths = [rng.randint(1, 40) for _ in range(6)] + [0, 1]
     ids = torch.tensor([rng.randrange(3, VOCAB) for _ in range(sum(lengths))])
     pool_mask = torch.rand(sum(lengths), generator=torch.Generator().manual_seed(1)) > 0.3
-    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    packed = Packed.from_sequences(ids.split(lengths), pool_mask.split(lengths))
     with torch.no_grad():
         plain = masked_pool(
-            runtime(ids, cu_seqlens, max(lengths), causal=causal), cu_seqlens, mode, pool_mask, True
+            runtime(packed, causal=causal), packed.cu_seqlens, pooling_mode, pool_mask, True
         )
         shape = graph_shape(lengths)
-        padded_ids, padded_mask, padded_cu, positions = pad_batch(ids, pool_mask, cu_seqlens, shape)
-        hidden = runtime(padded_ids, padded_cu, shape.max_seqlen, positions, causal=causal)
-        padded = masked_pool(hidden, padded_cu, mode, padded_mask, True)
+        padded_batch = packed.padded_to(shape)
+        hidden = runtime(padded_batch, causal=causal)
+        padded = masked_pool(
+            hidden, padded_batch.cu_seqlens, pooling_mode, padded_batch.pool_mask, True
+        )
     assert padded.shape == (shape.slots, runtime.config.hidden_size)
     torch.testing.assert_close(padded[: len(lengths)], plain, atol=1e-6, rtol=1e-6)
 
@@ -149,12 +137,12 @@ def random_items(count: int, seed: int) -> list[TokenizedText]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["mean", "last_token"])
-def test_gpu_graphs_equal_eager(dtype, mode):
+@pytest.mark.parametrize("pooling_mode", ["mean", "last_token"])
+def test_gpu_graphs_equal_eager(dtype, pooling_mode):
     model = runtime_from_hf(tiny_hf_model("qwen2", seed=5)).to("cuda", dtype).eval()
-    eager = LLM2Vec(model, tokenizer=None, pooling_mode=mode, max_batch_tokens=512)
+    eager = LLM2Vec(model, tokenizer=None, pooling_mode=pooling_mode, max_batch_tokens=512)
     graphed = LLM2Vec(
-        model, tokenizer=None, pooling_mode=mode, max_batch_tokens=512, cuda_graphs=True
+        model, tokenizer=None, pooling_mode=pooling_mode, max_batch_tokens=512, cuda_graphs=True
     )
     items = random_items(150, seed=11)
     expected = eager.embed_tokenized(items, normalize=True)
@@ -164,9 +152,8 @@ def test_gpu_graphs_equal_eager(dtype, mode):
     assert (
         captured >= 2 and graphed._graphed.num_graphs == captured
     )  # the second pass replays, captures nothing
-    assert (
-        len(plan_batches([len(i.input_ids) for i in items], 512)) > captured
-    )  # some batches share a graph
+    # some batches share a graph
+    assert len(list(pack_batches([i.input_ids for i in items], 512))) > captured
     # the same kernels on the real rows; only cuBLAS's choice for the padded row count may differ,
     # by a rounding of the compute dtype per matmul
     if dtype == torch.float32:
@@ -180,10 +167,11 @@ def test_gpu_graphs_equal_eager(dtype, mode):
 def test_gpu_graph_limit_falls_back_to_eager():
     model = runtime_from_hf(tiny_hf_model("llama", seed=6)).to("cuda").eval()
     items = random_items(80, seed=12)
-    plans = plan_batches([len(i.input_ids) for i in items], 256)
-    assert (
-        len({graph_shape(torch.diff(p.cu_seqlens).tolist()) for p in plans}) > 1
-    )  # so some run eagerly
+    plans = list(
+        pack_batches([i.input_ids for i in items], 256, pool_masks=[i.pool_mask for i in items])
+    )
+    # so some run eagerly
+    assert len({graph_shape(torch.diff(p.cu_seqlens).tolist()) for p in plans}) > 1
     expected = LLM2Vec(model, tokenizer=None, max_length=200, max_batch_tokens=256).embed_tokenized(
         items
     )
@@ -192,17 +180,8 @@ def test_gpu_graph_limit_falls_back_to_eager():
     torch.testing.assert_close(graphed.embed_tokenized(items), expected, atol=1e-5, rtol=0)
     assert graphed._graphed.num_graphs == 1
     model.train()  # dropout would be frozen into a graph: training batches run eagerly
-    plan = plans[0]
-    ids = torch.tensor([t for j in plan.indices.tolist() for t in items[j].input_ids])
     assert (
-        graphed._graphed.pooled(
-            ids,
-            torch.ones_like(ids, dtype=torch.bool),
-            plan.cu_seqlens,
-            causal=False,
-            mode="mean",
-            normalize=False,
-        )
+        graphed._graphed.pooled(plans[0], causal=False, pooling_mode="mean", normalize=False)
         is None
     )
 

@@ -15,8 +15,7 @@ from model_helpers import assert_matches_oracle, hf_hidden_states, runtime_hidde
 from transformers import AutoModelForCausalLM
 
 from llm2vec_fast import default_model
-from llm2vec_fast.default_model import SOURCE_FILE, default_model_path
-from llm2vec_fast.info import CACHE_ENV
+from llm2vec_fast.default_model import CACHE_ENV, SOURCE_FILE, default_model_path
 from llm2vec_fast.loading import load_model
 
 TEXTS = [

@@ -7,9 +7,8 @@ def test_demo_runs_again_with_another_limit(tmp_path, capsys):
     assert main(["--output", str(tmp_path), "--limit", "4"]) == 0
     first = capsys.readouterr().out
     assert "rows in 4 = embedded 4 + errors 0" in first and first.count("\nQ: ") == 6
-    assert (
-        main(["--output", str(tmp_path), "--limit", "3"]) == 0
-    )  # the finished job no longer matches
+    # the finished job no longer matches
+    assert main(["--output", str(tmp_path), "--limit", "3"]) == 0
     again = capsys.readouterr().out
     assert (
         "embedding again" in again

@@ -225,3 +225,150 @@ def test_bos_pooling_needs_a_tokenizer_that_adds_bos(tmp_path):
         LLM2Vec.from_pretrained(REFERENCE / "llama", pooling_mode="bos_token").pooling_mode
         == "bos_token"
     )
+
+
+TOKEN_TEXTS = [
+    "The cat sat on the mat.",
+    ["Retrieve passages that answer the question:", "what is the capital of France?"],
+    "  Leading and trailing   spaces.  ",
+    ["An instruction:", ""],
+    "",
+]
+
+
+def _pooled_runtime_states(encoder: LLM2Vec, texts) -> list[torch.Tensor]:
+    """The runtime's hidden states of all texts in one packed batch, kept where pool_mask is."""
+    from llm2vec_fast.packed import Packed
+
+    items = encoder.tokenize(texts)
+    with torch.no_grad():
+        hidden = encoder.model(
+            Packed.from_tokenized(items), causal=not encoder.enable_bidirectional
+        )  # (T, H)
+    parts = hidden.split([len(item.input_ids) for item in items])
+    return [part[torch.tensor(item.pool_mask)] for part, item in zip(parts, items)]
+
+
+def test_token_embeddings_are_the_runtime_states_of_the_text_tokens(llama):
+    got = llama.encode(TOKEN_TEXTS, output_value="token_embeddings", show_progress_bar=False)
+    expected = _pooled_runtime_states(llama, TOKEN_TEXTS)
+    assert len(got) == len(TOKEN_TEXTS)
+    for states, reference in zip(got, expected):
+        assert states.dtype == torch.float32 and states.shape[1] == llama.embedding_dim
+        torch.testing.assert_close(states, reference, atol=ATOL, rtol=RTOL)
+    # the instruction's tokens (and BOS) are left out: as many states as the text alone has tokens
+    text_alone = llama.tokenizer("what is the capital of France?", add_special_tokens=False)
+    assert got[1].shape[0] == len(text_alone["input_ids"])
+    assert got[3].shape == got[4].shape == (0, llama.embedding_dim)  # empty texts: no token
+    # mean pooling averages exactly these states
+    pooled = llama.encode(TOKEN_TEXTS[:3], show_progress_bar=False)
+    torch.testing.assert_close(
+        torch.stack([states.mean(dim=0) for states in got[:3]]), pooled, atol=ATOL, rtol=RTOL
+    )
+
+
+def test_token_embeddings_do_not_depend_on_batching(llama):
+    texts = MANIFEST["inputs"]
+    tight, roomy = (
+        llama.encode(
+            texts,
+            output_value="token_embeddings",
+            convert_to_numpy=True,
+            show_progress_bar=False,
+            max_batch_tokens=budget,
+        )
+        for budget in (1, 100_000)
+    )
+    for one, other in zip(tight, roomy, strict=True):
+        assert isinstance(one, np.ndarray) and one.dtype == np.float32
+        np.testing.assert_allclose(one, other, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_embeddings_equal_transformers_hidden_states(tmp_path, causal):
+    from model_helpers import (
+        assert_matches_oracle,
+        hf_hidden_states,
+        save_tiny_folder,
+        tiny_hf_model,
+    )
+
+    hf_model = tiny_hf_model("llama", seed=3)
+    folder = save_tiny_folder(hf_model, tmp_path / "tiny")
+    encoder = LLM2Vec.from_pretrained(
+        folder, enable_bidirectional=not causal, torch_dtype="float32", device="cpu"
+    )
+    texts = ["w5 w6 w7 w8", ["w40 w41:", "w9 w10 w11"], ["w50:", "w12"], "w13 w14 w15 w16 w17"]
+    got = encoder.encode(texts, output_value="token_embeddings", show_progress_bar=False)
+    hf64 = tiny_hf_model("llama", seed=3).double()
+    for states, item in zip(got, encoder.tokenize(texts)):
+        mask = torch.tensor(item.pool_mask)
+        hf32_states = hf_hidden_states(hf_model, item.input_ids, causal=causal)[mask]
+        hf64_states = hf_hidden_states(hf64, item.input_ids, causal=causal)[mask]
+        assert states.shape == hf32_states.shape == (int(mask.sum()), encoder.embedding_dim)
+        assert_matches_oracle(states, hf32_states, hf64_states, f"token states of {item}")
+
+
+def test_token_embeddings_arguments_are_checked(llama):
+    with pytest.raises(ValueError, match="output_value must be one of sentence_embedding"):
+        llama.encode(["text"], output_value="word_embeddings", show_progress_bar=False)
+    with pytest.raises(ValueError, match="normalize_embeddings applies to sentence embeddings"):
+        llama.encode(
+            ["text"],
+            output_value="token_embeddings",
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+    assert llama.encode([], output_value="token_embeddings", show_progress_bar=False) == []
+
+
+def _pieces(encoder: LLM2Vec, item) -> list[str]:
+    """The text of each pooled token (SentencePiece's word marker as a space)."""
+    ids = [token for token, pooled in zip(item.input_ids, item.pool_mask) if pooled]
+    return [piece.replace("▁", " ") for piece in encoder.tokenizer.convert_ids_to_tokens(ids)]
+
+
+def test_word_start_indices_point_at_the_first_sub_token_of_each_word(llama):
+    starts = llama.word_start_indices(TOKEN_TEXTS)
+    for text_input, item, word_starts in zip(TOKEN_TEXTS, llama.tokenize(TOKEN_TEXTS), starts):
+        text = text_input if isinstance(text_input, str) else text_input[1]
+        pieces = _pieces(llama, item)
+        bounds = [*word_starts, len(pieces)]
+        words = ["".join(pieces[a:b]).strip() for a, b in zip(bounds[:-1], bounds[1:])]
+        assert words == text.split(), (text, pieces, word_starts)
+    assert starts[1][:3] == [0, 2, 3]  # "▁wh" "at" | "▁is" | "▁the"
+    assert starts[3] == starts[4] == []
+
+
+def test_word_start_indices_cover_the_words_left_after_truncation(llama):
+    words = [f"word{i}" for i in range(40)]
+    short = LLM2Vec(llama.model, llama.tokenizer, max_length=16, doc_max_length=16)
+    (starts,) = short.word_start_indices([" ".join(words)])
+    (item,) = short.tokenize([" ".join(words)])
+    pieces = _pieces(short, item)
+    kept = ["".join(pieces[a:b]).strip() for a, b in zip(starts, [*starts[1:], len(pieces)])]
+    assert 0 < len(starts) < len(words)
+    assert kept[:-1] == words[: len(starts) - 1]  # the last kept word may be cut mid-word
+    assert words[len(starts) - 1].startswith(kept[-1])
+
+
+def test_truncate_dim_and_prompts_on_an_llm2vec_model(llama):
+    """Matryoshka truncation keeps the first dimensions (renormalized when unit vectors are asked
+    for); a prompt is the instruction of every bare text; an llm2vec folder has no prompt names."""
+    texts = [text for text in MANIFEST["inputs"] if isinstance(text, str)][:4]
+    full = llama.encode(texts, show_progress_bar=False)
+    cut = llama.encode(texts, show_progress_bar=False, truncate_dim=8)
+    torch.testing.assert_close(cut, full[:, :8])
+    unit = llama.encode(texts, show_progress_bar=False, truncate_dim=8, normalize_embeddings=True)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(full[:, :8], dim=-1))
+    with pytest.raises(ValueError, match="truncate_dim=1000 is more than"):
+        llama.encode(texts, show_progress_bar=False, truncate_dim=1000)
+    prompted = llama.encode(texts, show_progress_bar=False, prompt="an instruction:")
+    paired = llama.encode([["an instruction:", t] for t in texts], show_progress_bar=False)
+    torch.testing.assert_close(prompted, paired)
+    torch.testing.assert_close(llama.encode_query(texts, show_progress_bar=False), full)
+    with pytest.raises(ValueError, match="prompt_name 'query' is not a prompt of this model"):
+        llama.encode(texts, show_progress_bar=False, prompt_name="query")
+    truncated = LLM2Vec.from_pretrained(REFERENCE / "llama", truncate_dim=8, dtype="float32")
+    assert truncated.embedding_dim == 8 and truncated.describe()["dim"] == 8
+    torch.testing.assert_close(truncated.encode(texts, show_progress_bar=False), cut)

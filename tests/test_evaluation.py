@@ -77,7 +77,10 @@ def test_eval_sts_command_reports_spearman_of_cosine(tmp_path, capsys):
         tiny_hf_model("llama", seed=0, num_hidden_layers=1), tmp_path / "model"
     )
     rng = random.Random(0)
-    words = lambda: " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 8)))  # noqa: E731
+
+    def words() -> str:
+        return " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 8)))
+
     rows = [(rng.uniform(0, 5), words(), words()) for _ in range(12)]
     data_path = _sts_file(tmp_path / "sts.csv", rows)
 
@@ -123,14 +126,14 @@ def test_eval_sts_takes_unset_options_from_llm2vec_config_and_reports_them(tmp_p
     add_parser(parser.add_subparsers(dest="command"))
     for extra, expected in (
         ([], ("last_token", 48, True)),
-        (["--pooling", "mean", "--max-length", "64"], ("mean", 64, True)),
+        (["--pooling-mode", "mean", "--max-length", "64"], ("mean", 64, True)),
     ):
         args = parser.parse_args(
             ["eval", "sts", "--model", str(model_dir), "--data", str(data_path), *extra]
         )
         assert args.run(args) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert (result["pooling"], result["max_length"], result["causal"]) == expected
+        assert (result["pooling_mode"], result["max_length"], result["causal"]) == expected
 
 
 def test_unreadable_sts_files_name_the_line_and_the_command_prints_one_line(tmp_path, capsys):

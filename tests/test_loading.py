@@ -112,7 +112,7 @@ def test_sharded_folder_equals_single_file(tiny, tmp_path):
 def test_dtype_and_device(tiny):
     model, _ = load_model(tiny["base"], dtype=torch.bfloat16, device="cpu")
     assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
-    assert model._inv_freq.dtype == torch.float32
+    assert model.rope_inv_freq.dtype == torch.float32
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -242,7 +242,8 @@ def test_weights_that_do_not_fit_the_config(tiny, tmp_path):
     edit_json(folder / "config.json", intermediate_size=81)
     with pytest.raises(
         ValueError,
-        match="do not fit.*layers.0.mlp.gate_proj.weight \\(80, 64\\) \\(config needs \\(81, 64\\)\\)",
+        match="do not fit.*layers.0.mlp.gate_proj.weight "
+        "\\(80, 64\\) \\(config needs \\(81, 64\\)\\)",
     ):
         load_model(folder)
 
@@ -313,17 +314,17 @@ def test_adapter_of_another_model_does_not_fit(tiny, tmp_path):
 def test_gguf_file_goes_through_transformers(tiny, tmp_path, monkeypatch):
     """The GGUF branch's plumbing, with transformers' (slow) dequantization replaced by a tiny
     model; the real dequantization runs in test_default_model.py."""
-    from llm2vec_fast import loading
+    from llm2vec_fast import weights
 
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF" + bytes(16))
     tokenizer_calls = []
     monkeypatch.setattr(
-        loading, "load_gguf_as_transformers", lambda path: copy.deepcopy(tiny["hf"])
+        weights, "load_gguf_as_transformers", lambda path: copy.deepcopy(tiny["hf"])
     )
     monkeypatch.setattr(
-        loading,
-        "_auto_tokenizer",
+        weights,
+        "auto_tokenizer",
         lambda folder, **kwargs: tokenizer_calls.append((folder, kwargs)),
     )
     model, _ = load_model(gguf)

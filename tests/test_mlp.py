@@ -1,4 +1,5 @@
-"""swiglu: the Triton kernel (interpreter on CPU) against the PyTorch reference, forward and backward."""
+"""swiglu: the Triton kernel (interpreter on CPU) against the PyTorch reference, forward and
+backward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""mntp_loss: the fused LM head + cross-entropy (interpreter on CPU) against the PyTorch reference."""
+"""mntp_loss: the fused LM head + cross-entropy (interpreter on CPU) against the PyTorch
+reference."""
 
 from __future__ import annotations
 

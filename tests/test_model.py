@@ -6,13 +6,14 @@ projections and a different attention kernel round differently, never by more th
 rope, bias, norm or mask is off by orders of magnitude more.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from model_helpers import (
     FAMILIES,
     assert_matches_oracle,
     hf_hidden_states,
-    pack,
     random_sequences,
     runtime_from_hf,
     runtime_hidden_states,
@@ -20,6 +21,7 @@ from model_helpers import (
 )
 
 from llm2vec_fast.model import DecoderModel
+from llm2vec_fast.packed import Packed
 
 LENGTHS = [7, 1, 13]
 
@@ -103,26 +105,25 @@ def test_same_text_same_states_whatever_the_packing(models):
 
 def test_empty_sequences_are_legal(models):
     _, _, ours = models["llama"]
-    input_ids, cu_seqlens, _ = pack([[], [5, 6], []])
     with torch.no_grad():
-        states = ours(input_ids, cu_seqlens, 2)
+        states = ours(Packed.from_sequences([[], [5, 6], []]))
     assert states.shape == (2, 64) and torch.isfinite(states).all()
     torch.testing.assert_close(states, runtime_hidden_states(ours, [[5, 6]], causal=False)[0])
-    input_ids, cu_seqlens, _ = pack([[], []])  # a batch of nothing but empty sequences
+    nothing = Packed.from_sequences([[], []])  # a batch of nothing but empty sequences
     with torch.no_grad():
-        assert ours(input_ids, cu_seqlens, 0).shape == (0, 64)
+        assert ours(nothing).shape == (0, 64)
 
 
 def test_default_position_ids_restart_per_sequence(models):
     _, _, ours = models["mistral"]
-    input_ids, cu_seqlens, max_seqlen = pack(random_sequences([4, 6], seed=5))
+    packed = Packed.from_sequences(random_sequences([4, 6], seed=5))
     explicit = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5])
     with torch.no_grad():
-        default = ours(input_ids, cu_seqlens, max_seqlen)
+        default = ours(packed)
         torch.testing.assert_close(
-            default, ours(input_ids, cu_seqlens, max_seqlen, explicit), rtol=0, atol=0
+            default, ours(dataclasses.replace(packed, position_ids=explicit)), rtol=0, atol=0
         )
-        shifted = ours(input_ids, cu_seqlens, max_seqlen, explicit + 3)
+        shifted = ours(dataclasses.replace(packed, position_ids=explicit + 3))
     torch.testing.assert_close(shifted, default)  # RoPE is relative: a common shift changes nothing
 
 
@@ -173,18 +174,16 @@ def test_lm_head_weight(tied):
 
 def test_dropout_only_in_train_mode(models):
     _, _, ours = models["llama"]
-    input_ids, cu_seqlens, max_seqlen = pack(random_sequences([10, 5], seed=8))
+    packed = Packed.from_sequences(random_sequences([10, 5], seed=8))
     with torch.no_grad():
-        plain = ours(input_ids, cu_seqlens, max_seqlen)
+        plain = ours(packed)
         for attention, hidden in [(0.2, 0.0), (0.0, 0.2)]:
             ours.set_dropout(attention=attention, hidden=hidden)
             try:
-                torch.testing.assert_close(
-                    ours(input_ids, cu_seqlens, max_seqlen), plain, rtol=0, atol=0
-                )
+                torch.testing.assert_close(ours(packed), plain, rtol=0, atol=0)
                 ours.train()
-                first = ours(input_ids, cu_seqlens, max_seqlen)
-                second = ours(input_ids, cu_seqlens, max_seqlen)
+                first = ours(packed)
+                second = ours(packed)
             finally:
                 ours.eval()
                 ours.set_dropout(attention=0.0, hidden=0.0)
@@ -196,12 +195,12 @@ def test_dropout_only_in_train_mode(models):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     ours = runtime_from_hf(tiny_hf_model("mistral", seed=9)).train()
-    input_ids, cu_seqlens, max_seqlen = pack(random_sequences([6, 9], seed=9))
+    packed = Packed.from_sequences(random_sequences([6, 9], seed=9))
 
     def loss_and_grads(checkpointing: bool):
         ours.set_gradient_checkpointing(checkpointing)
         ours.zero_grad()
-        loss = ours(input_ids, cu_seqlens, max_seqlen).square().mean()
+        loss = ours(packed).square().mean()
         loss.backward()
         return loss.detach(), {
             name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None
@@ -223,7 +222,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bf16_model_keeps_fp32_rope(models):
     hf32, _, ours32 = models["llama"]
     ours = runtime_from_hf(hf32).to(torch.bfloat16)
-    assert ours._inv_freq.dtype == torch.float32
+    assert ours.rope_inv_freq.dtype == torch.float32
     sequences = random_sequences([12], seed=10)
     states = runtime_hidden_states(ours, sequences, causal=False)[0]
     assert states.dtype == torch.bfloat16
@@ -235,31 +234,74 @@ def test_bf16_model_keeps_fp32_rope(models):
 
 def test_bad_inputs_are_explained(models):
     _, _, ours = models["llama"]
-    ids = torch.tensor([3, 4, 5])
+    ids, positions = torch.tensor([3, 4, 5]), torch.arange(3)
     good = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32"):
-        ours(ids, torch.tensor([0, 3]), 3)
+        ours(Packed(ids, torch.tensor([0, 3]), positions, 3))
     with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32"):
-        ours(ids[:0], torch.zeros(1, dtype=torch.int32), 0)
+        ours(Packed(ids[:0], torch.zeros(1, dtype=torch.int32), positions[:0], 0))
     with pytest.raises(ValueError, match="input_ids must be a 1-D integer"):
-        ours(ids[None], good, 3)
+        ours(Packed(ids[None], good, positions, 3))
     with pytest.raises(ValueError, match="end at T=3"):
-        ours(ids, torch.tensor([0, 2], dtype=torch.int32), 3)
+        ours(Packed(ids, torch.tensor([0, 2], dtype=torch.int32), positions, 3))
     with pytest.raises(ValueError, match="non-decreasing"):
-        ours(ids, torch.tensor([0, 2, 1, 3], dtype=torch.int32), 3)
+        ours(Packed(ids, torch.tensor([0, 2, 1, 3], dtype=torch.int32), positions, 3))
     with pytest.raises(ValueError, match="max_seqlen=2 is smaller than the longest sequence"):
-        ours(ids, good, 2)
+        ours(Packed(ids, good, positions, 2))
     with pytest.raises(ValueError, match="position_ids shape"):
-        ours(ids, good, 3, torch.arange(4))
+        ours(Packed(ids, good, torch.arange(4), 3))
 
 
-def test_causal_beyond_sliding_window_is_refused():
-    ours = DecoderModel(runtime_from_hf(tiny_hf_model("mistral", seed=11, sliding_window=4)).config)
-    ids = torch.tensor([3, 4, 5, 6, 7])
-    cu_seqlens = torch.tensor([0, 5], dtype=torch.int32)
-    with pytest.raises(ValueError, match="sliding window"):
-        ours(ids, cu_seqlens, 5, causal=True)
-    assert ours(ids, cu_seqlens, 5).shape == (5, 64)  # bidirectional encoding ignores the window
+# Tiny windows under sequences of up to 20 tokens: every layer of Mistral slides; Qwen2's layers
+# i >= max_window_layers; Qwen3's as its layer_types say (one sliding, one full).
+SLIDING = {
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    "qwen3": dict(
+        use_sliding_window=True,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+SLIDING_LAYER_WINDOWS = {"mistral": (5, 5), "qwen2": (None, 6), "qwen3": (4, None)}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("family", tuple(SLIDING))
+def test_sliding_window_matches_transformers(family, causal):
+    """Causal passes longer than the window slide as transformers' masks do; bidirectional
+    encoding attends over the whole sequence (LLM2Vec's is_causal=False)."""
+    hf32 = tiny_hf_model(family, seed=11, **SLIDING[family])
+    hf64 = tiny_hf_model(family, seed=11, **SLIDING[family]).double()
+    ours = runtime_from_hf(hf32)
+    windows = tuple(layer.self_attn.sliding_window for layer in ours.layers)
+    assert windows == SLIDING_LAYER_WINDOWS[family]
+    sequences = random_sequences([20, 3, 13], seed=11)
+    for ids, states in zip(sequences, runtime_hidden_states(ours, sequences, causal=causal)):
+        assert_matches_oracle(
+            states,
+            hf_hidden_states(hf32, ids, causal=causal),
+            hf_hidden_states(hf64, ids, causal=causal),
+            f"{family} window {windows} len {len(ids)}",
+        )
+
+
+@pytest.mark.parametrize("family", tuple(SLIDING))
+def test_sliding_window_changes_causal_states_past_the_window(family):
+    """The windowed states differ from full causal attention once a sequence outgrows the
+    window, and only there: the equivalence test above could not pass with the window ignored."""
+    windowed = runtime_from_hf(tiny_hf_model(family, seed=12, **SLIDING[family]))
+    full = DecoderModel(dataclasses.replace(windowed.config, sliding_window=None, layer_types=()))
+    full.load_state_dict(windowed.state_dict())
+    ids = random_sequences([16], seed=12)[0]
+    narrowest = min(w for w in SLIDING_LAYER_WINDOWS[family] if w is not None)
+    with_window = runtime_hidden_states(windowed.eval(), [ids], causal=True)[0]
+    without = runtime_hidden_states(full.eval(), [ids], causal=True)[0]
+    difference = (with_window - without).abs().amax(dim=-1)  # (L,)
+    assert difference[:narrowest].max() == 0
+    assert difference[-1] > 1e-3
+    bidirectional = [runtime_hidden_states(m, [ids], causal=False)[0] for m in (windowed, full)]
+    torch.testing.assert_close(*bidirectional, rtol=0, atol=0)
 
 
 HEAD_DIM_64 = dict(
@@ -286,18 +328,47 @@ def test_runtime_on_triton_kernels_matches_the_fp64_oracle(
     """The whole runtime on the Triton kernels (the interpreter on a CPU) against fp64 transformers:
     its error at most twice that of transformers in the same dtype on the same device, plus 1e-6
     (DESIGN.md's policy). Head dim 64, GQA 2:1, lengths around a 64-token block."""
+    check_on_triton_kernels(monkeypatch, family, causal, device, dtype)
+
+
+@pytest.mark.parametrize(("device", "dtype"), TRITON_CASES)
+@pytest.mark.parametrize(
+    ("family", "causal", "options"),
+    [
+        pytest.param("mistral", True, dict(sliding_window=20), id="mistral-causal-W20"),
+        pytest.param(
+            "qwen3",
+            True,
+            dict(
+                head_dim=48,
+                use_sliding_window=True,
+                sliding_window=20,
+                layer_types=["full_attention", "sliding_attention"],
+            ),
+            id="qwen3-causal-W20-D48",
+        ),
+        pytest.param("qwen3", False, dict(head_dim=48), id="qwen3-bidirectional-D48"),
+    ],
+)
+def test_windows_and_qwen3_on_triton_kernels_match_the_fp64_oracle(
+    monkeypatch, family, causal, options, device, dtype
+):
+    """As above for the sliding-window kernels (windows shorter than the 64-token blocks and the
+    sequences) and Qwen3's q/k norms on the Triton rms_norm kernel."""
+    check_on_triton_kernels(monkeypatch, family, causal, device, dtype, **options)
+
+
+def check_on_triton_kernels(monkeypatch, family, causal, device, dtype, **options):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    hf64 = tiny_hf_model(family, seed=7, **HEAD_DIM_64).double()
-    hf_same = tiny_hf_model(family, seed=7, **HEAD_DIM_64).to(device, dtype)
-    ours = runtime_from_hf(tiny_hf_model(family, seed=7, **HEAD_DIM_64)).to(device, dtype)
+    config = dict(HEAD_DIM_64, **options)
+    hf64 = tiny_hf_model(family, seed=7, **config).double()
+    hf_same = tiny_hf_model(family, seed=7, **config).to(device, dtype)
+    ours = runtime_from_hf(tiny_hf_model(family, seed=7, **config)).to(device, dtype)
     sequences = random_sequences(
         [1, 63, 65, 113] if device == "cpu" else [1, 63, 64, 65, 113, 200], seed=8
     )
-    input_ids, cu_seqlens, max_seqlen = pack(sequences)
     with torch.no_grad():
-        hidden = ours(
-            input_ids.to(device), cu_seqlens.to(device), max_seqlen, causal=causal
-        )  # (T, hidden)
+        hidden = ours(Packed.from_sequences(sequences).to(device), causal=causal)  # (T, hidden)
     assert hidden.dtype == dtype
     for ids, states in zip(sequences, hidden.split([len(s) for s in sequences])):
         expected64 = hf_hidden_states(hf64, ids, causal=causal)

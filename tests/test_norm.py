@@ -1,4 +1,5 @@
-"""rms_norm: the Triton kernels (interpreter on CPU) against the PyTorch reference, forward and backward."""
+"""rms_norm: the Triton kernels (interpreter on CPU) against the PyTorch reference, forward and
+backward."""
 
 from __future__ import annotations
 

@@ -40,30 +40,32 @@ def _pool_mask(lengths, generator, device="cpu"):
     return mask.to(device)
 
 
-def _run(hidden, cu, mode, mask, normalize, grad_out):
+def _run(hidden, cu, pooling_mode, mask, normalize, grad_out):
     """Output and gradient of masked_pool on a fresh leaf copy of hidden."""
     leaf = hidden.detach().clone().requires_grad_()
-    out = masked_pool(leaf, cu, mode, mask, normalize)
+    out = masked_pool(leaf, cu, pooling_mode, mask, normalize)
     (grad,) = torch.autograd.grad(out, leaf, grad_out.to(out.dtype))
     return out.detach(), grad
 
 
-def _reference_run(hidden, cu, mode, mask, normalize, grad_out):
+def _reference_run(hidden, cu, pooling_mode, mask, normalize, grad_out):
     leaf = hidden.detach().clone().requires_grad_()
-    out = reference.masked_pool(leaf, cu, mode, mask, normalize)
+    out = reference.masked_pool(leaf, cu, pooling_mode, mask, normalize)
     (grad,) = torch.autograd.grad(out, leaf, grad_out.to(out.dtype))
     return out.detach(), grad
 
 
-def _check_against_oracle(hidden, cu, mode, mask, normalize, generator):
+def _check_against_oracle(hidden, cu, pooling_mode, mask, normalize, generator):
     batch = cu.numel() - 1
     grad_out = torch.randn(batch, hidden.shape[1], generator=generator, dtype=torch.float64).to(
         hidden.device
     )
     with nan_allocations():
-        out, grad = _run(hidden, cu, mode, mask, normalize, grad_out)
-    ref_out, ref_grad = _reference_run(hidden, cu, mode, mask, normalize, grad_out)
-    oracle_out, oracle_grad = _reference_run(hidden.double(), cu, mode, mask, normalize, grad_out)
+        out, grad = _run(hidden, cu, pooling_mode, mask, normalize, grad_out)
+    ref_out, ref_grad = _reference_run(hidden, cu, pooling_mode, mask, normalize, grad_out)
+    oracle_out, oracle_grad = _reference_run(
+        hidden.double(), cu, pooling_mode, mask, normalize, grad_out
+    )
 
     assert out.dtype == hidden.dtype and out.shape == (batch, hidden.shape[1])
     assert_close_to_oracle(
@@ -82,7 +84,7 @@ def _check_against_oracle(hidden, cu, mode, mask, normalize, generator):
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["all-tokens", "pool-mask"])
-@pytest.mark.parametrize("mode", reference.POOLING_MODES)
+@pytest.mark.parametrize("pooling_mode", reference.POOLING_MODES)
 @pytest.mark.parametrize(
     "dtype, width",
     [
@@ -90,33 +92,35 @@ def _check_against_oracle(hidden, cu, mode, mask, normalize, generator):
         pytest.param(torch.float16, 80, id="fp16-H80"),
     ],
 )
-def test_triton_matches_reference(monkeypatch, mode, with_mask, normalize, dtype, width):
+def test_triton_matches_reference(monkeypatch, pooling_mode, with_mask, normalize, dtype, width):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     generator = torch.Generator().manual_seed(
-        width + 10 * reference.POOLING_MODES.index(mode) + 2 * with_mask + normalize
+        width + 10 * reference.POOLING_MODES.index(pooling_mode) + 2 * with_mask + normalize
     )
     cu = _cu_seqlens(LENGTHS)
     hidden = torch.randn(sum(LENGTHS), width, generator=generator).to(dtype)
     mask = _pool_mask(LENGTHS, generator) if with_mask else None
-    out, grad = _check_against_oracle(hidden, cu, mode, mask, normalize, generator)
+    out, grad = _check_against_oracle(hidden, cu, pooling_mode, mask, normalize, generator)
 
     empty = [i for i, n in enumerate(LENGTHS) if n == 0]
     assert (out[empty] == 0).all(), "an empty sequence must pool to zeros"
-    if with_mask and mode in ("mean", "weighted_mean"):
+    if with_mask and pooling_mode in ("mean", "weighted_mean"):
         assert (out[NOTHING_POOLED] == 0).all(), "a sequence with nothing to pool must give zeros"
         start, end = cu[NOTHING_POOLED].item(), cu[NOTHING_POOLED + 1].item()
         assert (grad[start:end] == 0).all()
 
 
-@pytest.mark.parametrize("mode", ["mean", "weighted_mean"])
-def test_long_sequence(monkeypatch, mode):
+@pytest.mark.parametrize("pooling_mode", ["mean", "weighted_mean"])
+def test_long_sequence(monkeypatch, pooling_mode):
     """1023 tokens: many token blocks, and weighted_mean ranks carried across them."""
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     generator = torch.Generator().manual_seed(3)
     lengths = [1023, 2]
     cu = _cu_seqlens(lengths)
     hidden = torch.randn(sum(lengths), 24, generator=generator)
-    _check_against_oracle(hidden, cu, mode, _pool_mask(lengths, generator), False, generator)
+    _check_against_oracle(
+        hidden, cu, pooling_mode, _pool_mask(lengths, generator), False, generator
+    )
 
 
 def test_no_sequences(monkeypatch):
@@ -132,15 +136,17 @@ def test_eos_and_last_token_pick_the_last_token(monkeypatch):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     hidden = torch.randn(10, 32)
     cu = _cu_seqlens([4, 6])
-    for mode in ("eos_token", "last_token"):
-        assert torch.equal(masked_pool(hidden, cu, mode), hidden[[3, 9]])
+    for pooling_mode in ("eos_token", "last_token"):
+        assert torch.equal(masked_pool(hidden, cu, pooling_mode), hidden[[3, 9]])
     assert torch.equal(masked_pool(hidden, cu, "bos_token"), hidden[[0, 4]])
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        pytest.param({"mode": "max"}, ValueError, "unknown pooling mode", id="mode"),
+        pytest.param(
+            {"pooling_mode": "max"}, ValueError, "unknown pooling mode", id="pooling-mode"
+        ),
         pytest.param({"hidden": torch.randn(10)}, ValueError, "2-D", id="hidden-1d"),
         pytest.param(
             {"hidden": torch.ones(10, 4, dtype=torch.int64)}, TypeError, "floating", id="hidden-int"
@@ -185,7 +191,7 @@ def test_input_validation(monkeypatch, backend, kwargs, error, match):
     args = {
         "hidden": torch.randn(10, 4),
         "cu_seqlens": torch.tensor([0, 4, 10], dtype=torch.int32),
-        "mode": "mean",
+        "pooling_mode": "mean",
     }
     args.update(kwargs)
     with pytest.raises(error, match=match):
@@ -211,24 +217,26 @@ GPU_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat1
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["all-tokens", "pool-mask"])
-@pytest.mark.parametrize("mode", reference.POOLING_MODES)
+@pytest.mark.parametrize("pooling_mode", reference.POOLING_MODES)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("width", [80, 200, 4096])
-def test_gpu_matches_reference(mode, with_mask, normalize, dtype, width):
+def test_gpu_matches_reference(pooling_mode, with_mask, normalize, dtype, width):
     generator = torch.Generator().manual_seed(11)
     lengths = LENGTHS + [1023, 2048, 3]
     cu = _cu_seqlens(lengths, "cuda")
     hidden = torch.randn(sum(lengths), width, generator=generator).to(dtype).cuda()
     mask = _pool_mask(lengths, generator, "cuda") if with_mask else None
-    _check_against_oracle(hidden, cu, mode, mask, normalize, generator)
+    _check_against_oracle(hidden, cu, pooling_mode, mask, normalize, generator)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["weighted_mean", "last_token"])
+@pytest.mark.parametrize("pooling_mode", ["weighted_mean", "last_token"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_gpu_large_batch(mode, dtype):
+def test_gpu_large_batch(pooling_mode, dtype):
     generator = torch.Generator().manual_seed(12)
     lengths = torch.randint(0, 600, (256,), generator=generator).tolist()
     cu = _cu_seqlens(lengths, "cuda")
     hidden = torch.randn(sum(lengths), 2048, generator=generator).to(dtype).cuda()
-    _check_against_oracle(hidden, cu, mode, _pool_mask(lengths, generator, "cuda"), True, generator)
+    _check_against_oracle(
+        hidden, cu, pooling_mode, _pool_mask(lengths, generator, "cuda"), True, generator
+    )

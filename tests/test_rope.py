@@ -1,4 +1,5 @@
-"""apply_rotary: the Triton kernel (interpreter on CPU) against the PyTorch reference, forward and backward."""
+"""apply_rotary: the Triton kernel (interpreter on CPU) against the PyTorch reference, forward
+and backward."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def default_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
 
 
 def llama3_inv_freq(head_dim: int) -> torch.Tensor:
-    """Llama 3.1's frequency scaling (factor 8, low/high frequency factors 1 and 4, 8192 positions)."""
+    """Llama 3.1's frequency scaling (factor 8, low/high frequency factors 1 and 4, 8192
+    positions)."""
     inv_freq = default_inv_freq(head_dim, theta=500000.0)
     factor, low_factor, high_factor, old_context = 8.0, 1.0, 4.0, 8192
     low_wavelen, high_wavelen = old_context / low_factor, old_context / high_factor
@@ -78,12 +80,14 @@ def check_rotary(
         zip(["q", "k", "grad_q", "grad_k"], kernel, baseline, oracle)
     ):
         factor = FORWARD_FACTOR if index < 2 else GRADIENT_FACTOR
-        # the kernel's cos/sin (libdevice on a GPU, numpy in the interpreter) may differ from PyTorch's
+        # the kernel's cos/sin (libdevice on a GPU, numpy in the interpreter) may differ from
+        # PyTorch's
         assert_close_to_oracle(name, got, base, want, factor=factor, atol=ulp_atol(want, dtype))
 
 
 def check_case(lengths, q_heads, kv_heads, head_dim, options, dtype, device) -> None:
-    """``check_rotary`` for one of CASES: ``options["inv_freq"] == "llama3"`` stands for Llama 3.1's."""
+    """``check_rotary`` for one of CASES: ``options["inv_freq"] == "llama3"`` stands for Llama
+    3.1's."""
     options = dict(options)
     if options.get("inv_freq") == "llama3":
         options["inv_freq"] = llama3_inv_freq(head_dim)

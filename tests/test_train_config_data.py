@@ -14,7 +14,6 @@ from llm2vec_fast.train.data import (
     DataReport,
     encode_texts,
     mntp_chunks,
-    pack_sequences,
     read_supervised_records,
     read_text_lines,
 )
@@ -215,7 +214,8 @@ def test_batch_order_is_a_deterministic_partition_across_ranks():
 
 
 def test_grouped_batches_hold_one_group_each_and_cover_its_full_batches():
-    """Supervised data from several files: each batch is one file's records (llm2vec's per-dataset batches)."""
+    """Supervised data from several files: each batch is one file's records (llm2vec's
+    per-dataset batches)."""
     groups = [list(range(0, 9)), list(range(9, 15)), [15]]  # 9, 6 and 1 records
     single = BatchOrder(num_examples=16, per_device=2, world=1, seed=5, groups=groups)
     split = BatchOrder(num_examples=16, per_device=1, world=2, seed=5, groups=groups)
@@ -232,13 +232,6 @@ def test_grouped_batches_hold_one_group_each_and_cover_its_full_batches():
     assert epochs[0] != epochs[1]
     with pytest.raises(ValueError, match="in any of its 2 files"):
         BatchOrder(num_examples=4, per_device=3, world=1, seed=0, groups=[[0, 1], [2, 3]])
-
-
-def test_pack_sequences():
-    batch = pack_sequences([[5, 6, 7], [], [8]], torch.device("cpu"))
-    assert batch.input_ids.tolist() == [5, 6, 7, 8]
-    assert batch.cu_seqlens.tolist() == [0, 3, 3, 4] and batch.cu_seqlens.dtype == torch.int32
-    assert batch.position_ids.tolist() == [0, 1, 2, 0] and batch.max_seqlen == 3
 
 
 @pytest.mark.parametrize("kind", ["linear", "constant", "constant_with_warmup", "cosine"])

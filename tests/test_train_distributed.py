@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo, DDP) gives the loss curve of one process on the whole batch."""
+"""torchrun with 2 CPU processes (gloo, DDP) gives the loss curve of one process on the whole
+batch."""
 
 import json
 import os

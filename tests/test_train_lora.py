@@ -7,6 +7,7 @@ import torch
 from model_helpers import random_sequences, runtime_from_hf, runtime_hidden_states, tiny_hf_model
 
 from llm2vec_fast.loading import load_model
+from llm2vec_fast.packed import Packed
 from llm2vec_fast.train.lora import (
     add_lora,
     load_lora_state_dict,
@@ -38,7 +39,9 @@ def _peft_hidden(
         return [base.model(input_ids=torch.tensor([ids])).last_hidden_state[0] for ids in sequences]
 
 
-@pytest.mark.parametrize(("family", "layout"), [("llama", "llm2vec"), ("qwen2", "causal_lm")])
+@pytest.mark.parametrize(
+    ("family", "layout"), [("llama", "llm2vec"), ("qwen2", "causal_lm"), ("qwen3", "causal_lm")]
+)
 def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path, family, layout):
     hf_model = tiny_hf_model(family, seed=1)
     ours = add_lora(runtime_from_hf(hf_model), r=4, alpha=8.0, dropout=0.05).eval()
@@ -88,8 +91,8 @@ def test_only_lora_weights_train_and_all_get_gradients():
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     # 2 layers x (q, k, v, o, gate, up, down) x (A, B)
     assert len(trainable) == 2 * 7 * 2
-    ids = torch.tensor(random_sequences([6], seed=9)[0])
-    model(ids, torch.tensor([0, 6], dtype=torch.int32), 6).square().mean().backward()
+    packed = Packed.from_sequences(random_sequences([6], seed=9))
+    model(packed).square().mean().backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name

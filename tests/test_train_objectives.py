@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from model_helpers import runtime_from_hf, tiny_hf_model, tiny_tokenizer
 
 from llm2vec_fast.kernels import reference
+from llm2vec_fast.packed import Packed
 from llm2vec_fast.train.config import config_from_dict
 from llm2vec_fast.train.data import example_generator
 from llm2vec_fast.train.distributed import DistContext
@@ -33,7 +34,7 @@ def _lines(count: int, seed: int) -> list[str]:
 
 def _alone(model, ids: list[int]) -> torch.Tensor:
     """Hidden states of one sequence run by itself, bidirectional."""
-    return model(torch.tensor(ids), torch.tensor([0, len(ids)], dtype=torch.int32), len(ids))
+    return model(Packed.from_sequences([ids]))
 
 
 def test_mask_block_rules():

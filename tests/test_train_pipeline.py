@@ -10,6 +10,7 @@ from model_helpers import save_tiny_folder, tiny_hf_model
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.loading import load_model
+from llm2vec_fast.packed import Packed
 from llm2vec_fast.text import model_identity
 from llm2vec_fast.train import run
 from llm2vec_fast.train.cli import add_parser
@@ -101,14 +102,12 @@ def test_mntp_then_simcse_adapters_load_as_an_encoder(tmp_path, caplog):
     )
     chained, _ = load_model(tmp_path / "simcse")
     base_model, _ = load_model(base)
-    ids = torch.tensor([5, 9, 13, 40])
-    cu_seqlens = torch.tensor([0, 4], dtype=torch.int32)
+    packed = Packed.from_sequences([[5, 9, 13, 40]])
     with torch.no_grad():
-        merged = encoder.model(ids, cu_seqlens, 4)
-        torch.testing.assert_close(chained(ids, cu_seqlens, 4), merged, rtol=1e-5, atol=1e-5)
-        assert (
-            base_model(ids, cu_seqlens, 4) - merged
-        ).abs().max() > 1e-4  # training moved the weights
+        merged = encoder.model(packed)
+        torch.testing.assert_close(chained(packed), merged, rtol=1e-5, atol=1e-5)
+        # training moved the weights
+        assert (base_model(packed) - merged).abs().max() > 1e-4
     assert encoder.encode(lines[:3], show_progress_bar=False).shape == (3, 64)
 
 

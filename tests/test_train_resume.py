@@ -76,17 +76,16 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # it did not finish
-    assert (
-        sorted(p.name for p in (killed / "checkpoint-4").iterdir())
-        == [
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "config.json",
-            "train_config.json",
-            "training_state.json",
-            "training_state.safetensors",
-        ]
-    )  # no pickle: the optimizer state is safetensors + JSON; config.json: the base's, as llm2vec's folders have it
+    # no pickle: the optimizer state is safetensors + JSON; config.json: the base's, as
+    # llm2vec's folders have it
+    assert sorted(p.name for p in (killed / "checkpoint-4").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.json",
+        "train_config.json",
+        "training_state.json",
+        "training_state.safetensors",
+    ]
 
     resumed = run("mntp", dict(config, output_dir=str(killed)), resume=True)
     assert (

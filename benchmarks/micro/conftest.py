@@ -27,7 +27,8 @@ def dtype(device) -> torch.dtype:
 
 @pytest.fixture
 def timed(benchmark, device):
-    """``timed(fn)`` benchmarks ``fn()`` with the device synchronized after each call, after warm-up."""
+    """``timed(fn)`` benchmarks ``fn()`` with the device synchronized after each call, after
+    warm-up."""
 
     def run(fn):
         def call():

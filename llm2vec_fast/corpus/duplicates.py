@@ -38,9 +38,8 @@ class FirstOccurrences:
     """Remembers ids in the order they are checked and answers where an id was first seen."""
 
     def __init__(self) -> None:
-        self._runs: list[
-            tuple[np.ndarray, np.ndarray, np.ndarray]
-        ] = []  # (high, low, location), sorted by high
+        # (high, low, location) runs, each sorted by high
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
         return sum(len(run[0]) for run in self._runs)

@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from llm2vec_fast.files import sha256_of_path
+from llm2vec_fast.settings import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_LENGTH
 
 Text = str | tuple[str, str]  # a text, or an (instruction, text) pair
 
@@ -49,7 +50,6 @@ class Engine(Protocol):
 
 
 FAKE_PREFIX = "fake:"
-DEFAULT_MAX_LENGTH = 512  # the encoder's, when neither the call nor llm2vec_config.json gives one
 
 
 class HashEngine:
@@ -70,7 +70,8 @@ class HashEngine:
     ):
         if dim < 1 or max_length < 1:
             raise ValueError(
-                f"HashEngine needs dim >= 1 and max_length >= 1, got dim={dim}, max_length={max_length}"
+                "HashEngine needs dim >= 1 and max_length >= 1,"
+                f" got dim={dim}, max_length={max_length}"
             )
         self.dim = dim
         self.max_length = max_length
@@ -142,11 +143,14 @@ class LLM2VecEngine:
     max_length: int | None = None  # None: the folder's llm2vec_config.json, else 512
     device: str | None = None
     dtype: str | None = None
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     normalize: bool = False
     causal: bool = False
     cuda_graphs: bool = False
     doc_max_length: int | None = None  # llm2vec's word cut; None: max_length alone decides
+    dim: int | None = None  # Matryoshka: keep the first dim dimensions
+    prompt: str | None = None  # before every bare text (see LLM2Vec.resolve_prompt)
+    prompt_name: str | None = None  # one of the model's prompts; None: prompt, else the default
     model: object = field(init=False, repr=False)
     _description: dict | None = field(init=False, default=None, repr=False)
 
@@ -172,7 +176,9 @@ class LLM2VecEngine:
             if self.causal
             else None,  # None: as the adapter was trained (else True)
             cuda_graphs=self.cuda_graphs,
+            truncate_dim=self.dim,
         )
+        self.prompt = self.model.resolve_prompt(self.prompt, self.prompt_name)
         if (
             self.doc_max_length is None
         ):  # max_length alone decides: no llm2vec word cut (at 400 tokens)
@@ -180,7 +186,16 @@ class LLM2VecEngine:
         self.pooling, self.max_length = self.model.pooling_mode, self.model.max_length
 
     def tokenize(self, texts: list[Text]) -> list[Item]:
-        return self.model.tokenize(texts)  # TokenizedText: input_ids, pool_mask, truncated
+        # TokenizedText: input_ids, pool_mask, truncated
+        return self.model.tokenize(texts, prompt=self.prompt)
+
+    def tokenization(self):
+        """``tokenize`` alone, picklable (``LLM2Vec.tokenization``): for tokenizer processes."""
+        return self.model.tokenization(prompt=self.prompt)
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The text a prompt or prompt name stands for with this model."""
+        return self.model.resolve_prompt(prompt, prompt_name)
 
     def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
         # one call packs many batches: on a GPU they run back to back, the host packing the next
@@ -197,6 +212,8 @@ class LLM2VecEngine:
             ]
             description["pooling"] = description.get("pooling_mode", self.pooling)
             description["normalize"] = self.normalize
+            if self.prompt is not None:  # recorded only when one applies: older jobs match
+                description["prompt"] = self.prompt
             self._description = description
         return dict(self._description)
 
@@ -209,11 +226,14 @@ def load_engine(
     max_length: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     normalize: bool = False,
     causal: bool = False,
     cuda_graphs: bool = False,
     doc_max_length: int | None = None,
+    dim: int | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
 ) -> Engine:
     """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
 
@@ -224,10 +244,14 @@ def load_engine(
     ``causal`` keeps the model's causal attention (llm2vec's ``enable_bidirectional=False``): the
     better choice for a base model that has not been trained the LLM2Vec way. ``cuda_graphs``
     replays each batch from a CUDA graph on a GPU (see ``llm2vec_fast.cuda_graphs``).
+    ``dim`` keeps the first dimensions of each embedding (Matryoshka); ``prompt`` /
+    ``prompt_name`` choose the prompt put before every text, as ``LLM2Vec.encode`` does.
     """
     if model is not None and str(model).startswith(FAKE_PREFIX):
         if adapters:
             raise ValueError("the fake model takes no adapters")
+        if dim is not None or prompt is not None or prompt_name is not None:
+            raise ValueError("the fake model takes no dim or prompt (its dimension: fake:dim=N)")
         return HashEngine.from_spec(
             str(model), max_length=max_length or DEFAULT_MAX_LENGTH, normalize=normalize
         )
@@ -247,4 +271,7 @@ def load_engine(
         causal,
         cuda_graphs,
         doc_max_length,
+        dim=dim,
+        prompt=prompt,
+        prompt_name=prompt_name,
     )

@@ -141,7 +141,8 @@ def _input_differences(old: list[dict], new: list[dict]) -> list[str]:
         a, b = before[name], after[name]
         if "sha256" not in a:
             lines.append(
-                f"input {name}: recorded by an older llm2vec-fast (sampled hash), cannot be compared"
+                f"input {name}: recorded by an older llm2vec-fast (sampled hash),"
+                " cannot be compared"
             )
         elif a["bytes"] != b["bytes"]:
             lines.append(f"input {name}: {a['bytes']:,} -> {b['bytes']:,} bytes")

@@ -1,20 +1,27 @@
-"""Exact top-k search over a job's embeddings: the query is embedded by the job's own model."""
+"""Top-k search over a job's embeddings, through its index when it has one, else an exact scan;
+the queries are embedded by the job's own model."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from llm2vec_fast.corpus.engine import Engine, load_engine
+from llm2vec_fast.corpus.engine import Engine, Text, load_engine
+from llm2vec_fast.corpus.index import load_index
 from llm2vec_fast.corpus.manifest import identity_differences, load_manifest
-from llm2vec_fast.corpus.read import iter_embeddings
+from llm2vec_fast.corpus.output import iter_embeddings
+from llm2vec_fast.settings import DEFAULT_MAX_BATCH_TOKENS
 
 CHUNK_ROWS = 65536
+CHUNK_SCORES = 2**22  # (queries, rows) scores of one step of an exact scan
 
 
 def engine_for_job(
-    folder: str | Path, device: str | None = None, batch_tokens: int = 16384
+    folder: str | Path,
+    device: str | None = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> Engine:
     """Load the engine described by the job's manifest, and check it still describes the same."""
     manifest = load_manifest(Path(folder))
@@ -27,10 +34,12 @@ def engine_for_job(
         max_length=described["max_length"],
         device=device,
         dtype=described.get("dtype"),
-        max_batch_tokens=batch_tokens,
+        max_batch_tokens=max_batch_tokens,
         normalize=described["normalize"],
         causal=not described.get("bidirectional", True),
         doc_max_length=described.get("doc_max_length"),
+        dim=manifest["settings"].get("dim"),
+        prompt=described.get("prompt"),
     )
     differences = identity_differences({"engine": described}, {"engine": engine.describe()})
     if differences:
@@ -40,25 +49,140 @@ def engine_for_job(
     return engine
 
 
-def top_k(matrix_chunks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """(row, cosine) of the k rows most similar to ``query`` (dim,), over (n, dim) chunks."""
-    query = query.astype(np.float32) / max(float(np.linalg.norm(query)), 1e-12)
-    best_rows = np.empty(0, dtype=np.int64)
-    best_scores = np.empty(0, dtype=np.float32)
+def top_k(matrix_chunks, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """(row, cosine) of the k rows most similar to each query (q, dim), best first, over (n, dim)
+    chunks of rows."""
+    queries = queries.astype(np.float32)
+    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    best_rows = np.empty((len(queries), 0), dtype=np.int64)
+    best_scores = np.empty((len(queries), 0), dtype=np.float32)
+    step = max(256, min(CHUNK_ROWS, CHUNK_SCORES // len(queries)))
     offset = 0
     for chunk in matrix_chunks:
-        for start in range(0, len(chunk), CHUNK_ROWS):
-            block = np.asarray(chunk[start : start + CHUNK_ROWS], dtype=np.float32)  # (c, dim)
-            scores = block @ query / np.maximum(np.linalg.norm(block, axis=1), 1e-12)  # (c,)
-            rows = np.arange(offset + start, offset + start + len(block))
-            best_rows = np.concatenate([best_rows, rows])
-            best_scores = np.concatenate([best_scores, scores.astype(np.float32)])
-            if len(best_scores) > k:
-                keep = np.argpartition(-best_scores, k - 1)[:k]
-                best_rows, best_scores = best_rows[keep], best_scores[keep]
+        for start in range(0, len(chunk), step):
+            block = np.asarray(chunk[start : start + step], dtype=np.float32)  # (c, dim)
+            norms = np.maximum(np.linalg.norm(block, axis=1), 1e-12)  # (c,)
+            scores = (queries @ block.T / norms).astype(np.float32)  # (q, c)
+            rows = np.broadcast_to(
+                np.arange(offset + start, offset + start + len(block)), scores.shape
+            )
+            best_rows = np.concatenate([best_rows, rows], axis=1)
+            best_scores = np.concatenate([best_scores, scores], axis=1)
+            if best_scores.shape[1] > k:
+                keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]  # (q, k)
+                best_rows = np.take_along_axis(best_rows, keep, axis=1)
+                best_scores = np.take_along_axis(best_scores, keep, axis=1)
         offset += len(chunk)
-    order = np.lexsort((best_rows, -best_scores))
-    return [(int(best_rows[i]), float(best_scores[i])) for i in order]
+    results = []
+    for rows, scores in zip(best_rows, best_scores):
+        order = np.lexsort((rows, -scores))
+        results.append([(int(rows[i]), float(scores[i])) for i in order])
+    return results
+
+
+def _query_text(query: Text) -> str:
+    return query[1] if isinstance(query, tuple) else query
+
+
+def check_queries(queries: Sequence[Text]) -> None:
+    if not queries:
+        raise ValueError("no queries to search for")
+    for number, query in enumerate(queries, start=1):
+        if not _query_text(query).strip():
+            where = "" if len(queries) == 1 else f"query {number}: "
+            raise ValueError(f"{where}the query is empty: it has no tokens to embed")
+
+
+def embed_queries(
+    folder: str | Path,
+    queries: Sequence[Text],
+    *,
+    instruction: str | None = None,
+    engine: Engine | None = None,
+    device: str | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+) -> np.ndarray:
+    """(q, dim) embeddings of ``queries``, made like the job's rows: same model, pooling, max
+    length, dimensions, prompt, and the job's ``--instruction`` unless ``instruction`` is given;
+    ``prompt`` / ``prompt_name`` (one of the model's prompts, "query" say) replace the job's
+    prompt and instruction. A query given as an (instruction, text) pair keeps its own."""
+    check_queries(queries)
+    single = len(queries) == 1
+    manifest = load_manifest(Path(folder))
+    engine = engine or engine_for_job(folder, device)
+    if prompt is not None or prompt_name is not None:
+        if instruction is not None:
+            raise ValueError("give an instruction or a prompt for the queries, not both")
+        resolve = getattr(engine, "resolve_prompt", None)
+        if resolve is None:
+            raise ValueError("this job's model has no prompts")
+        instruction = resolve(prompt, prompt_name)  # "": no prompt, not the job's
+        texts = [(instruction, q) if isinstance(q, str) else q for q in queries]
+    else:
+        if instruction is None:
+            instruction = manifest["settings"].get("instruction")
+        texts = [(instruction, q) if instruction and isinstance(q, str) else q for q in queries]
+    items = engine.tokenize(texts)
+    for number, (query, item) in enumerate(zip(map(_query_text, queries), items), start=1):
+        if not any(item.pool_mask):  # a zero vector would score 0 against every row
+            where = "" if single else f"query {number}: "
+            raise ValueError(
+                f"{where}the query {query[:80]!r} has no tokens to pool"
+                " (the tokenizer kept none of it)"
+            )
+    return engine.embed(items)  # (q, dim)
+
+
+def search_many(
+    folder: str | Path,
+    queries: Sequence[Text],
+    k: int = 10,
+    *,
+    instruction: str | None = None,
+    engine: Engine | None = None,
+    device: str | None = None,
+    exact: bool = False,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    **index_options,
+) -> list[list[tuple[str, float]]]:
+    """For each query, the ``k`` (id, cosine similarity) pairs of the nearest rows, best first.
+
+    Uses the job's index (``llm2vec-fast index``) when it has one, unless ``exact``; a stale index
+    is refused (:class:`~llm2vec_fast.corpus.index.StaleIndexError`). ``index_options``:
+    ``ef_search``, ``nprobe``, ``rescore_multiplier`` for this search. Without an index, scans
+    the stored floats (or, for a job that stored codes only, their dequantized values) exactly.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    folder = Path(folder)
+    check_queries(queries)
+    index = None if exact else load_index(folder)
+    embeddings = embed_queries(
+        folder,
+        queries,
+        instruction=instruction,
+        engine=engine,
+        device=device,
+        prompt=prompt,
+        prompt_name=prompt_name,
+    )
+    if index is not None:
+        found = index.search(embeddings, k, **index_options)
+        return [[(index.ids[row], score) for row, score in hits] for hits in found]
+    ids: list[str] = []
+    manifest = load_manifest(folder)
+    quantization = manifest.get("quantization")
+    dequantize = quantization is not None and not quantization["keep_float"]
+
+    def chunks():
+        for shard_ids, matrix in iter_embeddings(folder, dequantize=dequantize):
+            ids.extend(shard_ids)
+            yield matrix
+
+    found = top_k(chunks(), embeddings, k)
+    return [[(ids[row], score) for row, score in hits] for hits in found]
 
 
 def search(
@@ -69,31 +193,22 @@ def search(
     instruction: str | None = None,
     engine: Engine | None = None,
     device: str | None = None,
+    exact: bool = False,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    **index_options,
 ) -> list[tuple[str, float]]:
-    """The ``k`` ids whose embeddings have the highest cosine similarity with ``query``.
-
-    The query is embedded like the job's rows: same model, pooling, max length, and the job's
-    ``--instruction`` unless ``instruction`` is given.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not query.strip():
-        raise ValueError("the query is empty: it has no tokens to embed")
-    manifest = load_manifest(Path(folder))
-    engine = engine or engine_for_job(folder, device)
-    if instruction is None:
-        instruction = manifest["settings"].get("instruction")
-    item = engine.tokenize([(instruction, query) if instruction else query])
-    if not any(item[0].pool_mask):  # a zero vector would score 0 against every row
-        raise ValueError(
-            f"the query {query[:80]!r} has no tokens to pool (the tokenizer kept none of it)"
-        )
-    query_embedding = engine.embed(item)[0]  # (dim,)
-    ids: list[str] = []
-
-    def chunks():
-        for shard_ids, matrix in iter_embeddings(folder):
-            ids.extend(shard_ids)
-            yield matrix
-
-    return [(ids[row], score) for row, score in top_k(chunks(), query_embedding, k)]
+    """The ``k`` ids whose embeddings have the highest cosine similarity with ``query``, as
+    :func:`search_many` finds them."""
+    return search_many(
+        folder,
+        [query],
+        k,
+        instruction=instruction,
+        engine=engine,
+        device=device,
+        exact=exact,
+        prompt=prompt,
+        prompt_name=prompt_name,
+        **index_options,
+    )[0]

@@ -24,6 +24,7 @@ from llm2vec_fast.corpus.manifest import (
     temporary_name,
     with_shards,
 )
+from llm2vec_fast.corpus.quantize import quantize
 from llm2vec_fast.files import fsync_dir, sha256_file
 
 ROW_GROUP_ROWS = 4096
@@ -49,20 +50,23 @@ def errors_file(index: int) -> str:
     return f"{SHARDS_DIR}/shard-{index:06d}.errors.jsonl"
 
 
-def write_parquet(path: Path, ids: list[str], embeddings: np.ndarray, dtype: str) -> None:
-    """``id`` string and ``embedding`` fixed_size_list<dtype>[dim], fsynced at a temporary name
-    and renamed."""
+def write_parquet(
+    path: Path, ids: list[str], embeddings: np.ndarray, dtype: str, quantization: dict | None = None
+) -> None:
+    """``id`` string and ``embedding`` fixed_size_list<dtype>[dim]; with ``quantization`` (the
+    manifest's record) its codes column instead (or beside, with ``keep_float``). Fsynced at a
+    temporary name and renamed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = embeddings.shape[1]
-    values = pa.array(np.ascontiguousarray(embeddings, dtype=dtype).reshape(-1))
-    table = pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
-        }
-    )
+    columns = {"id": pa.array(ids, pa.string())}
+    if quantization is None or quantization["keep_float"]:
+        columns["embedding"] = _fixed_size_lists(np.asarray(embeddings, dtype=dtype))
+    if quantization is not None:
+        ranges = quantization.get("ranges")
+        codes = quantize(embeddings, quantization["precision"], ranges)  # (n, code width)
+        columns[quantization["column"]] = _fixed_size_lists(codes)
+    table = pa.table(columns)
     tmp = temporary_name(path)
     with open(tmp, "wb") as sink:
         with pq.ParquetWriter(sink, table.schema) as writer:
@@ -74,6 +78,13 @@ def write_parquet(path: Path, ids: list[str], embeddings: np.ndarray, dtype: str
     crash_point("before-rename")
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _fixed_size_lists(matrix: np.ndarray):
+    import pyarrow as pa
+
+    values = pa.array(np.ascontiguousarray(matrix).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1])
 
 
 @dataclass
@@ -95,7 +106,13 @@ class ShardWriter:
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in shard.errors).encode()
         atomic_write_bytes(errors_path, lines)
         parquet_path = self.folder / shard_file(shard.index)
-        write_parquet(parquet_path, shard.ids, shard.embeddings, self.output_dtype)
+        write_parquet(
+            parquet_path,
+            shard.ids,
+            shard.embeddings,
+            self.output_dtype,
+            self.header.get("quantization"),
+        )
         entry = {
             "index": shard.index,
             "rows": [shard.start, shard.stop],

@@ -11,8 +11,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train an LLM2Vec stage (MNTP, SimCSE, supervised) with LoRA",
-        description="Train one LLM2Vec stage from a config in the llm2vec repository's train_configs format. "
-        "Several processes: torchrun --nproc-per-node N -m llm2vec_fast.cli train ...",
+        description="Train one LLM2Vec stage from a config in the llm2vec repository's"
+        " train_configs format. Several processes: torchrun --nproc-per-node N -m"
+        " llm2vec_fast.cli train ...",
     )
     parser.add_argument("objective", choices=OBJECTIVES)
     parser.add_argument("config", help="JSON config (llm2vec train_configs format, local paths)")

@@ -1,4 +1,4 @@
-"""Training configuration: the JSON files of the ``llm2vec`` repository (``train_configs/*/*.json``).
+"""Training configuration: the ``llm2vec`` repository's JSON files (``train_configs/*/*.json``).
 
 A config of that repository runs unchanged except for paths: data comes from local files. Keys
 that only steer the Hugging Face Trainer or the hub (``attn_implementation``, ``do_eval``, ...) are
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import read_json_object
+from ..settings import DEFAULT_MAX_LENGTH, DEFAULT_POOLING_MODE
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ _OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "learning_rate": 5e-5,
         "warmup_steps": 0,
         "per_device_train_batch_size": 32,
-        "max_seq_length": 512,
+        "max_seq_length": DEFAULT_MAX_LENGTH,
         "loss_scale": 1.0,
         "simcse_dropout": 0.0,
     },
@@ -104,7 +105,7 @@ _OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "learning_rate": 2e-4,
         "warmup_steps": 300,
         "per_device_train_batch_size": 64,
-        "max_seq_length": 512,
+        "max_seq_length": DEFAULT_MAX_LENGTH,
         "loss_scale": 50.0,
         "simcse_dropout": 0.0,
     },
@@ -139,8 +140,8 @@ class TrainConfig:
     mlm_probability: float = 0.2
     simcse_dropout: float | None = None
     loss_scale: float | None = None
-    pooling_mode: str = "mean"
-    bidirectional: bool = True
+    pooling_mode: str = DEFAULT_POOLING_MODE
+    bidirectional: bool = True  # llm2vec's config key; code reads ``causal``
     lora_r: int = 16
     lora_alpha: float | None = None
     lora_dropout: float = 0.05
@@ -186,9 +187,9 @@ class TrainConfig:
                 continue
             wanted = expected[kind]
             if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+                or_null = " (or null)" if optional else ""
                 raise ValueError(
-                    f"config: {item.name} must be {described[kind]}{' (or null)' if optional else ''},"
-                    f" got {value!r}"
+                    f"config: {item.name} must be {described[kind]}{or_null}, got {value!r}"
                 )
 
     def _validate(self) -> None:
@@ -231,7 +232,8 @@ class TrainConfig:
         )
         check(
             self.data_collator_type in DATA_COLLATOR_TYPES,
-            f"data_collator_type must be one of {DATA_COLLATOR_TYPES}, got {self.data_collator_type!r}",
+            f"data_collator_type must be one of {DATA_COLLATOR_TYPES},"
+            f" got {self.data_collator_type!r}",
         )
         check(
             self.pooling_mode in POOLING_MODES,
@@ -275,14 +277,15 @@ class TrainConfig:
 
     @property
     def data_path(self) -> Path:
-        """The local training data: ``dataset_file_path`` (llm2vec) or ``train_file`` (HF run_mlm)."""
+        """The local training data: ``dataset_file_path`` (llm2vec) or ``train_file`` (HF
+        run_mlm)."""
         local = self.dataset_file_path or self.train_file
         if local:
             return Path(local).expanduser()
         if self.dataset_name:
             raise ValueError(
-                f"config: dataset_name={self.dataset_name!r} names a hub dataset, which is never downloaded; "
-                "set dataset_file_path (or train_file) to a local file "
+                f"config: dataset_name={self.dataset_name!r} names a hub dataset, which is never"
+                " downloaded; set dataset_file_path (or train_file) to a local file "
                 + (
                     "(one text per line)"
                     if self.objective != "supervised"
@@ -292,6 +295,11 @@ class TrainConfig:
         raise ValueError(
             "config: no training data; set dataset_file_path (or train_file) to a local file"
         )
+
+    @property
+    def causal(self) -> bool:
+        """The attention direction the runtime takes (the config file says ``bidirectional``)."""
+        return not self.bidirectional
 
     @property
     def total_steps(self) -> int | None:
@@ -312,7 +320,7 @@ class TrainConfig:
 def config_from_dict(
     objective: str, values: dict[str, Any], *, base_dir: Path | None = None
 ) -> TrainConfig:
-    """Build a ``TrainConfig`` from an llm2vec-style dict; unknown keys raise, ignored keys are logged.
+    """A ``TrainConfig`` from an llm2vec-style dict; unknown keys raise, ignored keys are logged.
 
     Relative data paths are resolved against ``base_dir`` when they do not exist from the working
     directory (a config is usually written beside its data).
@@ -321,7 +329,8 @@ def config_from_dict(
     unknown = sorted(set(values) - known - IGNORED_KEYS)
     if unknown:
         raise ValueError(
-            f"config: unknown key(s) {', '.join(unknown)} (not an llm2vec or trainer setting this trainer knows)"
+            f"config: unknown key(s) {', '.join(unknown)} (not an llm2vec or trainer setting"
+            " this trainer knows)"
         )
     ignored = {key: values[key] for key in sorted(set(values) & IGNORED_KEYS)}
     if ignored:

@@ -17,9 +17,10 @@ same batches as an uninterrupted single-process one.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -48,7 +49,8 @@ class DataReport:
         ]
         if self.dropped_tail_examples:
             parts.append(
-                f"{self.dropped_tail_examples} example(s) past the last full batch of each epoch unused"
+                f"{self.dropped_tail_examples} example(s) past the last full batch of each epoch"
+                " unused"
             )
         return "; ".join(parts + self.notes)
 
@@ -130,13 +132,15 @@ def read_supervised_records(
             missing = [name for name in SUPERVISED_FIELDS if name not in record]
             if missing:
                 raise ValueError(
-                    f"{file}:{number}: record lacks field(s) {', '.join(missing)} (needs {', '.join(SUPERVISED_FIELDS)}, optional instruction)"
+                    f"{file}:{number}: record lacks field(s) {', '.join(missing)} (needs"
+                    f" {', '.join(SUPERVISED_FIELDS)}, optional instruction)"
                 )
             for name in (*SUPERVISED_FIELDS, "instruction"):
                 value = record.get(name, "")
                 if not isinstance(value, str):
                     raise ValueError(
-                        f"{file}:{number}: field {name} must be a string, got {type(value).__name__}"
+                        f"{file}:{number}: field {name} must be a string,"
+                        f" got {type(value).__name__}"
                     )
             for name in SUPERVISED_FIELDS:
                 if not record[name].strip():
@@ -200,7 +204,8 @@ def special_token_ids(tokenizer: Any) -> set[int]:
 def mntp_chunks(
     tokenizer: Any, texts: list[str], max_length: int, line_by_line: bool, report: DataReport
 ) -> list[list[int]]:
-    """Token blocks for MNTP, close to transformers' ``run_mlm`` (which llm2vec's ``run_mntp`` adapts).
+    """Token blocks for MNTP, close to transformers' ``run_mlm`` (llm2vec's ``run_mntp`` adapts
+    it).
 
     ``line_by_line=False``: all lines tokenized (with special tokens), concatenated and cut into
     blocks of ``max_length`` tokens. Unlike run_mlm, which cuts each group of 1,000 lines apart
@@ -251,8 +256,9 @@ class BatchOrder:
         self.batches_per_epoch = sum(size // self.global_batch for size in sizes)
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"the data has {num_examples} example(s), fewer than one batch of {self.global_batch} "
-                f"(per_device_train_batch_size={per_device} x {world} process(es))"
+                f"the data has {num_examples} example(s), fewer than one batch of"
+                f" {self.global_batch} (per_device_train_batch_size={per_device} x {world}"
+                " process(es))"
                 + (
                     f" in any of its {len(sizes)} files (a batch holds one file's records)"
                     if self.groups
@@ -278,7 +284,8 @@ class BatchOrder:
         return self._permutation[start : start + self.per_device].tolist()
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """The epoch's examples in batch order: a permutation, or each group's full batches shuffled."""
+        """The epoch's examples in batch order: a permutation, or each group's full batches
+        shuffled."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         if self.groups is None:
             return torch.randperm(self.num_examples, generator=generator)
@@ -297,30 +304,4 @@ def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     which rank or batch it lands in, nor on what ran before."""
     return torch.Generator().manual_seed(
         ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63
-    )
-
-
-@dataclass(frozen=True)
-class PackedBatch:
-    """Sequences packed as the runtime takes them."""
-
-    input_ids: torch.Tensor  # (T,)
-    cu_seqlens: torch.Tensor  # (B + 1,) int32
-    position_ids: torch.Tensor  # (T,)
-    max_seqlen: int
-
-
-def pack_sequences(sequences: list[list[int]], device: torch.device) -> PackedBatch:
-    """Concatenate token lists into one packed batch (no padding) on ``device``."""
-    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
-    cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = lengths.cumsum(0)
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    position_ids = torch.arange(int(lengths.sum())) - starts  # (T,) restarting at 0
-    input_ids = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
-    return PackedBatch(
-        input_ids.to(device),
-        cu_seqlens.to(device),
-        position_ids.to(device),
-        max(lengths.tolist(), default=0),
     )

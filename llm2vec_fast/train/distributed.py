@@ -2,8 +2,9 @@
 
 Each rank runs the same model on its slice of the global batch under ``DistributedDataParallel``,
 which averages the LoRA gradients across ranks. The contrastive loss's own collectives (the
-all-gather of embeddings and its backward) run before any parameter gradient is ready, so every
-rank issues the collectives in the same order. gloo on a CPU, nccl on GPUs.
+all-gather of embeddings and its backward, :func:`gathered_contrastive_loss`) run before any
+parameter gradient is ready, so every rank issues the collectives in the same order. gloo on a
+CPU, nccl on GPUs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from ..kernels import contrastive_loss
+from ..kernels.contrastive import check_contrastive_inputs
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,81 @@ def data_parallel(model: torch.nn.Module, context: DistContext) -> torch.nn.Modu
 def barrier(context: DistContext) -> None:
     if context.distributed:
         dist.barrier()
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-shaped ``(n, D)`` tensors of all ranks; the backward sums every rank's
+    gradient of the gathered tensor and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank = dist.get_rank()
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def contrastive_loss_over_ranks(
+    queries: torch.Tensor, docs: torch.Tensor, *, scale: float, symmetric: bool
+) -> torch.Tensor:
+    """This rank's share of ``contrastive_loss`` over the batch concatenated across the ranks of
+    the initialised process group (equal ``B`` and ``N`` on every rank).
+
+    The loss is over this rank's queries against the docs of every rank, so the DDP-averaged
+    gradient equals that of the loss over the concatenated batch. The docs are laid out as
+    [this rank's positives, the other ranks' positives, every rank's hard negatives]:
+    cross-entropy does not depend on the column order, so this equals the layout [all positives,
+    all negatives] with targets offset by this rank's query offset, and the first ``B`` columns
+    stay the positives of this rank's queries.
+    """
+    check_contrastive_inputs(queries, docs, scale)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "the contrastive loss over ranks needs an initialised torch.distributed process group"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    batch, n_docs = queries.shape[0], docs.shape[0]
+    sizes = [torch.zeros(2, dtype=torch.int64, device=queries.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([batch, n_docs], device=queries.device))
+    sizes = [tuple(s.tolist()) for s in sizes]
+    if any(s != (batch, n_docs) for s in sizes):
+        raise ValueError(
+            "the contrastive loss over ranks needs equal batch sizes on every rank; "
+            f"(queries, docs) per rank: {sizes}"
+        )
+    all_queries = _AllGather.apply(queries)  # (R*B, D)
+    all_docs = _AllGather.apply(docs)  # (R*N, D), rank k's rows at k*N
+    ranks = torch.tensor([rank] + [k for k in range(world) if k != rank], device=docs.device)
+    doc_index = torch.arange(world * n_docs, device=docs.device).view(world, n_docs)
+    doc_order = torch.cat([doc_index[ranks, :batch].flatten(), doc_index[:, batch:].flatten()])
+    laid_out_docs = all_docs[doc_order]  # (R*N, D)
+    own_queries = all_queries[rank * batch : (rank + 1) * batch]  # (B, D)
+    loss = contrastive_loss(own_queries, laid_out_docs, scale=scale)
+    if not symmetric:
+        return loss
+    query_index = torch.arange(world * batch, device=queries.device).view(world, batch)
+    laid_out_queries = all_queries[query_index[ranks].flatten()]  # (R*B, D), own rows first
+    reverse = contrastive_loss(laid_out_docs[:batch], laid_out_queries, scale=scale)
+    return 0.5 * (loss + reverse)
+
+
+def gathered_contrastive_loss(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    *,
+    scale: float,
+    symmetric: bool,
+    context: DistContext,
+) -> torch.Tensor:
+    """``contrastive_loss`` against the queries and docs of every rank under torchrun
+    (:func:`contrastive_loss_over_ranks`), of this rank's batch alone otherwise."""
+    if context.distributed:
+        return contrastive_loss_over_ranks(queries, docs, scale=scale, symmetric=symmetric)
+    return contrastive_loss(queries, docs, scale=scale, symmetric=symmetric)

@@ -27,14 +27,20 @@ from typing import Any
 
 import torch
 
-from ..files import fsync_dir, read_json_object
+from ..files import fsync_dir, read_json_object, write_atomically
 from ..loading import load_model
-from ..settings import CONFIG_FILE, LLM2VEC_CONFIG_FILE, LLM2VEC_DOC_MAX_LENGTH, TRAIN_CONFIG_FILE
-from ..settings import resolve_dtype as resolve_compute_dtype
+from ..settings import (
+    ADAPTER_WEIGHTS_FILE,
+    CONFIG_FILE,
+    LLM2VEC_CONFIG_FILE,
+    LLM2VEC_DOC_MAX_LENGTH,
+    TRAIN_CONFIG_FILE,
+    resolve_training_dtype,
+)
 from . import distributed
 from .config import TrainConfig, config_from_dict, load_config
 from .data import BatchOrder
-from .lora import add_lora, load_lora_state_dict, save_adapter, write_atomically
+from .lora import add_lora, load_lora_state_dict, save_adapter
 from .mntp import MNTPObjective
 from .simcse import SimCSEObjective
 from .state import JSON_FILE as STATE_JSON_FILE
@@ -86,15 +92,6 @@ def run(
     return Trainer(config, context).train(resume=resume, step_callback=step_callback)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16/fp16 only on a GPU; a CPU always trains in fp32 (its bf16 matmuls are slow)."""
-    if device.type != "cuda":
-        if name not in ("auto", "float32"):
-            logger.info("torch_dtype=%s applies on a GPU; training on the CPU in float32", name)
-        return torch.float32
-    return resolve_compute_dtype(name, device)
-
-
 def lr_lambda(kind: str, warmup: int, horizon: int) -> Callable[[int], float]:
     """transformers' schedules: linear warmup, then linear / cosine decay to 0 at ``horizon``;
     ``constant`` ignores the warmup, as transformers' does."""
@@ -119,7 +116,7 @@ class Trainer:
         self.config = config
         self.context = context
         self.output_dir = Path(config.output_dir)
-        self.dtype = resolve_dtype(config.torch_dtype, context.device)
+        self.dtype = resolve_training_dtype(config.torch_dtype, context.device)
 
     # ------------------------------------------------------------------ setup
 
@@ -157,8 +154,9 @@ class Trainer:
             and self.order.batches_per_epoch < config.gradient_accumulation_steps
         ):
             raise ValueError(
-                f"config: one optimizer step takes gradient_accumulation_steps={config.gradient_accumulation_steps}"
-                f" batches, but an epoch has {self.order.batches_per_epoch}: lower it, or set max_steps"
+                "config: one optimizer step takes gradient_accumulation_steps="
+                f"{config.gradient_accumulation_steps} batches, but an epoch has "
+                f"{self.order.batches_per_epoch}: lower it, or set max_steps"
             )
         steps_per_epoch = max(1, self.order.batches_per_epoch // config.gradient_accumulation_steps)
         self.horizon = (
@@ -228,7 +226,8 @@ class Trainer:
             loss_value = float(distributed.all_reduce_mean(step_loss, self.context))
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"loss became {loss_value} at step {step}; lower learning_rate or check the data"
+                    f"loss became {loss_value} at step {step}; lower learning_rate or check the"
+                    " data"
                 )
             result.losses.append(loss_value)
             if self.context.is_main:
@@ -265,18 +264,17 @@ class Trainer:
             source = getattr(self.config, key)
             if source and Path(source).expanduser().resolve() == output:
                 raise ValueError(
-                    f"config: output_dir is the {key} folder ({output}); the new adapter would overwrite"
-                    " the model it trains on: choose another output_dir"
+                    f"config: output_dir is the {key} folder ({output}); the new adapter would"
+                    " overwrite the model it trains on: choose another output_dir"
                 )
         if not resume and self.output_dir.is_dir() and any(_checkpoints(self.output_dir)):
             raise FileExistsError(
-                f"{self.output_dir} already holds checkpoints; pass --resume (resume=True) to continue that run, "
-                "or choose another output_dir"
+                f"{self.output_dir} already holds checkpoints; pass --resume (resume=True) to"
+                " continue that run, or choose another output_dir"
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.output_dir.glob(
-            f".{CHECKPOINT_PREFIX}*"
-        ):  # a save killed before its rename
+        # the temporary folders of a save killed before its rename
+        for leftover in self.output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
             if leftover.is_dir() and leftover.suffix in (".tmp", ".stale"):
                 shutil.rmtree(leftover)
 
@@ -288,7 +286,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir} to resume from")
         folder = checkpoints[-1][1]
         saved_path = folder / TRAIN_CONFIG_FILE
-        if not saved_path.is_file():  # written by an older version
+        if not saved_path.is_file():  # nothing to compare the config with
             logger.warning(
                 "%s does not record its config (%s): resuming without checking it",
                 folder,
@@ -304,8 +302,8 @@ class Trainer:
         ]
         if changed:
             raise ValueError(
-                f"--resume: {folder} was trained with another config ({'; '.join(changed[:6])}); resume with"
-                " the same config, or start a new output_dir"
+                f"--resume: {folder} was trained with another config ({'; '.join(changed[:6])});"
+                " resume with the same config, or start a new output_dir"
             )
         return folder
 
@@ -315,7 +313,8 @@ class Trainer:
         config = self.config
         logger.info("data: %s", self.objective.data_report.summary())
         logger.info(
-            "%s on %s (%s, %d process(es)): %d step(s) of %d x %d x %d example(s), lr %g, LoRA r=%d alpha=%g",
+            "%s on %s (%s, %d process(es)): %d step(s) of %d x %d x %d example(s), lr %g,"
+            " LoRA r=%d alpha=%g",
             config.objective,
             config.model_name_or_path,
             str(self.dtype).removeprefix("torch."),
@@ -330,15 +329,16 @@ class Trainer:
         )
 
     def _base_path(self) -> str:
-        """What the adapter applies to: the previous stage's adapter folder when there is one
-        (it names its own base, so ``load_model(adapter)`` rebuilds the whole chain), else the base."""
+        """What the adapter applies to: the previous stage's adapter folder when there is one (it
+        names its own base, so ``load_model(adapter)`` rebuilds the whole chain), else the base."""
         previous = self.config.peft_model_name_or_path or self.config.model_name_or_path
         return str(Path(previous).expanduser().resolve())
 
     def _write_base_config(self, folder: Path) -> None:
-        """The base model's config.json in an adapter folder, as llm2vec's own adapter folders have
-        it: the llm2vec package reads it, and its ``_name_or_path`` (the base's identity, which picks
-        llm2vec's text wrappers) is what training used, however the stages are loaded later."""
+        """The base model's config.json in an adapter folder, as llm2vec's own adapter folders
+        have it: the llm2vec package reads it, and its ``_name_or_path`` (the base's identity,
+        which picks llm2vec's text wrappers) is what training used, however the stages are loaded
+        later."""
         base_config = Path(self.config.model_name_or_path).expanduser() / CONFIG_FILE
         if not base_config.is_file():  # a GGUF base: no config.json to carry (nor a stale one)
             (folder / CONFIG_FILE).unlink(missing_ok=True)
@@ -380,11 +380,12 @@ class Trainer:
         """Load a checkpoint into the model, optimizer, scheduler and RNG; returns its step."""
         from safetensors.torch import load_file
 
-        load_lora_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        load_lora_state_dict(self.model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
         step, world = load_training_state(folder, self.optimizer, self.scheduler)
         if world != self.context.world:
             raise ValueError(
-                f"{folder} was written by {world} process(es); resume with the same number (now {self.context.world})"
+                f"{folder} was written by {world} process(es); resume with the same number"
+                f" (this run has {self.context.world})"
             )
         if self.context.is_main:
             logger.info("resumed from %s (step %d)", folder, step)
@@ -409,10 +410,10 @@ class Trainer:
         write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def _save_final(self) -> None:
-        """The trained adapter in ``output_dir``, with the tokenizer and encoder settings beside it."""
-        self._write_base_config(
-            self.output_dir
-        )  # before the adapter: its identity never lags the weights
+        """The trained adapter in ``output_dir``, with the tokenizer and encoder settings beside
+        it."""
+        # the base config before the adapter: its identity never lags the weights
+        self._write_base_config(self.output_dir)
         save_adapter(self.model, self.output_dir, self._base_path())
         self.tokenizer.save_pretrained(str(self.output_dir))
         # llm2vec's own keys only: its LLM2Vec.__init__ takes every key of this file. The attention

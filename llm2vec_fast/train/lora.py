@@ -8,27 +8,24 @@ the sub-projections of a fused layer (peft draws one per projection; both are dr
 LoRA input, so training is statistically the same).
 
 ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's key
-names, which ``llm2vec_fast.loading``, peft and the ``llm2vec`` package load.
+names (``llm2vec_fast.adapters``), which ``llm2vec_fast.loading``, peft and the ``llm2vec``
+package load.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapters import ADAPTER_KEY_PREFIXES, TARGET_MODULES, lora_key, strip_key_prefix
+from ..files import write_atomically
 from ..model import DecoderModel
-
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# llm2vec's adapters wrap the bare decoder (LlamaModel: ``base_model.model.layers.N...``); peft on
-# a causal LM (LlamaForCausalLM) has one more ``model.`` (``base_model.model.model.layers.N...``).
-KEY_PREFIXES = {"llm2vec": "base_model.model.", "causal_lm": "base_model.model.model."}
+from ..settings import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 
 class LoRALinear(nn.Module):
@@ -77,7 +74,8 @@ class LoRALinear(nn.Module):
 
 
 def _targets(model: DecoderModel) -> list[tuple[str, nn.Module, str, dict[str, int]]]:
-    """``(layer prefix, parent module, attribute, {peft module name: rows})`` for every projection."""
+    """``(layer prefix, parent module, attribute, {peft module name: rows})`` of every
+    projection."""
     found = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -95,7 +93,8 @@ def _targets(model: DecoderModel) -> list[tuple[str, nn.Module, str, dict[str, i
 def add_lora(
     model: DecoderModel, r: int = 16, alpha: float = 32.0, dropout: float = 0.05
 ) -> DecoderModel:
-    """Freeze every weight of ``model`` and wrap its projections with trainable LoRA pairs (in place)."""
+    """Freeze every weight of ``model`` and wrap its projections with trainable LoRA pairs (in
+    place)."""
     if r < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {r}")
     if lora_modules(model):
@@ -119,27 +118,25 @@ def lora_modules(model: DecoderModel) -> list[tuple[str, LoRALinear]]:
 
 def lora_state_dict(model: DecoderModel, layout: str = "llm2vec") -> dict[str, torch.Tensor]:
     """The LoRA matrices under peft's key names (``...q_proj.lora_A.weight``), on the CPU."""
-    if layout not in KEY_PREFIXES:
+    if layout not in ADAPTER_KEY_PREFIXES:
         raise ValueError(
-            f"unknown adapter layout {layout!r}; expected one of {', '.join(KEY_PREFIXES)}"
+            f"unknown adapter layout {layout!r}; expected one of {', '.join(ADAPTER_KEY_PREFIXES)}"
         )
-    prefix = KEY_PREFIXES[layout]
+    prefix = ADAPTER_KEY_PREFIXES[layout]
     state = {}
     for layer_prefix, module in lora_modules(model):
         for name, a, b in zip(module.part_names, module.lora_A, module.lora_B):
-            state[f"{prefix}{layer_prefix}.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
-            state[f"{prefix}{layer_prefix}.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+            module_name = f"{layer_prefix}.{name}"
+            state[lora_key(prefix, module_name, "A")] = a.detach().cpu().contiguous()
+            state[lora_key(prefix, module_name, "B")] = b.detach().cpu().contiguous()
     return state
 
 
 def load_lora_state_dict(model: DecoderModel, state: dict[str, torch.Tensor]) -> None:
     """Copy saved LoRA matrices (either layout) back into the model's LoRA layers."""
     expected = lora_state_dict(model, "llm2vec")
-    prefix = KEY_PREFIXES["llm2vec"]
-    renamed = {}
-    for key, value in state.items():
-        short = key.removeprefix("base_model.model.").removeprefix("model.")
-        renamed[prefix + short] = value
+    prefix = ADAPTER_KEY_PREFIXES["llm2vec"]
+    renamed = {prefix + strip_key_prefix(key): value for key, value in state.items()}
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     if missing or unexpected:
@@ -149,8 +146,8 @@ def load_lora_state_dict(model: DecoderModel, state: dict[str, torch.Tensor]) ->
     with torch.no_grad():
         for layer_prefix, module in lora_modules(model):
             for name, a, b in zip(module.part_names, module.lora_A, module.lora_B):
-                a.copy_(renamed[f"{prefix}{layer_prefix}.{name}.lora_A.weight"])
-                b.copy_(renamed[f"{prefix}{layer_prefix}.{name}.lora_B.weight"])
+                a.copy_(renamed[lora_key(prefix, f"{layer_prefix}.{name}", "A")])
+                b.copy_(renamed[lora_key(prefix, f"{layer_prefix}.{name}", "B")])
 
 
 def adapter_config(model: DecoderModel, base_model_name_or_path: str) -> dict:
@@ -193,26 +190,12 @@ def save_adapter(
     if not state:
         raise ValueError("the model has no LoRA layers to save")
     write_atomically(
-        folder / "adapter_model.safetensors",
+        folder / ADAPTER_WEIGHTS_FILE,
         lambda path: save_file(state, str(path), metadata={"format": "pt"}),
     )
     config = adapter_config(model, base_model_name_or_path)
     write_atomically(
-        folder / "adapter_config.json",
+        folder / ADAPTER_CONFIG_FILE,
         lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
     )
     return folder
-
-
-def write_atomically(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``target`` (same folder)."""
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -19,12 +19,12 @@ import torch
 
 from .. import kernels
 from ..model import DecoderModel
+from ..packed import Packed
 from .config import TrainConfig
 from .data import (
     DataReport,
     example_generator,
     mntp_chunks,
-    pack_sequences,
     read_text_lines,
     special_token_ids,
 )
@@ -49,7 +49,8 @@ def mask_token_id(tokenizer: Any, mask_token_type: str) -> int:
     token_id = tokenizer.get_vocab().get("_")  # llm2vec sets mask_token = "_", a vocabulary entry
     if token_id is None:
         raise ValueError(
-            "mask_token_type='blank' needs '_' as one token of the vocabulary, which this tokenizer lacks; use 'eos'"
+            "mask_token_type='blank' needs '_' as one token of the vocabulary, which this"
+            " tokenizer lacks; use 'eos'"
         )
     return int(token_id)
 
@@ -133,14 +134,12 @@ class MNTPObjective:
             )
             inputs.append(masked)
             labels.append(target)
-        batch = pack_sequences(inputs, self.context.device)
+        batch = Packed.from_sequences(inputs).to(self.context.device)
         flat_labels = torch.tensor(
-            [t for seq in labels for t in seq], dtype=torch.long, device=batch.input_ids.device
+            [t for seq in labels for t in seq], dtype=torch.long, device=batch.device
         )
         rows, targets = predecessor_rows(flat_labels, batch.cu_seqlens)
-        hidden = model(
-            batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.position_ids
-        )  # (T, hidden)
+        hidden = model(batch)  # (T, hidden)
         local = torch.tensor(float(targets.numel()), device=hidden.device)
         total = all_reduce_sum(local, self.context)
         mean = kernels.mntp_loss(hidden[rows], self.lm_head_weight, targets)

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from .. import kernels
-from ..model import DecoderModel
+from ..model import DecoderModel, forward_and_pool
+from ..packed import Packed
 from .config import TrainConfig
-from .data import DataReport, encode_texts, pack_sequences, read_text_lines
-from .distributed import DistContext
+from .data import DataReport, encode_texts, read_text_lines
+from .distributed import DistContext, gathered_contrastive_loss
 
 
 class SimCSEObjective:
@@ -35,26 +35,17 @@ class SimCSEObjective:
 
     def loss(self, model: torch.nn.Module, indices: list[int], epoch: int) -> torch.Tensor:
         items = [self.encoded[i] for i in indices] * 2
-        batch = pack_sequences([item.input_ids for item in items], self.context.device)
-        pool_mask = torch.tensor(
-            [m for item in items for m in item.pool_mask], device=batch.input_ids.device
-        )
-        hidden = model(
-            batch.input_ids,
-            batch.cu_seqlens,
-            batch.max_seqlen,
-            batch.position_ids,
-            causal=not self.config.bidirectional,
-        )  # (T, hidden)
-        pooled = kernels.masked_pool(
-            hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask
+        batch = Packed.from_tokenized(items).to(self.context.device)
+        pooled = forward_and_pool(
+            model, batch, self.config.pooling_mode, causal=self.config.causal
         )  # (2B, hidden)
         first, second = pooled.float().chunk(2)
-        return kernels.contrastive_loss(
+        return gathered_contrastive_loss(
             first,
             second,
             scale=float(self.config.loss_scale),
-            gather_across_ranks=self.context.distributed,
+            symmetric=False,
+            context=self.context,
         )
 
     @property

@@ -47,7 +47,8 @@ def save_training_state(
 def load_training_state(
     folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> tuple[int, int]:
-    """Restore optimizer, scheduler and RNG from ``folder``; returns ``(step, world)`` it was saved with."""
+    """Restore optimizer, scheduler and RNG from ``folder``; returns the ``(step, world)`` it was
+    saved with."""
     record = json.loads((folder / JSON_FILE).read_text())
     tensors = load_file(str(folder / TENSORS_FILE))
     per_param: dict[int, dict[str, torch.Tensor]] = {}

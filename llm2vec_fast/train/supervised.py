@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from .. import kernels
-from ..model import DecoderModel
+from ..model import DecoderModel, forward_and_pool
+from ..packed import Packed
 from ..text import model_identity
 from .config import TrainConfig
-from .data import DataReport, encode_texts, pack_sequences, read_supervised_records
-from .distributed import DistContext
+from .data import DataReport, encode_texts, read_supervised_records
+from .distributed import DistContext, gathered_contrastive_loss
 
 
 class SupervisedObjective:
@@ -26,7 +26,8 @@ class SupervisedObjective:
     ) -> None:
         records, self.report = read_supervised_records(config.data_path, config.max_train_samples)
         kind = model.config.model_type
-        # llm2vec's supervised collator applies the model's wrappers (as its encoder does); its SimCSE does not
+        # llm2vec's supervised collator applies the model's wrappers (as its encoder does); its
+        # SimCSE does not
         name = model_identity(config.model_name_or_path)
 
         def encode(pairs):
@@ -63,26 +64,17 @@ class SupervisedObjective:
             + [self.positives[i] for i in indices]
             + [self.negatives[i] for i in indices]
         )
-        batch = pack_sequences([item.input_ids for item in items], self.context.device)
-        pool_mask = torch.tensor(
-            [m for item in items for m in item.pool_mask], device=batch.input_ids.device
-        )
-        hidden = model(
-            batch.input_ids,
-            batch.cu_seqlens,
-            batch.max_seqlen,
-            batch.position_ids,
-            causal=not self.config.bidirectional,
-        )  # (T, hidden)
-        pooled = kernels.masked_pool(
-            hidden, batch.cu_seqlens, self.config.pooling_mode, pool_mask
+        batch = Packed.from_tokenized(items).to(self.context.device)
+        pooled = forward_and_pool(
+            model, batch, self.config.pooling_mode, causal=self.config.causal
         ).float()  # (3B, hidden)
         size = len(indices)
-        return kernels.contrastive_loss(
+        return gathered_contrastive_loss(
             pooled[:size],
             pooled[size:],
             scale=float(self.config.loss_scale),
-            gather_across_ranks=self.context.distributed,
+            symmetric=False,
+            context=self.context,
         )
 
     @property

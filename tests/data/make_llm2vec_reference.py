@@ -82,18 +82,26 @@ TOKEN_EDGE_INPUTS: list = [
     ["  Spaces around the instruction  ", "  and around the text  "],
 ] + INPUTS[:3]
 
-EXTRA_CORPUS = """
-The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step.
-Language models predict the next token; encoders map a text to one vector.
-Questions, answers, claims, documents, reviews and abstracts are all texts.
-Whitespace, punctuation: commas, periods; semicolons! question marks? and digits 0 1 2 3 4 5 6 7 8 9.
-Retrieve represent classify find given the a an of to in on for with and or is are was were.
-[INST] user [/INST] </s> <|start_header_id|>user<|end_header_id|> <|eot_id|> <|end_of_text|>
-<bos><start_of_turn>user <end_of_turn> <eos> <|im_start|>user <|im_end|> <|endoftext|>
-"""
+EXTRA_CORPUS = "\n".join(
+    [
+        "",
+        "The quick brown fox jumps over the lazy dog. A journey"
+        " of a thousand miles begins with one step.",
+        "Language models predict the next token; encoders map a text to one vector.",
+        "Questions, answers, claims, documents, reviews and abstracts are all texts.",
+        "Whitespace, punctuation: commas, periods; semicolons!"
+        " question marks? and digits 0 1 2 3 4 5 6 7 8 9.",
+        "Retrieve represent classify find given the a an"
+        " of to in on for with and or is are was were.",
+        "[INST] user [/INST] </s> <|start_header_id|>user<|end_header_id|>"
+        " <|eot_id|> <|end_of_text|>",
+        "<bos><start_of_turn>user <end_of_turn> <eos> <|im_start|>user <|im_end|> <|endoftext|>",
+        "",
+    ]
+)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-POOLINGS = ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"]
+POOLING_MODES = ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"]
 SETTING_A = {"max_length": 32, "doc_max_length": 24}
 SETTING_B = {"max_length": 40, "doc_max_length": 400}
 
@@ -284,7 +292,7 @@ def embedding_cases() -> list[dict]:
     ]
     cases = []
     for model, adapter, load in chains:
-        for pooling in POOLINGS:
+        for pooling_mode in POOLING_MODES:
             for skip in (True, False):
                 settings = [("A", SETTING_A)]
                 if adapter in ("none", "lora") and (model, adapter) != ("mistral", "none"):
@@ -292,11 +300,12 @@ def embedding_cases() -> list[dict]:
                 for setting_name, setting in settings:
                     cases.append(
                         {
-                            "id": f"{model}-{adapter}-{pooling}-skip{int(skip)}-{setting_name}",
+                            "id": f"{model}-{adapter}-{pooling_mode}-skip{int(skip)}-"
+                            f"{setting_name}",
                             "kind": "embeddings",
                             "load": load,
                             "enable_bidirectional": True,
-                            "pooling_mode": pooling,
+                            "pooling_mode": pooling_mode,
                             "skip_instruction": skip,
                             **setting,
                         }
@@ -329,16 +338,17 @@ def token_edge_cases() -> list[dict]:
     ]
     cases = []
     for config_class, name in identities:
-        for pooling in ("mean", "eos_token"):
+        for pooling_mode in ("mean", "eos_token"):
             for setting_name, setting in (("A", SETTING_A), ("B", SETTING_B)):
                 cases.append(
                     {
-                        "id": f"tokens-{config_class}-{name.replace('/', '_')}-{pooling}-{setting_name}",
+                        "id": f"tokens-{config_class}-{name.replace('/', '_')}-{pooling_mode}-"
+                        f"{setting_name}",
                         "kind": "tokens",
                         "config_class": config_class,
                         "model_type": CONFIG_CLASSES[config_class].model_type,
                         "name_or_path": name,
-                        "pooling_mode": pooling,
+                        "pooling_mode": pooling_mode,
                         **setting,
                     }
                 )

@@ -130,7 +130,8 @@ def discover_inputs(
         elif path.is_file():
             if file_format(path) is None:
                 raise InputError(
-                    f"{path}: unknown input format {path.suffix!r}; known: {', '.join(sorted(FORMATS))} (optionally .gz)"
+                    f"{path}: unknown input format {path.suffix!r};"
+                    f" known: {', '.join(sorted(FORMATS))} (optionally .gz)"
                 )
             if _inside(path.resolve(), output):
                 raise InputError(f"{path}: the input file lies inside the output folder {output}")
@@ -180,7 +181,8 @@ def _line_count(path: Path) -> int:
 
 
 def estimate_rows(file: InputFile) -> int:
-    """Rows in ``file`` for the progress bar: exact for Parquet and plain text, close for the rest."""
+    """Rows in ``file`` for the progress bar: exact for Parquet and plain text, close for the
+    rest."""
     if file.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -190,7 +192,8 @@ def estimate_rows(file: InputFile) -> int:
 
 
 def _decode(raw: bytes, first_line: bool = False) -> str | None:
-    """UTF-8 text, or None when it is not valid UTF-8; a byte order mark opening a file is dropped."""
+    """UTF-8 text, or None when it is not valid UTF-8; a byte order mark opening a file is
+    dropped."""
     try:
         return raw.decode("utf-8-sig" if first_line else "utf-8")
     except UnicodeDecodeError:
@@ -198,7 +201,8 @@ def _decode(raw: bytes, first_line: bool = False) -> str | None:
 
 
 def _field(record: dict, name: str, integer_ok: bool = False) -> tuple[str | None, str | None]:
-    """(value, error): a string, or an integer where ``integer_ok`` (ids); never a float or a list."""
+    """(value, error): a string, or an integer where ``integer_ok`` (ids); never a float or a
+    list."""
     if name not in record or record[name] is None:
         return None, f"missing field {name!r}"
     value = record[name]
@@ -275,8 +279,8 @@ def _read_jsonl(path: Path, fields: Fields) -> Iterator[RawRow]:
                 if without_text == FIELD_CHECK_ROWS:
                     raise InputError(
                         f"{path}:{line}: none of the first {FIELD_CHECK_ROWS} rows has a field"
-                        f" {fields.text!r} (line {line} has {', '.join(map(repr, record)) or 'no field'});"
-                        " check --text-field"
+                        f" {fields.text!r} (line {line} has"
+                        f" {', '.join(map(repr, record)) or 'no field'}); check --text-field"
                     )
             yield row
 
@@ -297,7 +301,8 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
     )
     with text_stream:
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-        # strict: a quote left open raises at the end of the file instead of swallowing every later row
+        # strict: a quote left open raises at the end of the file instead of swallowing every
+        # later row
         reader = csv.reader(text_stream, delimiter=delimiter, quoting=quoting, strict=True)
         try:
             header = next(reader, None)
@@ -320,8 +325,8 @@ def _read_delimited(path: Path, fields: Fields, delimiter: str) -> Iterator[RawR
             except csv.Error as exc:
                 if "end of data" in str(exc):
                     raise InputError(
-                        f"{path}:{start}: a quoted field opened here is never closed (the rest of the"
-                        " file would be read as part of it); close the quote and run again"
+                        f"{path}:{start}: a quoted field opened here is never closed (the rest of"
+                        " the file would be read as part of it); close the quote and run again"
                     ) from None
                 line, start = start, reader.line_num + 1
                 yield RawRow(line, None, None, None, f"malformed CSV: {exc}")
@@ -382,7 +387,8 @@ def read_rows(file: InputFile, fields: Fields) -> Iterator[RawRow]:
     if file.format == "text":
         if fields.id is not None or fields.instruction is not None:
             raise InputError(
-                f"{file.path}: plain text has no fields, so --id-field / --instruction-field cannot apply"
+                f"{file.path}: plain text has no fields, so --id-field / --instruction-field"
+                " cannot apply"
             )
         rows = _read_text(file.path)
     elif file.format == "jsonl":
