@@ -127,7 +127,7 @@ def main() -> None:
         model_path = str(default_model_path())
     engine = load_engine(
         model_path,
-        pooling="mean",
+        pooling_mode="mean",
         max_length=args.max_length,
         device=args.device,
         max_batch_tokens=args.max_batch_tokens,

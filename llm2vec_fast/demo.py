@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = load_engine(
         str(model),
-        pooling=POOLING_MODE,
+        pooling_mode=POOLING_MODE,
         max_length=MAX_LENGTH,
         max_batch_tokens=MAX_BATCH_TOKENS,
         normalize=True,

@@ -26,7 +26,7 @@ def test_job_embeddings_equal_the_encoders_and_search_reloads_the_model(
 ):
     engine = load_engine(
         str(default_model_folder),
-        pooling="mean",
+        pooling_mode="mean",
         max_length=64,
         device="cpu",
         dtype="float32",
@@ -194,7 +194,7 @@ def test_unset_pooling_and_max_length_come_from_llm2vec_config_and_max_length_al
         len(line.split()) > 48 for line in (tmp_path / "in.txt").read_text().splitlines()
     )
     given = load_engine(
-        str(tmp_path / "model"), pooling="mean", max_length=64, device="cpu"
+        str(tmp_path / "model"), pooling_mode="mean", max_length=64, device="cpu"
     ).describe()
     assert (given["pooling"], given["max_length"], given["doc_max_length"]) == ("mean", 64, 64)
 

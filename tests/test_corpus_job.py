@@ -369,7 +369,7 @@ def test_cli_model_options_reach_the_engine(tmp_path, monkeypatch):
         "m",
         ("a1", "a2"),
         dict(
-            pooling="last_token",
+            pooling_mode="last_token",
             max_length=32,
             max_batch_tokens=77,
             doc_max_length=None,
@@ -383,7 +383,7 @@ def test_cli_model_options_reach_the_engine(tmp_path, monkeypatch):
         None,
         (),
         dict(
-            pooling=None,
+            pooling_mode=None,
             max_length=None,
             device=None,
             dtype=None,

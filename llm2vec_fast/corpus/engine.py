@@ -139,7 +139,7 @@ class LLM2VecEngine:
 
     model_path: str
     adapters: Sequence[str] = ()
-    pooling: str | None = None  # None: the folder's llm2vec_config.json, else mean
+    pooling_mode: str | None = None  # None: the folder's llm2vec_config.json, else mean
     max_length: int | None = None  # None: the folder's llm2vec_config.json, else 512
     device: str | None = None
     dtype: str | None = None
@@ -166,7 +166,7 @@ class LLM2VecEngine:
         self.model = LLM2Vec.from_pretrained(
             self.model_path,
             adapters=list(self.adapters),
-            pooling_mode=self.pooling,
+            pooling_mode=self.pooling_mode,
             max_length=self.max_length,
             doc_max_length=self.doc_max_length,
             device=self.device,
@@ -179,11 +179,9 @@ class LLM2VecEngine:
             truncate_dim=self.dim,
         )
         self.prompt = self.model.resolve_prompt(self.prompt, self.prompt_name)
-        if (
-            self.doc_max_length is None
-        ):  # max_length alone decides: no llm2vec word cut (at 400 tokens)
+        if self.doc_max_length is None:  # max_length alone decides: no llm2vec word cut at 400
             self.model.doc_max_length = self.model.max_length
-        self.pooling, self.max_length = self.model.pooling_mode, self.model.max_length
+        self.pooling_mode, self.max_length = self.model.pooling_mode, self.model.max_length
 
     def tokenize(self, texts: list[Text]) -> list[Item]:
         # TokenizedText: input_ids, pool_mask, truncated
@@ -210,7 +208,7 @@ class LLM2VecEngine:
             description["adapters"] = [
                 {"path": str(Path(a).resolve()), "sha256": sha256_of_path(a)} for a in self.adapters
             ]
-            description["pooling"] = description.get("pooling_mode", self.pooling)
+            description["pooling"] = description.get("pooling_mode", self.pooling_mode)
             description["normalize"] = self.normalize
             if self.prompt is not None:  # recorded only when one applies: older jobs match
                 description["prompt"] = self.prompt
@@ -222,7 +220,7 @@ def load_engine(
     model: str | None,
     adapters: Sequence[str] = (),
     *,
-    pooling: str | None = None,
+    pooling_mode: str | None = None,
     max_length: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -262,7 +260,7 @@ def load_engine(
     return LLM2VecEngine(
         str(model),
         tuple(str(a) for a in adapters),
-        pooling,
+        pooling_mode,
         max_length,
         device,
         dtype,

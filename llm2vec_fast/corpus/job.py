@@ -131,7 +131,7 @@ def _load_engine(settings: JobSettings, recorded: dict) -> Engine:
     return load_engine(
         settings.model,
         settings.adapters,
-        pooling=settings.pooling_mode or recorded.get("pooling"),
+        pooling_mode=settings.pooling_mode or recorded.get("pooling"),
         max_length=settings.max_length or recorded.get("max_length"),
         device=settings.device,
         dtype=settings.dtype,

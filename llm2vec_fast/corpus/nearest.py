@@ -30,7 +30,7 @@ def engine_for_job(
     engine = load_engine(
         described["model"] if described["model"] != "fake" else f"fake:dim={described['dim']}",
         adapters,
-        pooling=described["pooling"],
+        pooling_mode=described["pooling"],
         max_length=described["max_length"],
         device=device,
         dtype=described.get("dtype"),

@@ -54,7 +54,7 @@ class EmbedBatches:
     ) -> None:
         if instruction is not None and instruction_column is not None:
             raise ValueError("give instruction or instruction_column, not both")
-        self.engine = load_engine(model, adapters, pooling=pooling_mode, **engine_options)
+        self.engine = load_engine(model, adapters, pooling_mode=pooling_mode, **engine_options)
         self.dim = self.engine.describe()["dim"]
         self.text_column = text_column
         self.instruction = instruction
