@@ -66,7 +66,8 @@ def test_a_text_with_no_tokens_to_pool_is_an_error_value():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray")
+    import ray  # the [ray] extra, in the test requirements
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

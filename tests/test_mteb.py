@@ -81,8 +81,7 @@ class RecordingEncoder:
 
 
 def sts_task_file(folder: Path) -> Path:
-    if not STSB_TEST.is_file():
-        pytest.skip(f"the STS Benchmark is not at {STSB_TEST}")
+    assert STSB_TEST.is_file(), f"no STS Benchmark at {STSB_TEST}"
     lines = STSB_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:STS_PAIRS]
     (folder / "sts-pairs.tsv").write_text("".join(lines), encoding="utf-8")
     definition = {"type": "STS", "name": "LocalSTSB", "data": "sts-pairs.tsv"}
