@@ -187,11 +187,15 @@ def bench_random(args, device: torch.device, results: harness.Results) -> None:
         layer_params = sum(p.numel() for p in ours.model.layers.parameters() if p.ndim == 2)
         width = ours.model.config.num_heads * ours.model.config.head_dim
         workloads = [
-            ("mix", lengths_for_tokens(tokens, max_tokens=max(SWEEP_LENGTHS)), args.batch_tokens)
+            (
+                "mix",
+                lengths_for_tokens(tokens, max_tokens=max(SWEEP_LENGTHS)),
+                args.max_batch_tokens,
+            )
         ]
         if position == 0 and not args.no_sweeps:
             workloads += [
-                ("seqlen", [s] * max(1, tokens // s), args.batch_tokens) for s in sweep_lengths
+                ("seqlen", [s] * max(1, tokens // s), args.max_batch_tokens) for s in sweep_lengths
             ]
             workloads += [("batch_tokens", workloads[0][1], b) for b in sweep_budgets]
         for sweep, lengths, max_batch_tokens in workloads:
@@ -364,18 +368,20 @@ def bench_texts(args, device: torch.device, results: harness.Results) -> None:
             max_length=512,
             doc_max_length=512,
         )
-        reference = transformers_encode(hf_model, tokenizer, texts, args.batch_tokens)
-        mine = ours.encode(texts, show_progress_bar=False, max_batch_tokens=args.batch_tokens)
+        reference = transformers_encode(hf_model, tokenizer, texts, args.max_batch_tokens)
+        mine = ours.encode(texts, show_progress_bar=False, max_batch_tokens=args.max_batch_tokens)
         agreement = torch.nn.functional.cosine_similarity(reference, mine).min().item()
 
         hf_ms = harness.time_calls_ms(
-            lambda: transformers_encode(hf_model, tokenizer, texts, args.batch_tokens),
+            lambda: transformers_encode(hf_model, tokenizer, texts, args.max_batch_tokens),
             device=device,
             warmup=0,
             repeats=repeats,
         )
         our_ms = harness.time_calls_ms(
-            lambda: ours.encode(texts, show_progress_bar=False, max_batch_tokens=args.batch_tokens),
+            lambda: ours.encode(
+                texts, show_progress_bar=False, max_batch_tokens=args.max_batch_tokens
+            ),
             device=device,
             warmup=0,
             repeats=repeats,
@@ -386,7 +392,7 @@ def bench_texts(args, device: torch.device, results: harness.Results) -> None:
             "dtype": name,
             "texts": len(texts),
             "tokens": total_tokens,
-            "batch_tokens": args.batch_tokens,
+            "batch_tokens": args.max_batch_tokens,
         }
         results.add(
             config,
@@ -444,7 +450,7 @@ def main() -> None:
                 default=None,
                 help="texts source: number of texts (default 256, quick 48)",
             ),
-            p.add_argument("--batch-tokens", type=int, default=4096),
+            p.add_argument("--max-batch-tokens", type=int, default=4096),
         ),
     )
     device = torch.device(args.device)

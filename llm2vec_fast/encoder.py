@@ -184,7 +184,7 @@ class LLM2Vec:
         same numbers and runs faster). Encoder settings not given come from an
         ``llm2vec_config.json`` beside the last adapter (else the base), then llm2vec's defaults;
         ``enable_bidirectional`` not given comes from the ``train_config.json`` our trainer writes
-        there (adapters of older versions: llm2vec_config.json), else True.
+        there, else ``bidirectional`` in llm2vec_config.json, else True.
         ``cuda_graphs``: on a CUDA device, replay each batch's forward pass from a CUDA graph
         (see ``llm2vec_fast.cuda_graphs``; pays for small models, where launches dominate).
 
@@ -281,8 +281,8 @@ class LLM2Vec:
 
     @staticmethod
     def _saved_settings(folder: Path) -> dict:
-        """llm2vec_config.json's settings, and ``bidirectional`` as our trainer recorded it (in
-        train_config.json; adapters of older versions have it in llm2vec_config.json)."""
+        """llm2vec_config.json's settings, and ``bidirectional`` as our trainer records it in
+        train_config.json (else as llm2vec_config.json gives it)."""
         keys = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "bidirectional")
         settings = _read_settings(folder / LLM2VEC_CONFIG_FILE, keys)
         if "bidirectional" not in settings:
@@ -290,6 +290,11 @@ class LLM2Vec:
         return settings
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def causal(self) -> bool:
+        """The runtime's attention direction (llm2vec's ``enable_bidirectional``, negated)."""
+        return not self.enable_bidirectional
 
     @property
     def device(self) -> torch.device:
@@ -436,7 +441,7 @@ class LLM2Vec:
     ) -> None:
         """Fill ``out`` (n, dim) with the embeddings, one packed batch at a time; dim under the
         pooled width keeps the first dim columns, renormalized where unit vectors are due."""
-        causal = not self.enable_bidirectional
+        causal = self.causal
         graphed = self._graphed_encoder()
         cut = out.shape[1] < self.pooled_dim
         renormalize = normalize or (self.sentence_head is not None and self.sentence_head.normalize)
@@ -493,7 +498,7 @@ class LLM2Vec:
         The same packed batches and forward pass as ``embed_tokenized``, stopped before pooling.
         """
         max_batch_tokens = int(max_batch_tokens or self.max_batch_tokens)
-        causal = not self.enable_bidirectional
+        causal = self.causal
         states: list[torch.Tensor] = [torch.empty(0)] * len(items)
         device = self.device
         current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -292,7 +292,7 @@ def _run_sts(args: argparse.Namespace) -> int:
         data=str(args.data),
         pooling_mode=encoder.pooling_mode,
         max_length=encoder.max_length,
-        causal=not encoder.enable_bidirectional,
+        causal=encoder.causal,
     )
     line = json.dumps(result)
     print(line)

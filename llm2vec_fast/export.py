@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         document_instruction=_instruction(args.document_instruction, encoder, "document"),
         overwrite=args.overwrite,
     )
-    direction = "bidirectional" if encoder.enable_bidirectional else "causal"
+    direction = "causal" if encoder.causal else "bidirectional"
     print(
         f"wrote {output}: {encoder.pooling_mode} pooling, {direction} attention,"
         f" max_length {encoder.max_length}, {encoder.embedding_dim} dimensions"

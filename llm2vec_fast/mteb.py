@@ -260,7 +260,7 @@ def _model_meta(encoder: Any, name: str | None, revision: str) -> ModelMeta:
     source = "model" if loaded is None else str(loaded.source)
     settings: dict[str, Any] = {
         "pooling_mode": encoder.pooling_mode,
-        "causal": not encoder.enable_bidirectional,
+        "causal": encoder.causal,
         "max_length": encoder.max_length,
     }
     if loaded is not None and loaded.adapters:

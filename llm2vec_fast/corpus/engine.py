@@ -210,7 +210,7 @@ class LLM2VecEngine:
             ]
             description["pooling"] = description.get("pooling_mode", self.pooling_mode)
             description["normalize"] = self.normalize
-            if self.prompt is not None:  # recorded only when one applies: older jobs match
+            if self.prompt is not None:  # recorded only when one applies: prompt-less jobs match
                 description["prompt"] = self.prompt
             self._description = description
         return dict(self._description)
@@ -236,8 +236,8 @@ def load_engine(
     """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
 
     ``doc_max_length``: llm2vec's rule that drops a text's trailing words past that many tokens;
-    None leaves ``max_length`` alone to decide (a text keeps its first max_length tokens). Jobs
-    recorded before that default reload with the value they recorded.
+    None leaves ``max_length`` alone to decide (a text keeps its first max_length tokens). A job
+    that recorded a value reloads with it.
 
     ``causal`` keeps the model's causal attention (llm2vec's ``enable_bidirectional=False``): the
     better choice for a base model that has not been trained the LLM2Vec way. ``cuda_graphs``

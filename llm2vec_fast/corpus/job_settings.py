@@ -67,7 +67,8 @@ class JobSettings:
     # how this run goes
     resume: bool = False
     overwrite: bool = False
-    workers: int | None = None  # reader + tokenizer processes; 0: in this process; None: default
+    # reader + tokenizer processes; 0: in this process; None: the default (0 for custom engines)
+    workers: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

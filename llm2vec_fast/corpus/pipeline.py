@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llm2vec_fast.corpus.engine import Engine, Item, Text
+from llm2vec_fast.corpus.engine import Engine, HashEngine, Item, LLM2VecEngine, Text
 from llm2vec_fast.corpus.inputs import InputError, InputFile, estimate_rows
 from llm2vec_fast.corpus.job_settings import JobSettings
 from llm2vec_fast.corpus.ranks import Ranks
@@ -111,7 +111,10 @@ class Pipeline:
 
     def run(self) -> PipelineResult:
         """Embed and write every shard to do; returns once the last one is written."""
-        workers = self.settings.workers if self.settings.workers is not None else default_workers()
+        workers = self.settings.workers
+        if workers is None:  # a custom engine may not pickle: it tokenizes in this process
+            known = isinstance(self.engine, (LLM2VecEngine, HashEngine))
+            workers = default_workers() if known else 0
         started = time.perf_counter()
         if workers:
             pool = WorkerPool.start(

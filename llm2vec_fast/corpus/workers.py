@@ -113,14 +113,6 @@ class Failure:
     error: BaseException
 
 
-@dataclass
-class Stage:
-    """Per worker kind: the seconds the embedding process was told about."""
-
-    busy: float = 0.0
-    idle: float = 0.0
-
-
 def _flat_tokens(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(item.input_ids) for item in items), np.int64, len(items))
     offsets = np.zeros(len(items) + 1, np.int64)
