@@ -30,6 +30,7 @@ import numpy as np
 from llm2vec_fast.corpus.engine import Engine, Item, LLM2VecEngine
 from llm2vec_fast.corpus.inputs import InputFile
 from llm2vec_fast.corpus.job_settings import JobSettings
+from llm2vec_fast.corpus.ranks import Ranks
 from llm2vec_fast.corpus.rows import Row, job_rows
 
 TOKENIZE_CHUNK = 256  # rows per tokenizer call
@@ -160,8 +161,10 @@ def read_chunks(
     order = 0
     read_seconds = 0.0
 
+    ranks = Ranks(rank, world)  # without the process group: it only says which shards are ours
+
     def todo(shard: int) -> bool:
-        return shard % world == rank and shard not in done
+        return ranks.owns(shard) and shard not in done
 
     def send(shard: int, rows: list[Row], shard_stop: int | None) -> bool:
         nonlocal order, read_seconds
