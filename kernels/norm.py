@@ -1,9 +1,12 @@
-"""RMSNorm fused with the residual add (Llama's form).
+"""RMSNorm fused with the residual add (Llama's form, or Gemma's with ``unit_offset``).
 
 Forward: each program takes a few rows (one when H is large), adds the residual, stores the sum
 (the residual stream), and writes ``weight * (sum * rstd)`` with the statistics in fp32 and the
 normalised row rounded to the input dtype before the weight multiplies it, as Hugging Face's
-``LlamaRMSNorm`` does.
+``LlamaRMSNorm`` does. ``unit_offset`` scales by ``1 + weight`` instead, the whole product in fp32
+and rounded once, as ``Gemma3RMSNorm`` does; the weight stays the checkpoint's (zero-centred), so
+training, LoRA and export see transformers' parameter, and the kernel adds the 1 in fp32 where a
+stored ``1 + w`` would lose w's low bits in 16-bit weights.
 
 Backward: each program walks a contiguous range of row tiles, writes the input gradients tile by
 tile and keeps its partial sum of the weight gradient in registers; the partial sums ``(P, H)`` are
@@ -40,6 +43,7 @@ def _rms_norm_forward_kernel(
     stride_summed,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -58,9 +62,12 @@ def _rms_norm_forward_kernel(
         tl.store(summed_ptr + row_ids[:, None] * stride_summed + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / hidden + eps)  # (BLOCK_T,)
-    normed = (h * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)
-    out = (normed * weight[None, :]).to(out_ptr.dtype.element_ty)
+    if UNIT_OFFSET:
+        out = (h * rstd[:, None] * (1.0 + weight[None, :])).to(out_ptr.dtype.element_ty)
+    else:
+        normed = (h * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        out = (normed * weight[None, :]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row_ids[:, None] * stride_out + cols[None, :], out, mask=mask)
     tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
 
@@ -82,6 +89,7 @@ def _rms_norm_backward_kernel(
     stride_grad_summed,
     stride_grad_in,
     HAS_GRAD_SUMMED: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -89,6 +97,8 @@ def _rms_norm_backward_kernel(
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        weight += 1.0  # the scale is 1 + weight; its gradient is the weight's
     weight_grad = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     block_start = pid * blocks_per_program
     block_end = tl.minimum(block_start + blocks_per_program, tl.cdiv(rows, BLOCK_T))
@@ -141,7 +151,11 @@ def _backward_programs(row_blocks: int, device: torch.device) -> int:
 
 
 def _rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    unit_offset: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     rows, hidden = x.shape
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
@@ -169,6 +183,7 @@ def _rms_norm_forward(
         0 if summed is None else summed.stride(0),
         eps,
         HAS_RESIDUAL=residual is not None,
+        UNIT_OFFSET=unit_offset,
         BLOCK_T=block_t,
         BLOCK_H=block_h,
         num_warps=_num_warps(block_t * block_h),
@@ -182,6 +197,7 @@ def _rms_norm_backward(
     rstd: torch.Tensor,
     grad_out: torch.Tensor,
     grad_summed: torch.Tensor | None,
+    unit_offset: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, hidden = summed.shape
     grad_in = torch.empty(rows, hidden, dtype=summed.dtype, device=summed.device)  # (T, H)
@@ -214,6 +230,7 @@ def _rms_norm_backward(
         0 if grad_summed is None else grad_summed.stride(0),
         grad_in.stride(0),
         HAS_GRAD_SUMMED=grad_summed is not None,
+        UNIT_OFFSET=unit_offset,
         BLOCK_T=block_t,
         BLOCK_H=block_h,
         num_warps=_num_warps(block_t * block_h),
@@ -227,10 +244,16 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        unit_offset: bool = False,
     ):
-        out, summed, rstd = _rms_norm_forward(x, weight, eps, residual)
+        out, summed, rstd = _rms_norm_forward(x, weight, eps, residual, unit_offset)
         ctx.has_residual = residual is not None
+        ctx.unit_offset = unit_offset
         ctx.save_for_backward(x if summed is None else summed, weight, rstd)
         ctx.set_materialize_grads(False)
         if summed is None:
@@ -242,10 +265,12 @@ class RMSNormFunction(torch.autograd.Function):
         summed, weight, rstd = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros(summed.shape, dtype=summed.dtype, device=summed.device)
-        grad_in, grad_weight = _rms_norm_backward(summed, weight, rstd, grad_out, grad_summed)
+        grad_in, grad_weight = _rms_norm_backward(
+            summed, weight, rstd, grad_out, grad_summed, ctx.unit_offset
+        )
         grad_weight = grad_weight if ctx.needs_input_grad[1] else None
         grad_residual = grad_in if ctx.has_residual else None
-        return grad_in, grad_weight, None, grad_residual
+        return grad_in, grad_weight, None, grad_residual, None
 
 
 def _check_inputs(
@@ -282,9 +307,11 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    *,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of ``x + residual``, scaled by ``weight``, with the sum returned for the residual
-    stream.
+    """RMSNorm of ``x + residual``, scaled by ``weight`` (by ``1 + weight`` with ``unit_offset``,
+    Gemma's form), with the sum returned for the residual stream.
 
     x, residual ``(T, H)``, weight ``(H,)``; returns ``(normed, summed)``: ``normed`` ``(T, H)`` in
     the promoted dtype of weight and x, ``summed = x + residual`` ``(T, H)`` (``x`` itself without a
@@ -292,7 +319,7 @@ def rms_norm(
     """
     _check_inputs(x, weight, eps, residual)
     if not use_triton(x, weight, residual):
-        return reference.rms_norm(x, weight, eps, residual)
+        return reference.rms_norm(x, weight, eps, residual, unit_offset=unit_offset)
     if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
         raise TypeError(
             "Triton rms_norm supports fp16, bf16 and fp32, "
@@ -307,6 +334,6 @@ def rms_norm(
         residual = residual.contiguous()
     weight = weight.contiguous()
     if residual is None:
-        return RMSNormFunction.apply(x_rows, weight, float(eps), None), x
-    normed, summed = RMSNormFunction.apply(x_rows, weight, float(eps), residual)
+        return RMSNormFunction.apply(x_rows, weight, float(eps), None, unit_offset), x
+    normed, summed = RMSNormFunction.apply(x_rows, weight, float(eps), residual, unit_offset)
     return normed, summed

@@ -204,15 +204,22 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    *,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of ``x + residual`` (Llama's form: fp32 statistics, scale by ``weight`` last).
+    """RMSNorm of ``x + residual`` (Llama's form: fp32 statistics, scale by ``weight`` last;
+    ``unit_offset``, Gemma's: scale by ``1 + weight`` in fp32, rounded once).
 
     x, residual ``(T, H)``; returns ``(normed, x + residual)`` so the caller keeps the residual
     stream. Without a residual the second output is ``x`` itself.
     """
     summed = x if residual is None else x + residual
-    h32 = summed.to(_compute_dtype(summed.dtype))
+    compute = _compute_dtype(summed.dtype)
+    h32 = summed.to(compute)
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        return (normed * (1.0 + weight.to(compute))).to(out_dtype), summed
     return weight * normed.to(x.dtype), summed
 
 

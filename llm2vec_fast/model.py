@@ -1,4 +1,4 @@
-"""The decoder runtime over packed tokens: Llama / Mistral / Qwen2 / Qwen3 as one module.
+"""The decoder runtime over packed tokens: Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 as one module.
 
 Every sequence of a batch is packed into one ``(T, hidden)`` stream described by ``cu_seqlens``;
 no pad token is ever computed. Each op goes through ``llm2vec_fast.kernels``, so the same code
@@ -6,6 +6,9 @@ runs the Triton kernels on a GPU and the PyTorch reference on a CPU.
 
 Parameter names follow transformers except for two fusions: ``qkv_proj`` holds q, k and v
 (``qkv_split`` gives the row counts) and ``gate_up_proj`` holds gate and up (``gate_up_split``).
+Gemma 3's norms keep transformers' zero-centred weights (the kernel scales by ``1 + weight``) and
+its four per-layer norms their transformers names: ``post_attention_layernorm`` there is the norm
+on the attention output and ``pre_feedforward_layernorm`` the one before the MLP.
 
 Dropout, for SimCSE (both off by default, both only active in train mode):
 - attention dropout on the attention probabilities: where transformers applies
@@ -16,6 +19,7 @@ Dropout, for SimCSE (both off by default, both only active in train mode):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,34 +33,49 @@ from .packed import Packed
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False) -> None:
+        """``unit_offset``: Gemma's form, scaled by ``1 + weight`` (the weight starts at 0)."""
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(
+            torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size)
+        )
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(norm(x + residual), x + residual)``."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return kernels.rms_norm(x, self.weight, self.eps, residual, unit_offset=self.unit_offset)
+
+
+def config_norm(config: ModelConfig, size: int) -> RMSNorm:
+    """An RMSNorm over ``size`` features in the family's form."""
+    return RMSNorm(size, config.rms_norm_eps, config.norm_unit_offset)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, sliding_window: int | None = None) -> None:
-        """``sliding_window``: this layer's window, applied to causal passes (bidirectional
-        encoding attends over the whole sequence, as LLM2Vec does)."""
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        """Layer ``layer``'s attention; its windows are ``config.layer_window``'s: causal passes
+        use ``sliding_window``, bidirectional ones ``bidirectional_window`` (None: the whole
+        sequence, as LLM2Vec attends; Gemma 3 keeps a band on its sliding layers)."""
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.sliding_window = sliding_window
+        self.sliding_window = config.layer_window(layer)
+        self.bidirectional_window = config.layer_window(layer, causal=False)
+        # Gemma 3: query_pre_attn_scalar ** -0.5; None: the kernel's head_dim ** -0.5
+        self.softmax_scale = (
+            config.query_pre_attn_scalar**-0.5 if config.query_pre_attn_scalar else None
+        )
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.qkv_split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_split), bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = config_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = config_norm(config, config.head_dim) if config.qk_norm else None
         self.dropout_p = 0.0
 
     def forward(
@@ -65,10 +84,10 @@ class Attention(nn.Module):
         total = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
         if self.q_norm is not None:
-            # Qwen3's per-head RMSNorm is the model's rms_norm kernel over (T * H, D) rows, one
-            # row per head: its forward, backward and rounding already are Qwen3RMSNorm's, so no
-            # kernel of its own. A fusion with RoPE would save one pass over q and k, small beside
-            # the projections.
+            # The per-head RMSNorm (Qwen3, Gemma 3) is the model's rms_norm kernel over
+            # (T * H, D) rows, one row per head: its forward, backward and rounding already are
+            # Qwen3RMSNorm's / Gemma3RMSNorm's, so no kernel of its own. A fusion with RoPE
+            # would save one pass over q and k, small beside the projections.
             q = self.q_norm(q.reshape(total * self.num_heads, self.head_dim))[0]
             k = self.k_norm(k.reshape(total * self.num_kv_heads, self.head_dim))[0]
         q = q.view(total, self.num_heads, self.head_dim)  # (T, Hq, D)
@@ -82,7 +101,8 @@ class Attention(nn.Module):
             packed.cu_seqlens,
             packed.max_seqlen,
             causal=causal,
-            window=self.sliding_window if causal else None,
+            window=self.sliding_window if causal else self.bidirectional_window,
+            softmax_scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             check_cu_seqlens=False,  # checked once for all layers, where the batch was built
         )  # (T, Hq, D)
@@ -92,6 +112,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.gelu_tanh_gate = config.hidden_act == "gelu_pytorch_tanh"  # GeGLU (Gemma 3)
         self.gate_up_split = (config.intermediate_size, config.intermediate_size)
         self.gate_up_proj = nn.Linear(
             config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
@@ -101,17 +122,33 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)  # (T, 2I)
+        if not self.gelu_tanh_gate:
+            return self.down_proj(kernels.swiglu(gate_up))
+        # GeGLU stays two PyTorch ops, the ops and roundings of transformers' Gemma3MLP: on a GPU
+        # one (T, I) intermediate more than a fused kernel would write, elementwise work small
+        # beside the three projections around it; backward is autograd's.
+        gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
+        """Llama's pre-norm layer; with ``config.sandwich_norms`` Gemma 3's, which also norms
+        the attention output (``post_attention_layernorm``) and the MLP output
+        (``post_feedforward_layernorm``) and norms the MLP input with
+        ``pre_feedforward_layernorm``."""
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, config.layer_window(layer))
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        hidden = config.hidden_size
+        self.input_layernorm = config_norm(config, hidden)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = config_norm(config, hidden)
+        sandwich = config.sandwich_norms
+        self.pre_feedforward_layernorm = config_norm(config, hidden) if sandwich else None
+        self.post_feedforward_layernorm = config_norm(config, hidden) if sandwich else None
         self.mlp = MLP(config)
         self.hidden_dropout_p = 0.0
+        self.rope_row = 1 if config.layer_has_local_rope(layer) else 0  # of DecoderModel's RoPE
 
     def forward(
         self,
@@ -125,9 +162,17 @@ class DecoderLayer(nn.Module):
         is the hidden state, added inside the next norm."""
         normed, residual = self.input_layernorm(hidden, residual)
         attn = self.self_attn(normed, packed, inv_freq, causal)
+        if self.pre_feedforward_layernorm is None:
+            mlp_norm = self.post_attention_layernorm
+        else:
+            attn = self.post_attention_layernorm(attn)[0]
+            mlp_norm = self.pre_feedforward_layernorm
         attn = F.dropout(attn, self.hidden_dropout_p, self.training)
-        normed, residual = self.post_attention_layernorm(attn, residual)
-        out = F.dropout(self.mlp(normed), self.hidden_dropout_p, self.training)
+        normed, residual = mlp_norm(attn, residual)
+        out = self.mlp(normed)
+        if self.post_feedforward_layernorm is not None:
+            out = self.post_feedforward_layernorm(out)[0]
+        out = F.dropout(out, self.hidden_dropout_p, self.training)
         return out, residual
 
 
@@ -141,15 +186,20 @@ class DecoderModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = config_norm(config, config.hidden_size)
         self.lm_head = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             if lm_head and not config.tie_word_embeddings
             else None
         )
         self.gradient_checkpointing = False
-        # Kept out of the parameters and buffers so that casting the model to bf16 never rounds it.
-        self._inv_freq = config.rope_inv_freq()
+        # (R, D / 2): row 0 the global RoPE, row 1 the sliding layers' own where the config has
+        # one (DecoderLayer.rope_row). Kept out of the parameters and buffers so that casting the
+        # model to bf16 never rounds it.
+        ropes = [config.rope_inv_freq()]
+        if config.local_rope_theta is not None:
+            ropes.append(config.rope_inv_freq(local=True))
+        self._inv_freq = torch.stack(ropes)
         self.set_dropout(attention=config.attention_dropout, hidden=0.0)
 
     @property
@@ -179,11 +229,12 @@ class DecoderModel(nn.Module):
 
     @property
     def rope_inv_freq(self) -> torch.Tensor:
-        """The RoPE inverse frequencies ``(D // 2,)`` fp32, on the device of the last forward."""
+        """The RoPE inverse frequencies ``(R, D // 2)`` fp32, one row per RoPE of the model, on the
+        device of the last forward."""
         return self._inv_freq
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
-        """The RoPE inverse frequencies ``(D // 2,)`` fp32 on ``device`` (moved there once)."""
+        """The RoPE inverse frequencies ``(R, D // 2)`` fp32 on ``device`` (moved there once)."""
         if self._inv_freq.device != device:
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
@@ -198,11 +249,13 @@ class DecoderModel(nn.Module):
     def forward_unchecked(self, packed: Packed, *, causal: bool = False) -> torch.Tensor:
         """``forward`` without ``check_inputs``, which reads token ids back to the host: for a
         batch whose host copy was checked, and for CUDA graph capture, where a sync is illegal."""
-        inv_freq = self.inv_freq_on(packed.device)
+        inv_freq = self.inv_freq_on(packed.device)  # (R, D / 2)
         hidden = self.embed_tokens(packed.input_ids)  # (T, hidden)
+        if self.config.scale_embeddings:
+            hidden = hidden * embedding_scale(self.config.hidden_size, hidden.dtype)
         residual = None
         for layer in self.layers:
-            args = (hidden, residual, packed, inv_freq, causal)
+            args = (hidden, residual, packed, inv_freq[layer.rope_row], causal)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, residual = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -223,6 +276,12 @@ class DecoderModel(nn.Module):
                     f"token id {token} is outside the model's vocabulary [0, {vocab}): does the"
                     " tokenizer belong to this model?"
                 )
+
+
+def embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """Gemma's embedding multiplier ``sqrt(hidden_size)`` rounded to fp32 and then to ``dtype``,
+    as transformers' ``Gemma3TextScaledWordEmbedding`` casts it (55.4256 becomes 55.5 in bf16)."""
+    return torch.tensor(math.sqrt(hidden_size), dtype=torch.float32).to(dtype).item()
 
 
 def forward_and_pool(

@@ -4,7 +4,9 @@ Only safetensors and GGUF are read: never a pickle (``torch.load``) and never re
 
 Weights travel as a dict of transformers names with the ``model.`` prefix removed
 (``layers.0.self_attn.q_proj.weight``, ``lm_head.weight``), the canonical names;
-``runtime_state_dict`` fuses q/k/v and gate/up into the runtime's projections.
+``runtime_state_dict`` fuses q/k/v and gate/up into the runtime's projections. A multimodal Gemma 3
+checkpoint (``gemma3``) gives its language model's weights under the same names; its vision tower
+and projector are left out.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, gemma3_text_dict
 from .files import read_json_object
 from .model import DecoderModel
 from .settings import CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE
@@ -29,6 +31,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 GGUF_MAGIC = b"GGUF"
 # Buffers a checkpoint may hold that the runtime recomputes.
 RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Gemma3ForConditionalGeneration's key prefixes: the language model's as transformers >= 4.52 saves
+# it, then as Google's checkpoints name it (``language_model.lm_head.weight`` included); the
+# vision parts, both ways.
+_GEMMA3_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
+_GEMMA3_VISION_PREFIXES = (
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "vision_tower.",
+    "multi_modal_projector.",
+)
 
 
 @dataclass
@@ -165,17 +177,32 @@ def _plain_config_dict(config: Any) -> dict[str, Any]:
 def canonical_tensors(
     tensors: dict[str, torch.Tensor], hf_config: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Drop the ``model.`` prefix, buffers that are recomputed, and a tied ``lm_head``."""
-    tied = bool(hf_config.get("tie_word_embeddings", False))
+    """Drop the ``model.`` prefix (a multimodal Gemma 3's language-model prefixes, and its vision
+    weights), buffers that are recomputed, and a tied ``lm_head``."""
+    multimodal_gemma3 = hf_config.get("model_type") == "gemma3"
+    if hf_config.get("model_type") in ("gemma3", "gemma3_text"):
+        tied = bool(gemma3_text_dict(hf_config)["tie_word_embeddings"])
+    else:
+        tied = bool(hf_config.get("tie_word_embeddings", False))
     canonical = {}
     for key, value in tensors.items():
         if key.endswith(RECOMPUTED_SUFFIXES):
             continue
-        name = key.removeprefix("model.")
-        if tied and name == "lm_head.weight":
+        name = _gemma3_text_name(key) if multimodal_gemma3 else key.removeprefix("model.")
+        if name is None or (tied and name == "lm_head.weight"):
             continue
         canonical[name] = value
     return canonical
+
+
+def _gemma3_text_name(key: str) -> str | None:
+    """The canonical name of a multimodal Gemma 3 checkpoint's key; None for a vision weight."""
+    if key.startswith(_GEMMA3_VISION_PREFIXES):
+        return None
+    for prefix in _GEMMA3_TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key.removeprefix("model.")
 
 
 def runtime_state_dict(
@@ -203,7 +230,10 @@ def runtime_state_dict(
 
     for i in range(config.num_layers):
         attn, mlp = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if config.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for norm in norms:
             sources[f"layers.{i}.{norm}.weight"] = [(f"layers.{i}.{norm}.weight", (hidden,))]
         if config.qk_norm:
             for norm in ("q_norm", "k_norm"):

@@ -196,9 +196,9 @@ def test_unsupported_model_type_names_supported_ones():
 
 def test_unsupported_rope_type():
     raw = hf_dict(
-        "llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+        "llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     )
-    with pytest.raises(ValueError, match="unsupported rope type 'linear'"):
+    with pytest.raises(ValueError, match="unsupported rope type 'dynamic'"):
         ModelConfig.from_hf_dict(raw)
 
 

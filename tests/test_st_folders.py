@@ -354,3 +354,62 @@ def test_eval_sts_takes_a_prompt_name(last_token_folder, tmp_path, capsys):
     evaluate_sts(Recorder(), data)
     assert seen == [{"prompt_name": "query"}, {}]
     assert printed["spearman"] == pytest.approx(prompted)
+
+
+EMBEDDING_GEMMA_PROMPTS = {
+    "query": "task: search result | query: ",
+    "document": "title: none | text: ",
+}
+
+
+def _gemma_tokenizer():
+    """The word-level test tokenizer with EmbeddingGemma's prompt words in its vocabulary and
+    its post-processing (BOS first, EOS last)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["task", ":", "search", "result", "|", "query", "title", "none", "text"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def test_embedding_gemma_style_folder(tmp_path):
+    """EmbeddingGemma: Gemma 3 with use_bidirectional_attention (full attention on global layers,
+    a band on sliding ones, texts longer than it), mean pooling, Dense 64 -> 256 -> 64 without
+    bias or activation, Normalize, its query and document prompts."""
+    from gemma3_helpers import gemma3_norms_in_input_dtype, tiny_gemma3
+
+    base = tmp_path / "gemma3-base"
+    tiny_gemma3(seed=7, use_bidirectional_attention=True).model.save_pretrained(base)
+    _save_tokenizer(_gemma_tokenizer(), base, "right")
+    transformer = Transformer(str(base), max_seq_length=MAX_SEQ_LENGTH)
+    dim = transformer.get_embedding_dimension()
+    identity = torch.nn.Identity()
+    SentenceTransformer(
+        modules=[
+            transformer,
+            Pooling(dim, pooling_mode="mean"),
+            Dense(dim, 4 * dim, bias=False, activation_function=identity),
+            Dense(4 * dim, dim, bias=False, activation_function=identity),
+            Normalize(),
+        ],
+        prompts=EMBEDDING_GEMMA_PROMPTS,
+        device="cpu",
+    ).save(str(tmp_path / "gemma3"))
+    assert LLM2Vec.from_pretrained(tmp_path / "gemma3", device="cpu").causal is False
+    rng = np.random.default_rng(7)
+    texts = [" ".join(f"w{w}" for w in rng.integers(12, VOCAB, n)) for n in (1, 4, 11, 17, 30)]
+    # sentence-transformers' fp64 run as a true fp64 oracle (Gemma3RMSNorm upcasts to fp32 only)
+    with gemma3_norms_in_input_dtype():
+        for kwargs in ({}, {"prompt_name": "query"}, {"prompt_name": "document"}):
+            ours = _assert_same_as_sentence_transformers(tmp_path / "gemma3", texts, **kwargs)
+            assert ours.shape == (5, 64)
+            np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-6)

@@ -4,10 +4,11 @@ A config of that repository runs unchanged except for paths: data comes from loc
 that only steer the Hugging Face Trainer or the hub (``attn_implementation``, ``do_eval``, ...) are
 accepted and named in the log as ignored; any other unknown key is an error.
 
-Defaults follow the LLM2Vec paper and its configs: MNTP masks 20% of the tokens with ``_`` and
-BERT's 80/10/10 rule (Mistral's config: 80%, all of them replaced by the mask token), LoRA
-r=16, alpha=32, dropout 0.05 on q/k/v/o/gate/up/down; SimCSE dropout 0.3, lr 3e-5, batch 128,
-max length 128, loss scale 20; supervised lr 2e-4, warmup 300, batch 64, loss scale 50.
+Defaults follow the LLM2Vec paper and its configs: MNTP masks 20% of the tokens with ``_`` (the
+tokenizer's own mask token where it has one, as Gemma's ``<mask>``) and BERT's 80/10/10 rule
+(Mistral's config: 80%, all of them replaced by the mask token), LoRA r=16, alpha=32, dropout
+0.05 on q/k/v/o/gate/up/down; SimCSE dropout 0.3, lr 3e-5, batch 128, max length 128, loss
+scale 20; supervised lr 2e-4, warmup 300, batch 64, loss scale 50.
 """
 
 from __future__ import annotations

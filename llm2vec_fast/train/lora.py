@@ -7,6 +7,11 @@ per sub-projection, exactly as peft gives ``q_proj``, ``k_proj``, ... their own 
 the sub-projections of a fused layer (peft draws one per projection; both are dropout on the
 LoRA input, so training is statistically the same).
 
+The targets are the seven projections of every family (llm2vec's ``initialize_peft`` list for
+Llama, Mistral, Gemma and Qwen2, kept for Qwen3 and Gemma 3): Gemma 3's GeGLU has the same
+gate/up/down names. Norms are never targets: Qwen3's and Gemma 3's q/k norms stay frozen and
+apply to the adapted q and k, where peft's LoRA on ``q_proj`` / ``k_proj`` puts them too.
+
 ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's key
 names (``llm2vec_fast.adapters``), which ``llm2vec_fast.loading``, peft and the ``llm2vec``
 package load.

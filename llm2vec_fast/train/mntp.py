@@ -7,12 +7,12 @@ rows reach ``mntp_loss``, so the full ``T x vocab`` logits never exist.
 
 Masking modes (llm2vec's ``data_collator_type``): ``default`` replaces 80% of the masked tokens
 by the mask token, 10% by a random token and keeps 10%; ``all_mask`` replaces all of them.
-The mask token (``mask_token_type``) is ``_`` (``blank``), the EOS token (``eos``) or the
-tokenizer's own mask token (``mask``).
+The mask token is chosen as llm2vec's ``run_mntp.py`` chooses it (``mask_token_id``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -31,22 +31,31 @@ from .data import (
 from .distributed import DistContext, all_reduce_sum
 
 IGNORE_INDEX = -100
+logger = logging.getLogger("llm2vec_fast.train")
 
 
 def mask_token_id(tokenizer: Any, mask_token_type: str) -> int:
-    """The id that replaces masked tokens, or a clear error when the tokenizer lacks it."""
+    """The id that replaces masked tokens, as llm2vec's ``run_mntp.py`` picks it.
+
+    A tokenizer with a mask token of its own keeps it whatever ``mask_token_type`` says: llm2vec
+    only sets one where the tokenizer has none. transformers' ``GemmaTokenizer`` gives Gemma and
+    Gemma 3 ``<mask>`` (id 4). Llama's, Mistral's, Qwen2's and Qwen3's have none, and take ``_``
+    (``blank``, one entry of each of their vocabularies) or the EOS token (``eos``). ``mask`` on
+    such a tokenizer would need a new token and a resized embedding matrix, which LoRA training
+    does not do, so it is refused.
+    """
+    if tokenizer.mask_token_id is not None:
+        return int(tokenizer.mask_token_id)
     if mask_token_type == "eos":
         token_id = tokenizer.eos_token_id
         if token_id is None:
             raise ValueError("mask_token_type='eos' but the tokenizer has no EOS token")
         return int(token_id)
     if mask_token_type == "mask":
-        if tokenizer.mask_token_id is None:
-            raise ValueError(
-                "mask_token_type='mask' but the tokenizer has no mask token; use 'blank' or 'eos'"
-            )
-        return int(tokenizer.mask_token_id)
-    token_id = tokenizer.get_vocab().get("_")  # llm2vec sets mask_token = "_", a vocabulary entry
+        raise ValueError(
+            "mask_token_type='mask' but the tokenizer has no mask token; use 'blank' or 'eos'"
+        )
+    token_id = tokenizer.get_vocab().get("_")
     if token_id is None:
         raise ValueError(
             "mask_token_type='blank' needs '_' as one token of the vocabulary, which this"
@@ -108,6 +117,12 @@ class MNTPObjective:
             self.report.notes.append(f"max_train_samples={config.max_train_samples} block(s)")
         self.special = special_token_ids(tokenizer)
         self.mask_id = mask_token_id(tokenizer, config.mask_token_type)
+        if context.is_main:
+            logger.info(
+                "MNTP mask token: %r (id %d)",
+                tokenizer.convert_ids_to_tokens(self.mask_id),
+                self.mask_id,
+            )
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
         self.lm_head_weight = (
             model.lm_head_weight
