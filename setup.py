@@ -54,10 +54,13 @@ MTEB_REQUIRES = ["mteb>=2,<3"]
 RAY_REQUIRES = ["ray[data]>=2.40"]
 # llm2vec_fast.sentence_transformers (the module class of exported folders)
 SENTENCE_TRANSFORMERS_REQUIRES = ["sentence-transformers>=6,<7"]
+# llm2vec-fast eval probe (logistic regression)
+PROBE_REQUIRES = ["scikit-learn>=1.3"]
 TEST_REQUIRES = [
     *INDEX_REQUIRES,
     *MTEB_REQUIRES,
     *RAY_REQUIRES,
+    *PROBE_REQUIRES,
     *SENTENCE_TRANSFORMERS_REQUIRES,
     "pytest>=8",
     "pytest-benchmark>=4",
@@ -280,12 +283,15 @@ def main() -> None:
         python_requires=">=3.10",
         packages=python_packages(),
         package_dir={"llm2vec_fast": "llm2vec_fast", "llm2vec_fast.kernels": "kernels"},
+        # the default encoder's LoRA adapters (llm2vec_fast/default_encoder.py)
+        package_data={"llm2vec_fast": ["default_adapters/*.md", "default_adapters/*/*/*"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass or {"build_ext": build_ext},
         install_requires=INSTALL_REQUIRES,
         extras_require={
             "index": INDEX_REQUIRES,
             "mteb": MTEB_REQUIRES,
+            "probe": PROBE_REQUIRES,
             "ray": RAY_REQUIRES,
             "sentence-transformers": SENTENCE_TRANSFORMERS_REQUIRES,
             "test": TEST_REQUIRES,

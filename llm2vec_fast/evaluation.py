@@ -7,12 +7,14 @@ downloaded and nothing outside the package is assumed to exist.
 
 ``llm2vec-fast eval sts --model PATH [--adapter PATH ...] --data sts-test.csv
 [--pooling-mode mean] [--causal]``; ``llm2vec-fast eval mteb`` runs MTEB tasks
-(``llm2vec_fast.mteb``).
+(``llm2vec_fast.mteb``); ``llm2vec-fast eval probe`` fits the LLM2Vec paper's word-level linear
+probes (POS, chunking, NER) on CoNLL files (``llm2vec_fast.probe``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -205,6 +207,42 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     mteb.set_defaults(run=_run_mteb)
 
+    probe = tasks.add_parser(
+        "probe",
+        help="word-level linear probe (POS accuracy, chunk/NER span F1) on CoNLL files",
+    )
+    _add_encoder_arguments(probe)
+    probe.add_argument("--train", required=True, help="CoNLL file the probe is fitted on")
+    probe.add_argument("--test", required=True, help="CoNLL file the probe is scored on")
+    probe.add_argument(
+        "--task",
+        required=True,
+        metavar="pos|ner|chunk",
+        help="the tags to probe, from 'word tag', CoNLL-2000 'word POS chunk' or CoNLL-2003"
+        " 'word POS chunk NER' files (see llm2vec_fast/probe.py); several, comma-separated,"
+        " share one encoding of the files",
+    )
+    probe.add_argument(
+        "--output",
+        help="also write the result as JSON here (one object; a list of them for several tasks)",
+    )
+    probe.add_argument(
+        "--max-train-sentences",
+        type=int,
+        default=None,
+        help="fit on the first N training sentences only (default: all)",
+    )
+    probe.add_argument(
+        "--seed", type=int, default=0, help="the logistic regression's seed (default: 0)"
+    )
+    probe.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        help=f"tokens per packed batch, no padding (default: {DEFAULT_MAX_BATCH_TOKENS})",
+    )
+    probe.set_defaults(run=_run_probe)
+
 
 def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that load the encoder, shared by the evaluations."""
@@ -295,6 +333,61 @@ def _run_sts(args: argparse.Namespace) -> int:
         causal=encoder.causal,
     )
     line = json.dumps(result)
+    print(line)
+    if args.output:
+        Path(args.output).write_text(line + "\n")
+    return 0
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from . import probe
+
+    tasks = list(dict.fromkeys(task.strip() for task in args.task.split(",")))
+    unknown = [task for task in tasks if task not in probe.TASKS]
+    if unknown:
+        raise ValueError(
+            f"--task {args.task!r}: unknown task {unknown[0]!r}; expected pos, ner or chunk"
+        )
+    if args.max_train_sentences is not None and args.max_train_sentences < 1:
+        raise ValueError(
+            f"--max-train-sentences must be at least 1, got {args.max_train_sentences}"
+        )
+    train = {t: probe.read_conll(args.train, t)[: args.max_train_sentences] for t in tasks}
+    test = {task: probe.read_conll(args.test, task) for task in tasks}
+    for task in tasks:
+        probe.training_labels(task, train[task])
+    if importlib.util.find_spec("sklearn") is None:
+        raise SystemExit(
+            "llm2vec-fast eval probe: error: the probe needs scikit-learn:"
+            ' pip install "llm2vec-fast[probe]"'
+        )
+    encoder = encoder_from_args(args, max_batch_tokens=args.max_batch_tokens)
+    # the files' words are the same for every task: one encoding serves them all
+    train_x = probe.word_features(encoder, train[tasks[0]], show_progress_bar=True)
+    test_x = probe.word_features(encoder, test[tasks[0]], show_progress_bar=True)
+    results = []
+    for task in tasks:
+        result = probe.fit_probe(task, train[task], test[task], train_x, test_x, seed=args.seed)
+        results.append(
+            {
+                "model": str(args.model),
+                "adapters": list(args.adapter),
+                "causal": encoder.causal,
+                "pooling_mode": encoder.pooling_mode,
+                "max_length": encoder.max_length,
+                "dtype": str(encoder.dtype).removeprefix("torch."),
+                "train": str(args.train),
+                "test": str(args.test),
+                **result,
+            }
+        )
+        key = "f1" if task in probe.SPAN_TASKS else "accuracy"
+        print(
+            f"{task}: {key} {result[key]:.2f} on {result['test_words']} test words"
+            f" (majority baseline {result['baselines']['majority']:.2f},"
+            f" per-word majority {result['baselines']['word_majority']:.2f})"
+        )
+    line = json.dumps(results[0] if len(results) == 1 else results)
     print(line)
     if args.output:
         Path(args.output).write_text(line + "\n")
