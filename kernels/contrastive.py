@@ -4,8 +4,13 @@ Never holds the ``B x N`` similarity matrix. With ``r_i = 1 / max(||x_i||, eps)`
 ``s_ij = scale * (a_i . b_j) * ra_i * rb_j``: the raw dot products run on the tensor cores in the
 input dtype with fp32 accumulation (exact products), the norms are applied in fp32 afterwards.
 
-- forward: one program per block of query rows walks all doc tiles with an online
-  log-sum-exp and keeps only ``lse_i`` and the positive logit ``s_ii`` per row.
+- forward: a grid of (query row blocks x doc splits). Each program walks the doc tiles of its
+  split with an online log-sum-exp and keeps, per row, a partial max, a partial sum of
+  exponentials and the positive logit ``s_ii`` if it lies in its split; the ``(3, S, M)``
+  partials are merged on the host side of the launch into the exact ``lse_i``, kept as its two
+  parts ``max_i + log(sum_i)`` (a few bytes per row). The splits let a small batch fill the
+  GPU: at B = 512 with one hard negative per query, 8 row blocks alone would occupy 8 of an
+  H100's 132 SMs, 8 x 16 splits occupy 128.
 - backward, by recomputation, for column chunks of at most ``max(D, MIN_GRAD_CHUNK_COLS)``
   docs (so the buffer stays ``O(B x D)``): one kernel recomputes ``g_ij = p_ij - [i == j]``
   for the chunk, two GEMM kernels add ``g @ (rb * b)`` to the fp32 gradient of the normalised
@@ -33,6 +38,8 @@ BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 64
 MIN_GRAD_CHUNK_COLS = 2048
+PROGRAMS_PER_SM = 2  # forward programs aimed at per SM: enough to hide one program's tail
+INTERPRETER_PROGRAMS = 4  # without a GPU: several splits, so the merge runs in every test
 
 
 @triton.jit
@@ -123,27 +130,30 @@ def _forward_kernel(
     b_ptr,  # (N, D) columns: docs, b[i] is the positive of a[i]
     inv_a_ptr,  # (M,) fp32
     inv_b_ptr,  # (N,) fp32
-    lse_ptr,  # (M,) fp32
-    positive_ptr,  # (M,) fp32
+    partial_ptr,  # (3, S, M) fp32: per split, the max of the row's logits over its docs, the
+    # sum of exp(logit - max) over them, and s_ii if doc i is among them (else 0)
     n_rows,
     n_cols,
     dim,
     stride_a,
     stride_b,
     scale,
+    cols_per_split,  # a multiple of BLOCK_N: never 1, always divisible by 16 (one JIT variant)
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     row_ok = rows < n_rows
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     positive = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for col0 in range(0, n_cols, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_start = split.to(tl.int64) * cols_per_split
+    for col0 in range(0, tl.minimum(cols_per_split, n_cols - col_start), BLOCK_N):
+        cols = col_start + col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
         inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
         logits = _logits_tile(
@@ -171,8 +181,11 @@ def _forward_kernel(
             tl.exp(logits - new_max[:, None]), axis=1
         )
         running_max = new_max
-    tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=row_ok)
-    tl.store(positive_ptr + rows, positive, mask=row_ok)
+    out = partial_ptr + split.to(tl.int64) * n_rows + rows
+    part = tl.num_programs(1).to(tl.int64) * n_rows  # elements of one of the three (S, M) parts
+    tl.store(out, running_max, mask=row_ok)
+    tl.store(out + part, running_sum, mask=row_ok)
+    tl.store(out + 2 * part, positive, mask=row_ok)
 
 
 @triton.jit
@@ -181,7 +194,8 @@ def _score_grad_kernel(
     b_ptr,
     inv_a_ptr,
     inv_b_ptr,
-    lse_ptr,
+    max_ptr,  # (M,) fp32: the row's max logit
+    log_sum_ptr,  # (M,) fp32: log sum_j exp(s_ij - max_i)
     g_ptr,  # (M, chunk) fp32: g_ij = softmax_ij - [i == j] for the chunk's columns
     n_rows,
     col_start,
@@ -203,7 +217,8 @@ def _score_grad_kernel(
     col_ok = cols < col_end
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=0.0)
     inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
     logits = _logits_tile(
         a_ptr,
         b_ptr,
@@ -222,7 +237,9 @@ def _score_grad_kernel(
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
     )
-    g = tl.exp(logits - lse[:, None]) - (cols[None, :] == rows[:, None]).to(tl.float32)
+    # (s_ij - max_i) first: exact near the max, so p_ii - 1 keeps fp32 accuracy when p_ii ~ 1
+    probs = tl.exp((logits - row_max[:, None]) - log_sum[:, None])
+    g = probs - (cols[None, :] == rows[:, None]).to(tl.float32)
     tl.store(
         g_ptr + rows[:, None] * stride_g + local[None, :], g, mask=row_ok[:, None] & col_ok[None, :]
     )
@@ -325,32 +342,63 @@ def grad_chunk_cols(n_cols: int, dim: int) -> int:
     return min(chunk, triton.cdiv(n_cols, BLOCK_N) * BLOCK_N)
 
 
+def block_k(dtype: torch.dtype) -> int:
+    """Width of the tiles along D. fp32 dots (IEEE, no tensor cores) keep their operands in
+    registers, where 64-wide tiles spill; 16-bit ones run on the tensor cores at 64."""
+    return BLOCK_K // 2 if dtype == torch.float32 else BLOCK_K
+
+
+def target_programs(device: torch.device) -> int:
+    """Forward programs that fill the device: a few per SM on a GPU."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def forward_splits(row_blocks: int, col_tiles: int, programs: int) -> tuple[int, int]:
+    """``(splits, tiles per split)`` of the forward's doc tiles: about ``programs`` programs in
+    all, never more splits than doc tiles, no split empty."""
+    wanted = max(1, min(col_tiles, triton.cdiv(programs, row_blocks)))
+    tiles_per_split = triton.cdiv(col_tiles, wanted)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split
+
+
 def _direction_forward(
     rows, cols, inv_rows, inv_cols, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy ``lse_i - s_ii`` ``(M,)`` and ``lse`` ``(M,)`` of one direction."""
+    """Per-row cross-entropy ``lse_i - s_ii`` ``(M,)`` and ``lse`` as ``(max_i, log sum_i)``
+    ``(2, M)`` of one direction."""
     n_rows, dim = rows.shape
-    lse = torch.empty(n_rows, device=rows.device, dtype=torch.float32)
-    positive = torch.empty_like(lse)
-    _forward_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
+    n_cols = cols.shape[0]
+    row_blocks = triton.cdiv(n_rows, BLOCK_M)
+    splits, tiles_per_split = forward_splits(
+        row_blocks, triton.cdiv(n_cols, BLOCK_N), target_programs(rows.device)
+    )
+    partial = torch.empty(3, splits, n_rows, device=rows.device, dtype=torch.float32)  # (3, S, M)
+    _forward_kernel[(row_blocks, splits)](
         rows,
         cols,
         inv_rows,
         inv_cols,
-        lse,
-        positive,
+        partial,
         n_rows,
-        cols.shape[0],
+        n_cols,
         dim,
         rows.stride(0),
         cols.stride(0),
         scale,
+        tiles_per_split * BLOCK_N,
         IEEE=rows.dtype == torch.float32,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        BLOCK_K=block_k(rows.dtype),
     )
-    return lse - positive, lse
+    split_max, split_sum_exp, split_positive = partial.unbind(0)  # (S, M) each
+    row_max = split_max.max(0).values  # (M,)
+    log_sum_exp = torch.log((split_sum_exp * torch.exp(split_max - row_max)).sum(0))  # (M,)
+    # (max - s_ii) + log sum: no cancellation between the rounded lse and s_ii for a small loss
+    row_losses = (row_max - split_positive.sum(0)) + log_sum_exp
+    return row_losses, torch.stack((row_max, log_sum_exp))
 
 
 def _direction_backward(
@@ -365,7 +413,8 @@ def _direction_backward(
     ieee = rows.dtype == torch.float32
     chunk = grad_chunk_cols(n_cols, dim)
     g = torch.empty(n_rows, chunk, device=rows.device, dtype=torch.float32)
-    row_blocks, dim_blocks = triton.cdiv(n_rows, BLOCK_M), triton.cdiv(dim, BLOCK_K)
+    width_d = block_k(rows.dtype)
+    row_blocks, dim_blocks = triton.cdiv(n_rows, BLOCK_M), triton.cdiv(dim, width_d)
     for col_start in range(0, n_cols, chunk):
         col_end = min(col_start + chunk, n_cols)
         width = col_end - col_start
@@ -374,7 +423,8 @@ def _direction_backward(
             cols,
             inv_rows,
             inv_cols,
-            lse,
+            lse[0],
+            lse[1],
             g,
             n_rows,
             col_start,
@@ -387,7 +437,7 @@ def _direction_backward(
             IEEE=ieee,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
+            BLOCK_K=width_d,
         )
         _row_grad_kernel[(row_blocks, dim_blocks)](
             g,
@@ -406,7 +456,7 @@ def _direction_backward(
             IEEE=ieee,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_K,
+            BLOCK_D=width_d,
         )
         _col_grad_kernel[(triton.cdiv(width, BLOCK_N), dim_blocks)](
             g,
@@ -425,7 +475,7 @@ def _direction_backward(
             IEEE=ieee,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_K,
+            BLOCK_D=width_d,
         )
 
 

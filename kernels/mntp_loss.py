@@ -7,10 +7,13 @@ logit; only that tile of logits ever exists. The per-range partials ``(S, N)`` a
 log-sum-exp per row on the host side of the launch, a few bytes per row.
 
 Backward, by recomputation: a kernel recomputes the logits tile by tile and writes their gradient
-``(softmax - onehot) * grad / count`` in the input dtype for one chunk of the vocabulary at a time;
-two cuBLAS matmuls turn that chunk into the hidden gradient (accumulated in fp32 across chunks)
-and, only when the weight requires grad, the weight gradient rows of that chunk. The chunk holds at
-most ``_GRAD_CHUNK_ELEMENTS`` logits, so memory stays bounded whatever N and V are; a fully tiled
+``(softmax - onehot) * grad / count`` in the input dtype for one ``(row chunk, vocab chunk)`` block
+at a time; two cuBLAS matmuls turn that block into its share of the hidden gradient (accumulated in
+fp32 across vocab chunks) and, only when the weight requires grad, of the weight gradient
+(accumulated in fp32 across row chunks). :func:`grad_chunk_plan` keeps a block within
+``_GRAD_CHUNK_ELEMENTS`` logits whatever N and V are, and splits the rows only when even a block of
+``_MIN_VOCAB_CHUNK`` columns over all rows would not fit, so the matmuls stay large and the usual
+case (all rows in one chunk) rounds exactly as one chunk per vocab range would. A fully tiled
 backward would need fp32 atomics on both (N, H) and (V, H) from every tile and be bandwidth-bound.
 Ignored rows are dropped before the kernels run, so they cost nothing.
 """
@@ -25,8 +28,12 @@ from . import reference
 from ._dispatch import use_triton
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GRAD_CHUNK_ELEMENTS = 1 << 27  # logits gradients held at once by the backward (256 MiB in bf16)
+_GRAD_CHUNK_ELEMENTS = 1 << 26  # logits gradients held at once by the backward (128 MiB in bf16)
+_MIN_VOCAB_CHUNK = 4096  # columns of a backward block before rows are split: the matmuls' depth
 _BLOCK_V = 128
+# row chunks start at multiples of this: whole row tiles, and the chunks' hidden, label and lse
+# pointers keep the 16-byte alignment the JIT specializes on
+_ROW_ALIGN = 128
 
 
 @triton.jit
@@ -254,11 +261,20 @@ def _mntp_forward(
     return lse, target.sum(0)
 
 
-def _grad_chunk(rows: int, vocab: int) -> int:
-    """Vocabulary columns per backward chunk: a multiple of the tile, at most the whole
-    vocabulary."""
-    columns = max(_BLOCK_V, (_GRAD_CHUNK_ELEMENTS // max(rows, 1)) // _BLOCK_V * _BLOCK_V)
-    return min(columns, vocab)
+def grad_chunk_plan(rows: int, vocab: int) -> tuple[int, int]:
+    """``(row chunk, vocab chunk)`` of the backward's logits-gradient blocks, at most
+    ``_GRAD_CHUNK_ELEMENTS`` elements each: all rows while a block of them spans at least
+    ``_MIN_VOCAB_CHUNK`` columns (or the whole vocabulary), else ``_MIN_VOCAB_CHUNK`` columns and
+    as many rows as fit, a multiple of ``_ROW_ALIGN``. The vocab chunk is a multiple of the tile or
+    the whole vocabulary."""
+    min_columns = min(vocab, _MIN_VOCAB_CHUNK)
+    if rows * min_columns <= _GRAD_CHUNK_ELEMENTS:
+        columns = max(min_columns, _GRAD_CHUNK_ELEMENTS // rows // _BLOCK_V * _BLOCK_V)
+        return rows, min(columns, vocab)
+    row_chunk = _GRAD_CHUNK_ELEMENTS // min_columns
+    if row_chunk >= _ROW_ALIGN:
+        row_chunk = row_chunk // _ROW_ALIGN * _ROW_ALIGN
+    return max(row_chunk, 1), min_columns
 
 
 def _mntp_backward(
@@ -274,56 +290,74 @@ def _mntp_backward(
     vocab = weight.shape[0]
     need_hidden, need_weight, need_bias = needs_grad
     config = _tile_config(rows, hidden.dtype)
-    chunk = _grad_chunk(rows, vocab)
-    single_chunk = chunk == vocab
-    grad_hidden = None
-    grad_hidden32 = None
-    if need_hidden and not single_chunk:
-        grad_hidden32 = torch.zeros(
-            rows, hidden_size, dtype=torch.float32, device=hidden.device
-        )  # (M, H)
-    grad_weight = (
-        torch.empty(vocab, hidden_size, dtype=weight.dtype, device=weight.device)
-        if need_weight
+    row_chunk, vocab_chunk = grad_chunk_plan(rows, vocab)
+    one_vocab_chunk, one_row_chunk = vocab_chunk == vocab, row_chunk >= rows
+    new = {"dtype": hidden.dtype, "device": hidden.device}
+    new32 = {"dtype": torch.float32, "device": hidden.device}
+    grad_hidden = torch.empty(rows, hidden_size, **new) if need_hidden else None  # (M, H)
+    grad_hidden32 = (
+        torch.zeros(rows, hidden_size, **new32) if need_hidden and not one_vocab_chunk else None
+    )  # (M, H)
+    grad_weight = torch.empty(vocab, hidden_size, **new) if need_weight else None  # (V, H)
+    grad_weight32 = (
+        torch.empty(vocab_chunk, hidden_size, **new32)
+        if need_weight and not one_row_chunk
         else None
-    )
-    grad_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-    for vocab_start in range(0, vocab, chunk):
-        count = min(chunk, vocab - vocab_start)
-        logits_grad = torch.empty(
-            rows, count, dtype=hidden.dtype, device=hidden.device
-        )  # (M, chunk)
-        grid = (triton.cdiv(rows, config["BLOCK_N"]), triton.cdiv(count, config["BLOCK_V"]))
-        _mntp_logits_grad_kernel[grid](
-            hidden,
-            weight,
-            weight if bias is None else bias,
-            labels,
-            lse,
-            scale,
-            logits_grad,
-            rows,
-            vocab_start,
-            count,
-            hidden_size,
-            hidden.stride(0),
-            weight.stride(0),
-            logits_grad.stride(0),
-            HAS_BIAS=bias is not None,
-            **config,
+    )  # (vocab chunk, H)
+    grad_bias = torch.zeros(vocab, **new32) if need_bias else None  # (V,)
+    for vocab_start in range(0, vocab, vocab_chunk):
+        count = min(vocab_chunk, vocab - vocab_start)
+        weight_chunk = weight[vocab_start : vocab_start + count]  # (vocab chunk, H)
+        grad_weight_chunk = (
+            None if grad_weight is None else grad_weight[vocab_start : vocab_start + count]
         )
-        weight_chunk = weight[vocab_start : vocab_start + count]  # (chunk, H)
-        if need_hidden:
-            if single_chunk:
-                grad_hidden = logits_grad @ weight_chunk
-            else:
-                grad_hidden32 += logits_grad @ weight_chunk
-        if need_weight:
-            torch.mm(logits_grad.t(), hidden, out=grad_weight[vocab_start : vocab_start + count])
-        if need_bias:
-            grad_bias[vocab_start : vocab_start + count] = logits_grad.sum(0, dtype=torch.float32)
+        if grad_weight32 is not None:
+            grad_weight32.zero_()
+        for row_start in range(0, rows, row_chunk):
+            row_count = min(row_chunk, rows - row_start)
+            row_range = slice(row_start, row_start + row_count)
+            hidden_rows = hidden[row_range]  # (row chunk, H)
+            logits_grad = torch.empty(row_count, count, **new)  # (row chunk, vocab chunk)
+            grid = (
+                triton.cdiv(row_count, config["BLOCK_N"]),
+                triton.cdiv(count, config["BLOCK_V"]),
+            )
+            _mntp_logits_grad_kernel[grid](
+                hidden_rows,
+                weight,
+                weight if bias is None else bias,
+                labels[row_range],
+                lse[row_range],
+                scale,
+                logits_grad,
+                row_count,
+                vocab_start,
+                count,
+                hidden_size,
+                hidden.stride(0),
+                weight.stride(0),
+                logits_grad.stride(0),
+                HAS_BIAS=bias is not None,
+                **config,
+            )
+            if need_hidden:
+                if one_vocab_chunk:
+                    torch.mm(logits_grad, weight_chunk, out=grad_hidden[row_range])
+                else:
+                    grad_hidden32[row_range] += logits_grad @ weight_chunk
+            if need_weight:
+                if one_row_chunk:
+                    torch.mm(logits_grad.t(), hidden_rows, out=grad_weight_chunk)
+                else:
+                    grad_weight32[:count] += logits_grad.t() @ hidden_rows
+            if need_bias:
+                grad_bias[vocab_start : vocab_start + count] += logits_grad.sum(
+                    0, dtype=torch.float32
+                )
+        if grad_weight32 is not None:
+            grad_weight_chunk.copy_(grad_weight32[:count])
     if grad_hidden32 is not None:
-        grad_hidden = grad_hidden32.to(hidden.dtype)
+        grad_hidden.copy_(grad_hidden32)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias

@@ -33,6 +33,7 @@ def _loss_and_grads(fn, queries, docs, **kwargs):
 
 
 def _check_against_oracle(queries, docs, scale, symmetric):
+    """Loss and gradients of ``contrastive_loss`` checked against the oracle; returns them."""
     kwargs = {"scale": scale, "symmetric": symmetric}
     with nan_allocations():
         ours = _loss_and_grads(contrastive_loss, queries, docs, **kwargs)
@@ -48,12 +49,14 @@ def _check_against_oracle(queries, docs, scale, symmetric):
         assert_close_to_oracle(
             name, value, ref_value, oracle_value, factor=factor, atol=fp32_ulps_atol(oracle_value)
         )
+    return ours
 
 
 CASES = [
     # (B, N, D, scale, symmetric)
     pytest.param(1, 1, 16, 20.0, False, id="one-query-one-doc"),
     pytest.param(1, 5, 16, 20.0, False, id="one-query"),
+    pytest.param(1, 3 * TILE + 5, 16, 20.0, True, id="one-query-4-doc-tiles"),
     pytest.param(70, 70, 80, 20.0, False, id="no-negatives"),
     pytest.param(70, 150, 80, 20.0, False, id="hard-negatives-2-chunks"),
     pytest.param(70, 150, 80, 20.0, True, id="symmetric-2-chunks"),
@@ -119,6 +122,59 @@ def _check_a_zero_doc(dtype: torch.dtype, device: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "row_blocks, col_tiles, programs, splits, tiles_per_split",
+    [
+        pytest.param(8, 8, 264, 8, 1, id="B512-N512-H100"),
+        pytest.param(8, 16, 264, 16, 1, id="B512-N1024-H100"),
+        pytest.param(128, 256, 264, 3, 86, id="B8192-N16384-H100"),
+        pytest.param(1, 1, 264, 1, 1, id="B1-N1"),
+        pytest.param(2, 3, 4, 2, 2, id="uneven-split"),
+        pytest.param(300, 600, 264, 1, 600, id="grid-full-without-splits"),
+        pytest.param(1, 5, 10**6, 5, 1, id="more-programs-than-tiles"),
+    ],
+)
+def test_forward_splits(row_blocks, col_tiles, programs, splits, tiles_per_split):
+    """The forward's grid fills the card (at B = 512 on 132 SMs: 8 x 16 programs, not 8) with
+    no split empty and none past the doc tiles."""
+    assert contrastive.forward_splits(row_blocks, col_tiles, programs) == (
+        splits,
+        tiles_per_split,
+    )
+    assert (splits - 1) * tiles_per_split < col_tiles <= splits * tiles_per_split
+
+
+@pytest.mark.parametrize(
+    "batch, n_docs, symmetric",
+    [
+        pytest.param(TILE + 7, 4 * TILE - 3, False, id="B71-N253"),
+        pytest.param(TILE + 7, 2 * TILE + 9, True, id="B71-N137-symmetric"),
+        pytest.param(1, 2 * TILE + 1, False, id="B1-N129"),
+    ],
+)
+@pytest.mark.parametrize(
+    "programs", [pytest.param(1, id="one-split"), pytest.param(10**6, id="one-tile-per-split")]
+)
+def test_forward_split_count_does_not_change_the_result(
+    monkeypatch, programs, batch, n_docs, symmetric
+):
+    """One split (the whole row walks every doc tile) and a split per doc tile (a program count
+    far past the doc tiles, clamped) match the oracle (the merged log-sum-exp is exact, the
+    backward consumes it), and the default splits to within a few fp32 ulps of each value's
+    scale (the merge's order of summation is all that differs)."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    generator = torch.Generator().manual_seed(batch + n_docs)
+    queries = torch.randn(batch, 48, generator=generator)
+    docs = torch.randn(n_docs, 48, generator=generator)
+    docs[:batch] += CORRELATION * queries
+    kwargs = {"scale": 20.0, "symmetric": symmetric}
+    default = _loss_and_grads(contrastive_loss, queries, docs, **kwargs)
+    monkeypatch.setattr(contrastive, "target_programs", lambda device: programs)
+    split = _check_against_oracle(queries, docs, 20.0, symmetric)
+    for a, b in zip(default, split):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=fp32_ulps_atol(b))
+
+
 def test_chunking_does_not_change_the_result(monkeypatch):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     generator = torch.Generator().manual_seed(5)
@@ -172,6 +228,7 @@ GPU_CASES = CASES + [
     pytest.param(1000, 2000, 1024, 20.0, False, id="B1000-D1024"),
     pytest.param(515, 1030, 4096, 20.0, True, id="B515-D4096-symmetric"),
     pytest.param(3000, 6001, 768, 20.0, False, id="B3000-D768-3-chunks"),
+    pytest.param(512, 1024, 1024, 20.0, True, id="B512-D1024-symmetric-split-forward"),
 ]
 
 

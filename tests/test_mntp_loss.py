@@ -124,17 +124,98 @@ def test_mntp_loss_matches_reference(
     )
 
 
+# A block budget of 128 x 128 logits with 128-column vocab chunks: 420 rows with every third
+# ignored keep 280, so the backward runs 3 row chunks (128 + 128 + 24) x 9 vocab chunks
+# (8 x 128 + 7). One 128-column chunk of all 280 rows would be 2.2x the budget.
+SMALL_PLAN = {"_GRAD_CHUNK_ELEMENTS": 128 * 128, "_MIN_VOCAB_CHUNK": 128}
+
+
+def use_small_plan(monkeypatch) -> None:
+    for name, value in SMALL_PLAN.items():
+        monkeypatch.setattr(mntp_module, name, value)
+
+
+@pytest.mark.parametrize(
+    "rows, vocab",
+    [
+        pytest.param(1, 128256, id="N1-V128k"),
+        pytest.param(8192, 128256, id="N8k-V128k"),
+        pytest.param(16384, 128256, id="N16k-V128k-rows-whole"),
+        pytest.param(16385, 128256, id="N16k+1-V128k-rows-split"),
+        pytest.param(1 << 20, 128256, id="N1M-V128k"),
+        pytest.param(3_000_000, 49152, id="N3M-V49k"),
+        pytest.param(100_000, 1000, id="N100k-V1000"),
+        pytest.param(5, 3, id="N5-V3"),
+    ],
+)
+def test_backward_blocks_are_bounded_whatever_the_rows(rows, vocab):
+    """The backward's logits-gradient block (the one temporary that grows with N and V) stays
+    within the budget for any N (one 128-column chunk of a million rows exceeded it 2x), keeps
+    all rows together while a block of them can still span _MIN_VOCAB_CHUNK columns, and its
+    chunks tile the rows and the vocabulary."""
+    budget = mntp_module._GRAD_CHUNK_ELEMENTS
+    row_chunk, vocab_chunk = mntp_module.grad_chunk_plan(rows, vocab)
+    assert 1 <= row_chunk <= rows and 1 <= vocab_chunk <= vocab
+    assert row_chunk * vocab_chunk <= budget
+    assert vocab_chunk == vocab or vocab_chunk % mntp_module._BLOCK_V == 0
+    assert row_chunk == rows or row_chunk % mntp_module._ROW_ALIGN == 0
+    if rows * min(vocab, mntp_module._MIN_VOCAB_CHUNK) <= budget:
+        assert row_chunk == rows
+    else:
+        assert vocab_chunk == min(vocab, mntp_module._MIN_VOCAB_CHUNK)
+        assert row_chunk * vocab_chunk > budget // 2, "rows split more than needed"
+
+
+def test_small_plan_splits_rows_and_vocabulary(monkeypatch):
+    use_small_plan(monkeypatch)
+    assert mntp_module.grad_chunk_plan(280, 1031) == (128, 128)
+    assert mntp_module.grad_chunk_plan(128, 1031) == (128, 128)  # all rows: no split needed
+    assert mntp_module.grad_chunk_plan(40, 1031) == (40, 384)
+
+
 @pytest.mark.parametrize(
     "trainable", [pytest.param(True, id="trainable"), pytest.param(False, id="frozen")]
 )
-def test_backward_in_vocabulary_chunks(monkeypatch, trainable):
-    """A small chunk budget forces several backward chunks (fp32 accumulation of grad_hidden)."""
+def test_backward_in_row_and_vocabulary_chunks(monkeypatch, trainable):
+    """Rows not a multiple of the row chunk, vocab not a multiple of the vocab chunk, ignored
+    rows: fp32 accumulation of grad_hidden across vocab chunks and of grad_weight across row
+    chunks, against the reference."""
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    monkeypatch.setattr(mntp_module, "_GRAD_CHUNK_ELEMENTS", 40 * 256)
-    assert mntp_module._grad_chunk(40, 1031) == 256
+    use_small_plan(monkeypatch)
     check_mntp(
-        40, 1031, 32, torch.float16, "cpu", with_bias=True, trainable=trainable, ignored="some"
+        420, 1031, 32, torch.float16, "cpu", with_bias=True, trainable=trainable, ignored="some"
     )
+
+
+def test_backward_in_vocabulary_chunks_all_rows(monkeypatch):
+    """40 rows take 384-column chunks (3 chunks of 1031 columns), no row split, fp32 inputs."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    use_small_plan(monkeypatch)
+    check_mntp(40, 1031, 32, torch.float32, "cpu", with_bias=False, trainable=True)
+
+
+def test_backward_temporaries_stay_within_the_block_budget(monkeypatch):
+    """Every tensor the backward allocates holds at most the block budget or is a gradient-sized
+    buffer; the (N, V) logits (2.3x the budget here) and one 128-column chunk of all rows (2.2x)
+    never exist, and the planned blocks do."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    use_small_plan(monkeypatch)
+    rows, vocab, hidden_size = 280, 135, 16  # 3 row chunks x 2 vocab chunks
+    hidden = torch.randn(rows, hidden_size, dtype=torch.float16, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float16, requires_grad=True)
+    loss = mntp_loss(hidden, weight, torch.randint(0, vocab, (rows,)))
+    with fresh_tensor_shapes() as recorder:
+        loss.backward()
+    gradient_sized = {(rows, hidden_size), (vocab, hidden_size)}
+    budget = SMALL_PLAN["_GRAD_CHUNK_ELEMENTS"]
+    assert rows * mntp_module._BLOCK_V > 2 * budget
+    oversized = [
+        shape
+        for shape in recorder.shapes
+        if shape not in gradient_sized and torch.Size(shape).numel() > budget
+    ]
+    assert not oversized, f"temporaries over the {budget}-element budget: {oversized}"
+    assert (128, 128) in recorder.shapes and (24, 7) in recorder.shapes
 
 
 @pytest.mark.parametrize(
@@ -236,3 +317,16 @@ def test_mntp_loss_matches_reference_gpu(
         trainable=trainable,
         ignored=ignored,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "trainable", [pytest.param(True, id="trainable"), pytest.param(False, id="frozen")]
+)
+def test_backward_in_row_and_vocabulary_chunks_gpu(monkeypatch, trainable):
+    """The row-chunked backward in bf16 on a GPU: a 1024 x 1024 block budget splits 2049 rows
+    into 3 row chunks and a 32,000-word vocabulary into 32 chunks."""
+    monkeypatch.setattr(mntp_module, "_GRAD_CHUNK_ELEMENTS", 1024 * 1024)
+    monkeypatch.setattr(mntp_module, "_MIN_VOCAB_CHUNK", 1024)
+    assert mntp_module.grad_chunk_plan(2049, 32000) == (1024, 1024)
+    check_mntp(2049, 32000, 512, torch.bfloat16, "cuda", with_bias=True, trainable=trainable)
