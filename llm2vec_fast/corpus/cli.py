@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
     embed.add_argument(
         "--model",
         default=None,
-        help="model folder or GGUF file (default: the embedded SmolLM2-135M);"
+        help="model folder or GGUF file (default: the embedded SmolLM2-135M with the shipped"
+        " LLM2Vec MNTP + SimCSE adapters, unless --adapter is given);"
         " fake:dim=N gives a deterministic hash engine for dry runs",
     )
     embed.add_argument(

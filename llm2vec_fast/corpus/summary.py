@@ -66,8 +66,12 @@ def engine_line(description: dict) -> str:
     an adapter's llm2vec_config.json), dtype, attention. ``description`` has the manifest's keys.
     """
     attention = "causal" if description.get("bidirectional") is False else "bidirectional"
+    adapters = description.get("adapters") or []
+    names = ", ".join(Path(adapter["path"]).name for adapter in adapters)  # {path, sha256}
+    with_adapters = f" + adapters {names}" if adapters else ""
     return (
-        f"model {description.get('model')}: {description.get('pooling')} pooling, max length"
+        f"model {description.get('model')}{with_adapters}: {description.get('pooling')} pooling,"
+        " max length"
         f" {description.get('max_length')}, {description.get('dtype')}, {attention} attention"
         + (", normalized" if description.get("normalize") else "")
     )
