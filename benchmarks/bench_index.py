@@ -200,6 +200,8 @@ def main() -> None:
         args.rows, args.queries, args.single = min(args.rows, 20000), 200, 20
     rng = np.random.default_rng(0)
     results = Results("index", "cpu", args.out)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.workdir))
     try:
         clusters = args.clusters or max(1, args.rows // 100)

@@ -1,5 +1,6 @@
 """The job's pipeline: reading and tokenization in worker processes give the in-process output,
-errors from the workers surface, and the summary names the stage that bounds the job."""
+errors from the workers surface, chunks travel as flat token arrays that the engines embed as they
+embed lists, and the summary names the stage that bounds the job."""
 
 import json
 import pickle
@@ -14,6 +15,8 @@ from llm2vec_fast.corpus.engine import HashEngine, load_engine
 from llm2vec_fast.corpus.inputs import InputError
 from llm2vec_fast.corpus.job_settings import JobSettings
 from llm2vec_fast.corpus.manifest import load_manifest
+from llm2vec_fast.corpus.rows import Row
+from llm2vec_fast.corpus.tokens import NO_TOKENS, Tokens, tokenize_rows
 from llm2vec_fast.corpus.workers import TOKENIZE_CHUNK, worker_tokenizer
 
 TINY_LLAMA = Path(__file__).parent / "data" / "llm2vec_reference" / "llama"
@@ -120,10 +123,70 @@ def test_workers_option_is_checked_and_reaches_the_job(tmp_path):
     assert JobSettings().workers is None
 
 
-def test_a_worker_tokenizes_as_the_real_engine_does():
-    engine = load_engine(str(TINY_LLAMA), device="cpu", dtype="float32")
+@pytest.fixture(scope="module")
+def tiny_engine():
+    return load_engine(str(TINY_LLAMA), device="cpu", dtype="float32")
+
+
+def test_a_worker_tokenizes_as_the_real_engine_does(tiny_engine):
+    engine = tiny_engine
     tokenizer = pickle.loads(pickle.dumps(worker_tokenizer(engine)))
     texts = ["a short text", ("an instruction:", "with a text"), "long " * 600]
     assert [vars(item) for item in tokenizer.tokenize(texts)] == [
         vars(item) for item in engine.tokenize(texts)
     ]
+
+
+def _rows(texts):
+    """Rows of in.txt, None standing for a row the reader found bad."""
+    return [
+        Row(i, "in.txt", i + 1, f"r{i}", text, "bad row" if text is None else None)
+        for i, text in enumerate(texts)
+    ]
+
+
+def test_tokenized_rows_keep_row_order_and_turn_texts_with_nothing_to_pool_into_errors():
+    engine = HashEngine(dim=8, max_length=16)
+    texts = ["abc", None, ("i" * 16, "all instruction"), "", "x" * 20, ("ab", "cd"), None]
+    chunk = tokenize_rows(engine, _rows(texts), "truncate", "16 tokens")
+    assert chunk.ids == ["r0", "r4", "r5"]
+    assert [(e["id"], e["line"], e["reason"]) for e in chunk.errors] == [
+        ("r1", 2, "bad row"),
+        ("r2", 3, NO_TOKENS),
+        ("r3", 4, NO_TOKENS),
+        ("r6", 7, "bad row"),
+    ]
+    expected = engine.tokenize(["abc", "x" * 20, ("ab", "cd")])
+    assert chunk.tokens.ids.dtype == np.int32 and chunk.tokens.offsets.tolist() == [0, 3, 19, 23]
+    assert [
+        (item.input_ids.tolist(), item.pool_mask.tolist(), item.truncated)
+        for item in chunk.tokens.items()
+    ] == [(item.input_ids, item.pool_mask, item.truncated) for item in expected]
+    assert chunk.tokens.truncated.tolist() == [False, True, False]
+
+
+def test_on_long_error_names_the_first_truncated_row_of_a_chunk():
+    rows = _rows(["short", None, "y" * 9, "z" * 9])
+    with pytest.raises(InputError, match=r"^in\.txt:3: text is longer than max_length=8 tokens"):
+        tokenize_rows(HashEngine(dim=4, max_length=8), rows, "error", "max_length=8 tokens")
+
+
+def test_tokens_select_and_count_pooled_tokens_of_empty_and_full_texts():
+    items = HashEngine(dim=4).tokenize(["", ("ab", "c"), "de", ("xyz", "")])
+    tokens = Tokens.from_items(items)
+    assert tokens.pooled_counts().tolist() == [0, 1, 2, 0]
+    kept = tokens.select(np.array([False, True, True, False]))
+    assert (kept.ids.tolist(), kept.offsets.tolist()) == ([97, 98, 99, 100, 101], [0, 3, 5])
+    assert kept.pool_mask.tolist() == [False, False, True, True, True]
+    with pytest.raises(OverflowError):
+        Tokens.from_items([type(items[0])([2**31], [True])])
+
+
+@pytest.mark.parametrize("engine", ["fake", "tiny llama"])
+def test_engines_embed_flat_token_views_as_they_embed_lists(engine, tiny_engine):
+    engine = tiny_engine if engine == "tiny llama" else HashEngine(dim=8, max_length=64)
+    texts = ["a short text", ("an instruction:", "with a text"), "long " * 40, "x"]
+    items = engine.tokenize(texts)
+    views = Tokens.from_items(items).items()
+    assert isinstance(views[0].input_ids, np.ndarray)
+    np.testing.assert_array_equal(engine.embed(views), engine.embed(items))

@@ -24,10 +24,11 @@ Text = str | tuple[str, str]  # a text, or an (instruction, text) pair
 
 @dataclass
 class Item:
-    """One tokenized text: the ids the model sees and which of them are pooled."""
+    """One tokenized text: the ids the model sees and which of them are pooled. ``tokenize``
+    gives lists; the job's pipeline hands ``embed`` 1-D numpy views of its flat token arrays."""
 
-    input_ids: list[int]
-    pool_mask: list[bool]
+    input_ids: Sequence[int]  # a list, or a (tokens,) integer array
+    pool_mask: Sequence[bool]  # a list, or a (tokens,) bool array
     truncated: bool = False
 
 
@@ -52,13 +53,37 @@ class Engine(Protocol):
 FAKE_PREFIX = "fake:"
 
 
+SEED_BYTES = 8  # a row's seed: a 64-bit hash of its pooled ids
+
+
+def seeded_normal_table(dim: int) -> np.ndarray:
+    """(SEED_BYTES, 256, dim) float32: one N(0, 1 / SEED_BYTES) vector per value of each byte of
+    a seed, fixed for a dim."""
+    rng = np.random.default_rng(dim)
+    table = rng.standard_normal((SEED_BYTES, 256, dim), dtype=np.float32)
+    return table / np.float32(np.sqrt(SEED_BYTES))
+
+
+def normal_rows(seeds: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(rows, dim) float32, N(0, 1) per dimension: for each row, the sum over its seed's bytes of
+    that byte's table vector. Seeds that differ give different rows (the same seed, the same row)
+    at the cost of a few vector adds a row, where a numpy generator per row costs microseconds to
+    create."""
+    seed_bytes = seeds.astype("<u8").view(np.uint8).reshape(-1, SEED_BYTES)  # (rows, 8)
+    out = table[0][seed_bytes[:, 0]]  # (rows, dim)
+    for byte in range(1, SEED_BYTES):
+        out += table[byte][seed_bytes[:, byte]]
+    return out
+
+
 class HashEngine:
     """A deterministic stand-in for a model, for tests and dry runs (``--model fake:dim=16``).
 
     Tokens are the UTF-8 bytes of the text (the instruction's bytes are not pooled); an embedding
-    is a pseudo-random vector seeded by a hash of the pooled ids, so equal texts get equal
-    embeddings in any batch. ``delay`` seconds per ``embed`` call simulate compute (the job makes
-    a call per shard).
+    is a pseudo-random normal vector drawn from a hash of the pooled ids (``normal_rows``), so
+    equal texts get equal embeddings in any batch; drawing costs a few vector adds a row, so that
+    a dry run measures the job's pipeline rather than the stand-in. ``delay`` seconds per
+    ``embed`` call simulate compute (the job makes a call per shard).
     """
 
     def __init__(
@@ -77,6 +102,7 @@ class HashEngine:
         self.max_length = max_length
         self.normalize = normalize
         self.delay = delay
+        self.table = seeded_normal_table(dim)  # (SEED_BYTES, 256, dim)
 
     @classmethod
     def from_spec(
@@ -110,11 +136,12 @@ class HashEngine:
     def embed(self, items: list[Item], progress: Progress | None = None) -> np.ndarray:
         if self.delay:
             time.sleep(self.delay)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
+        seeds = np.empty(len(items), dtype=np.uint64)
         for row, item in enumerate(items):
-            pooled = bytes(i % 256 for i, keep in zip(item.input_ids, item.pool_mask) if keep)
-            seed = int.from_bytes(hashlib.blake2b(pooled, digest_size=8).digest(), "little")
-            out[row] = np.random.default_rng(seed).standard_normal(self.dim, dtype=np.float32)
+            ids = np.asarray(item.input_ids, dtype=np.int64)  # (tokens,)
+            pooled = (ids[np.asarray(item.pool_mask, dtype=bool)] % 256).astype(np.uint8).tobytes()
+            seeds[row] = int.from_bytes(hashlib.blake2b(pooled, digest_size=8).digest(), "little")
+        out = normal_rows(seeds, self.table)
         if self.normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         if progress is not None:
@@ -233,7 +260,9 @@ def load_engine(
     prompt: str | None = None,
     prompt_name: str | None = None,
 ) -> Engine:
-    """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`, None the default model.
+    """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`; None the default
+    encoder (``default_encoder``: the embedded SmolLM2 with the shipped LLM2Vec adapters, unless
+    ``adapters`` are given).
 
     ``doc_max_length``: llm2vec's rule that drops a text's trailing words past that many tokens;
     None leaves ``max_length`` alone to decide (a text keeps its first max_length tokens). A job
@@ -254,9 +283,11 @@ def load_engine(
             str(model), max_length=max_length or DEFAULT_MAX_LENGTH, normalize=normalize
         )
     if model is None:
+        from llm2vec_fast.default_encoder import default_adapter_paths
         from llm2vec_fast.default_model import default_model_path
 
         model = str(default_model_path())
+        adapters = adapters or default_adapter_paths()
     return LLM2VecEngine(
         str(model),
         tuple(str(a) for a in adapters),

@@ -4,8 +4,10 @@ write.
 With ``workers`` > 0, a reader process and that many tokenizer processes (``workers``) read and
 tokenize, and a collector thread puts their chunks back together into shards. With 0, all of it
 runs in this process: a reader thread hands the texts of each shard to a tokenizer thread pool
-(fast tokenizers release the GIL). Either way the calling thread hands each shard's items to the
-engine, which packs its own token-budget batches, and a writer thread writes finished shards.
+(fast tokenizers release the GIL). Either way chunks of rows arrive tokenized in flat arrays
+(``tokens.TokenizedRows``), the calling thread hands each shard's items (views of those arrays)
+to the engine, which packs its own token-budget batches, and a writer thread turns finished shards
+into Arrow tables and Parquet files.
 Bounded queues between them keep at most PREFETCH_SHARDS shards waiting on each side; an error
 in any stage stops the others and is raised in the calling thread. Each stage's busy time is
 measured, and the summary names the stage that bounds the job.
@@ -23,12 +25,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llm2vec_fast.corpus.engine import Engine, HashEngine, Item, LLM2VecEngine, Text
-from llm2vec_fast.corpus.inputs import InputError, InputFile, estimate_rows
+from llm2vec_fast.corpus.engine import Engine, HashEngine, LLM2VecEngine
+from llm2vec_fast.corpus.inputs import InputFile, estimate_rows
 from llm2vec_fast.corpus.job_settings import JobSettings
 from llm2vec_fast.corpus.ranks import Ranks
-from llm2vec_fast.corpus.rows import Row, error_record, job_rows
+from llm2vec_fast.corpus.rows import Row, job_rows
 from llm2vec_fast.corpus.summary import StageTimer, bounding_stage, progress_bar, stage_busy
+from llm2vec_fast.corpus.tokens import TokenizedRows, tokenize_rows
 from llm2vec_fast.corpus.workers import (
     TOKENIZE_CHUNK,
     Failure,
@@ -37,7 +40,7 @@ from llm2vec_fast.corpus.workers import (
     default_workers,
     worker_tokenizer,
 )
-from llm2vec_fast.corpus.writer import ShardResult, ShardWriter
+from llm2vec_fast.corpus.writer import ShardResult, ShardWriter, warm_up
 
 PREFETCH_SHARDS = 2
 # rows per engine call: its packed batches run back to back on a GPU (no wait for each result),
@@ -51,9 +54,7 @@ class ShardWork:
     index: int
     start: int
     stop: int
-    rows: list[Row]  # rows to embed
-    errors: list[Row]  # rows with an error
-    items: Callable[[], list[Item]]  # the tokens of ``rows``, once tokenized
+    chunks: Callable[[], list[TokenizedRows]]  # the shard's rows in order, once tokenized
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Pipeline:
                 self.ranks.rank,
                 self.ranks.world,
                 self.done,
+                self.too_long,
             )
             reader = threading.Thread(
                 target=self._collect_shards, args=(pool,), daemon=True, name="corpus-collector"
@@ -148,7 +150,8 @@ class Pipeline:
                 pool.close(finished)
             else:
                 threads.shutdown(wait=False, cancel_futures=True)
-        elapsed = time.perf_counter() - started
+        # the stages' shares of the time they ran: starting worker processes is none of them
+        elapsed = time.perf_counter() - started - self.timer.seconds.get("start workers", 0.0)
         result.busy = stage_busy(self.timer.seconds, elapsed, {"tokenize": tokenizers})
         result.bound = bounding_stage(result.busy)
         return result
@@ -205,21 +208,9 @@ class Pipeline:
                 bar.close()
 
     def _embed(self, work: ShardWork, bar) -> ShardResult:
-        """The shard's embeddings and error records; a text with nothing to pool is an error."""
-        items = work.items()
-        for row, item in zip(work.rows, items):
-            if item.truncated and self.settings.on_long == "error":
-                raise InputError(
-                    f"{row.file}:{row.line}: text is longer than {self.too_long}"
-                    " (--on-long error; use --on-long truncate to embed its first tokens)"
-                )
-            if not any(item.pool_mask):  # pooling nothing would give a zero vector
-                row.error = "the text has no tokens to pool (the tokenizer kept none of it)"
-        error_rows = sorted(
-            work.errors + [row for row in work.rows if row.error], key=lambda row: row.index
-        )
-        items = [item for row, item in zip(work.rows, items) if row.error is None]
-        rows = [row for row in work.rows if row.error is None]
+        """The shard's embeddings and error records."""
+        chunks = work.chunks()
+        items = [item for chunk in chunks for item in chunk.tokens.items()]
         embeddings = np.empty((len(items), self.dim), dtype=np.float32)  # (n, dim)
         start = time.perf_counter()
         calls = max(1, math.ceil(len(items) / EMBED_CALL_ROWS))
@@ -233,42 +224,38 @@ class Pipeline:
             work.index,
             work.start,
             work.stop,
-            [row.id for row in rows],
+            [row_id for chunk in chunks for row_id in chunk.ids],
             embeddings,
-            [error_record(row) for row in error_rows],
-            sum(item.truncated for item in items),
-            sum(len(item.input_ids) for item in items),
+            [record for chunk in chunks for record in chunk.errors],
+            sum(int(chunk.tokens.truncated.sum()) for chunk in chunks),
+            sum(chunk.tokens.num_tokens for chunk in chunks),
         )
 
     def _collect_shards(self, pool: WorkerPool) -> None:
         """Collector thread: the workers' chunks, in work order, put together into shards."""
         try:
-            rows: list[Row] = []
-            chunks = []
+            chunks: list[TokenizedRows] = []
+            started = 0.0  # the workers' start: the latest any of them reported
             while (message := pool.next(self.stop.is_set)) is not None:
                 if isinstance(message, Failure):
                     raise message.error
                 self.timer.add("read", message.read_seconds)
+                if message.start_seconds > started:
+                    self.timer.add("start workers", message.start_seconds - started)
+                    started = message.start_seconds
                 if isinstance(message, ReadEnd):
                     self._offer(InputEnd(message.total_rows))
                     return
                 self.timer.add("tokenize", message.tokenize_seconds)
                 self.timer.add("tokenize idle", message.idle_seconds)
-                rows.extend(message.rows)
-                chunks.append(message)
+                chunks.append(message.rows)
                 if message.shard_stop is None:
                     continue
-                good = [row for row in rows if row.error is None]
-                errors = [row for row in rows if row.error]
                 start = message.shard * self.settings.shard_rows
-
-                items = [item for chunk in chunks for item in chunk.items()]
-                work = ShardWork(
-                    message.shard, start, message.shard_stop, good, errors, lambda i=items: i
-                )
+                work = ShardWork(message.shard, start, message.shard_stop, lambda c=chunks: c)
                 if not self._offer(work):
                     return
-                rows, chunks = [], []
+                chunks = []
         except BaseException as exc:
             self._offer(exc)
 
@@ -276,24 +263,24 @@ class Pipeline:
         """Reader thread: group rows into shards, start tokenizing the shards this rank must do."""
         shard_rows = self.settings.shard_rows
 
-        def tokenize(texts: list[Text]) -> list[Item]:
+        on_long, too_long = self.settings.on_long, self.too_long
+
+        def tokenize(rows: list[Row]) -> TokenizedRows:
             start = time.perf_counter()
-            items = self.engine.tokenize(texts)
+            chunk = tokenize_rows(self.engine, rows, on_long, too_long)
             self.timer.add("tokenize", time.perf_counter() - start)
-            return items
+            return chunk
 
         def emit(index: int, rows: list[Row], stop_row: int) -> bool:
-            good = [r for r in rows if r.error is None]
             futures = [
-                pool.submit(tokenize, [r.text for r in good[i : i + TOKENIZE_CHUNK]])
-                for i in range(0, len(good), TOKENIZE_CHUNK)
+                pool.submit(tokenize, rows[i : i + TOKENIZE_CHUNK])
+                for i in range(0, len(rows), TOKENIZE_CHUNK)
             ]
-            errors = [r for r in rows if r.error]
 
-            def items() -> list[Item]:
-                return [item for future in futures for item in future.result()]
+            def chunks() -> list[TokenizedRows]:
+                return [future.result() for future in futures]
 
-            work = ShardWork(index, index * shard_rows, stop_row, good, errors, items)
+            work = ShardWork(index, index * shard_rows, stop_row, chunks)
             return self._offer(work)
 
         try:
@@ -330,18 +317,15 @@ class Pipeline:
 
     def _write_shards(self) -> None:
         """Writer thread: write each finished shard; an error stops the pipeline."""
-        while True:
-            shard = self.finished.get()
-            if shard is None:
-                return
-            try:
+        try:
+            warm_up()
+            while (shard := self.finished.get()) is not None:
                 start = time.perf_counter()
                 self.writer.write(shard)
                 self.timer.add("write", time.perf_counter() - start)
-            except BaseException as exc:
-                self.writer_error.append(exc)
-                self.stop.set()
-                return
+        except BaseException as exc:
+            self.writer_error.append(exc)
+            self.stop.set()
 
     def _offer(self, value) -> bool:
         """Reader side: queue ``value`` for the embedder; False once the pipeline stopped."""

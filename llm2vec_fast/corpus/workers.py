@@ -3,7 +3,8 @@
 One reader process numbers the job's rows (``rows.job_rows``: the global order and the duplicate
 check need one reader), groups those of the shards to do into chunks of at most TOKENIZE_CHUNK
 rows and queues them; N tokenizer processes each build their own tokenizer from a picklable
-description (:func:`worker_tokenizer`) and turn chunks into flat token arrays. Every message
+description (:func:`worker_tokenizer`) and turn chunks into what the embedder needs
+(``tokens.tokenize_rows``: row ids, error records and flat token arrays). Every message
 carries its place in the work order, so the embedding process puts the chunks back in order
 whatever worker finished first. Both queues are bounded: a slow embedder stops the tokenizers,
 which stop the reader.
@@ -25,13 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from llm2vec_fast.corpus.engine import Engine, Item, LLM2VecEngine
+from llm2vec_fast.corpus.engine import Engine, LLM2VecEngine
 from llm2vec_fast.corpus.inputs import InputFile
 from llm2vec_fast.corpus.job_settings import JobSettings
 from llm2vec_fast.corpus.ranks import Ranks
 from llm2vec_fast.corpus.rows import Row, job_rows
+from llm2vec_fast.corpus.tokens import TokenizedRows, tokenize_rows
 
 TOKENIZE_CHUNK = 256  # rows per tokenizer call
 QUEUE_POLL_SECONDS = 0.1
@@ -70,31 +70,21 @@ class Chunk:
     rows: list[Row]
     shard_stop: int | None  # the shard's end row, on its last chunk
     read_seconds: float  # reading these rows took
+    start_seconds: float  # on the first message: from the pool's start to the reader's start
 
 
 @dataclass
 class TokenizedChunk:
-    """Tokenizer -> embedder: the chunk's rows (texts dropped) and the tokens of its good rows,
-    flat: row i's ids are ``ids[offsets[i]:offsets[i + 1]]``."""
+    """Tokenizer -> embedder: the chunk's rows, tokenized (texts dropped)."""
 
     order: int
     shard: int
-    rows: list[Row]
+    rows: TokenizedRows
     shard_stop: int | None
-    ids: np.ndarray  # (tokens,) int64
-    pool_mask: np.ndarray  # (tokens,) bool
-    offsets: np.ndarray  # (good rows + 1,) int64
-    truncated: np.ndarray  # (good rows,) bool
     read_seconds: float
+    start_seconds: float
     tokenize_seconds: float
     idle_seconds: float  # the worker waited this long for the chunk
-
-    def items(self) -> list[Item]:
-        ids, mask, offsets = self.ids.tolist(), self.pool_mask.tolist(), self.offsets.tolist()
-        return [
-            Item(ids[start:stop], mask[start:stop], bool(truncated))
-            for start, stop, truncated in zip(offsets, offsets[1:], self.truncated)
-        ]
 
 
 @dataclass
@@ -104,6 +94,7 @@ class ReadEnd:
     order: int
     total_rows: int
     read_seconds: float
+    start_seconds: float
 
 
 @dataclass
@@ -112,16 +103,6 @@ class Failure:
 
     order: int
     error: BaseException
-
-
-def _flat_tokens(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(item.input_ids) for item in items), np.int64, len(items))
-    offsets = np.zeros(len(items) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((i for item in items for i in item.input_ids), np.int64, int(offsets[-1]))
-    mask = np.fromiter((m for item in items for m in item.pool_mask), np.bool_, int(offsets[-1]))
-    truncated = np.fromiter((item.truncated for item in items), np.bool_, len(items))
-    return ids, mask, offsets, truncated
 
 
 def _sendable(error: BaseException) -> BaseException:
@@ -154,9 +135,12 @@ def read_chunks(
     rank: int,
     world: int,
     done: set[int],
+    launched: float,
 ) -> None:
     """Reader process: the rows of the shards to do, in chunks, then ReadEnd and a stop per
-    tokenizer."""
+    tokenizer. ``launched``: ``time.monotonic()`` (one clock for all processes) when the pool
+    started, so that the first message says how long starting the workers took."""
+    start_seconds = time.monotonic() - launched
     shard_rows = settings.shard_rows
     order = 0
     read_seconds = 0.0
@@ -167,9 +151,9 @@ def read_chunks(
         return ranks.owns(shard) and shard not in done
 
     def send(shard: int, rows: list[Row], shard_stop: int | None) -> bool:
-        nonlocal order, read_seconds
-        chunk = Chunk(order, shard, rows, shard_stop, read_seconds)
-        order, read_seconds = order + 1, 0.0
+        nonlocal order, read_seconds, start_seconds
+        chunk = Chunk(order, shard, rows, shard_stop, read_seconds, start_seconds)
+        order, read_seconds, start_seconds = order + 1, 0.0, 0.0
         return _put(tasks, chunk)
 
     try:
@@ -196,7 +180,7 @@ def read_chunks(
         total = index + 1
         if total > shard * shard_rows and todo(shard) and not send(shard, current, total):
             return
-        message = ReadEnd(order, total, read_seconds)
+        message = ReadEnd(order, total, read_seconds, start_seconds)
     except BaseException as error:
         message = Failure(order, _sendable(error))
     if _put(tasks, message):
@@ -204,8 +188,13 @@ def read_chunks(
             _put(tasks, None)
 
 
-def tokenize_chunks(tokenizer, tasks, results) -> None:
-    """Tokenizer process: chunks in, token arrays out; the reader's last messages pass through."""
+def tokenize_chunks(
+    tokenizer, on_long: str, too_long: str, launched: float, tasks, results
+) -> None:
+    """Tokenizer process: chunks in, tokenized rows out (see ``tokens.tokenize_rows`` for
+    ``on_long`` and ``too_long``); the reader's last messages pass through. Its first chunk
+    says when it started (``launched``: see ``read_chunks``), or when the reader did if later."""
+    start_seconds = time.monotonic() - launched
     parent = multiprocessing.parent_process()
     while True:
         wait_start = time.perf_counter()
@@ -222,21 +211,18 @@ def tokenize_chunks(tokenizer, tasks, results) -> None:
         if isinstance(task, Chunk):
             try:
                 start = time.perf_counter()
-                good = [row for row in task.rows if row.error is None]
-                items = tokenizer.tokenize([row.text for row in good]) if good else []
-                for row in good:
-                    row.text = None  # the embedder needs ids and places, not texts
-                arrays = _flat_tokens(items)
+                rows = tokenize_rows(tokenizer, task.rows, on_long, too_long)
                 task = TokenizedChunk(
                     task.order,
                     task.shard,
-                    task.rows,
+                    rows,
                     task.shard_stop,
-                    *arrays,
                     task.read_seconds,
+                    max(task.start_seconds, start_seconds),
                     time.perf_counter() - start,
                     idle,
                 )
+                start_seconds = 0.0
             except BaseException as error:
                 task = Failure(task.order, _sendable(error))
         if not _put(results, task):
@@ -265,13 +251,17 @@ class WorkerPool:
         rank: int,
         world: int,
         done: set[int],
+        too_long: str,
     ) -> "WorkerPool":
+        """Start the reader and ``workers`` tokenizer processes; ``too_long`` names the engine's
+        limit in the --on-long error."""
         context = start_context()
+        launched = time.monotonic()
         bound = CHUNKS_PER_WORKER * workers
         pool = cls(workers, context, context.Queue(bound), context.Queue(bound))
         reader = context.Process(
             target=read_chunks,
-            args=(pool.tasks, workers, files, settings, rank, world, done),
+            args=(pool.tasks, workers, files, settings, rank, world, done, launched),
             name="corpus-reader",
             daemon=True,
         )
@@ -280,7 +270,14 @@ class WorkerPool:
             pool.processes.append(
                 context.Process(
                     target=tokenize_chunks,
-                    args=(tokenizer, pool.tasks, pool.results),
+                    args=(
+                        tokenizer,
+                        settings.on_long,
+                        too_long,
+                        launched,
+                        pool.tasks,
+                        pool.results,
+                    ),
                     name=f"corpus-tokenizer-{number}",
                     daemon=True,
                 )

@@ -80,6 +80,16 @@ def write_parquet(
     fsync_dir(path.parent)
 
 
+def warm_up() -> None:
+    """Import what a first write imports: pyarrow.parquet, and pandas, which pyarrow imports the
+    first time it builds an array (seconds on a busy machine). The writer thread calls it while
+    the first shard is on its way."""
+    import pyarrow as pa
+    import pyarrow.parquet  # noqa: F401
+
+    pa.array([], pa.string())
+
+
 def _fixed_size_lists(matrix: np.ndarray):
     import pyarrow as pa
 
