@@ -144,3 +144,44 @@ def save_tiny_folder(hf_model, folder: Path, **save_kwargs) -> Path:
     hf_model.save_pretrained(folder, **save_kwargs)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_tiny_gguf(
+    path: Path,
+    arch: str,
+    config,
+    tensors: dict[str, torch.Tensor],
+    *,
+    rope_theta: float,
+    sliding_window: int | None = None,
+) -> Path:
+    """An fp32 GGUF file of a tiny model as llama.cpp names it (gguf's tensor name map of
+    ``arch``), with the metadata transformers' GGUF loader reads; ``tensors`` keyed by
+    transformers' state-dict names, as llama.cpp stores them."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"w{i}" for i in range(config.vocab_size)])
+    writer.add_token_types([1] * config.vocab_size)
+    writer.add_token_merges([])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    for key, value in tensors.items():
+        writer.add_tensor(names.get_name(key, try_suffixes=(".weight",)), value.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

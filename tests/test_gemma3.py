@@ -31,6 +31,7 @@ from model_helpers import (
     runtime_from_hf,
     runtime_hidden_states,
     save_tiny_folder,
+    write_tiny_gguf,
 )
 from transformers import (
     Gemma3Config,
@@ -359,39 +360,18 @@ def model_state_names(hf: Gemma3ForConditionalGeneration) -> set[str]:
 
 
 def write_gemma3_gguf(hf_model, path: Path) -> Path:
-    """An fp32 GGUF file of a transformers Gemma 3 as llama.cpp writes it: gguf's tensor names,
-    norm weights stored as 1 + w (transformers' GGUF loader subtracts the 1 again)."""
-    import gguf
-
+    """An fp32 GGUF file of a transformers Gemma 3 as llama.cpp writes it: norm weights stored as
+    1 + w (transformers' GGUF loader subtracts the 1 again), no output.weight (tied)."""
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_rope_freq_base(config.rope_parameters[FULL]["rope_theta"])
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"w{i}" for i in range(config.vocab_size)])
-    writer.add_token_types([1] * config.vocab_size)
-    writer.add_token_merges([])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
-    for key, value in hf_model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied: llama.cpp writes no output.weight
-        if key.endswith("norm.weight"):
-            value = value + 1.0
-        writer.add_tensor(names.get_name(key, try_suffixes=(".weight",)), value.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    tensors = {
+        key: value + 1.0 if key.endswith("norm.weight") else value
+        for key, value in hf_model.state_dict().items()
+        if key != "lm_head.weight"
+    }
+    rope_theta = config.rope_parameters[FULL]["rope_theta"]
+    return write_tiny_gguf(
+        path, "gemma3", config, tensors, rope_theta=rope_theta, sliding_window=config.sliding_window
+    )
 
 
 def test_gguf_file_reads_like_transformers(tmp_path):

@@ -16,6 +16,7 @@ from model_helpers import (
     runtime_hidden_states,
     save_tiny_folder,
     tiny_hf_model,
+    write_tiny_gguf,
 )
 
 from llm2vec_fast import LLM2Vec
@@ -111,34 +112,10 @@ def test_saved_folder_loads_and_encodes_like_transformers(tmp_path):
 
 
 def write_gguf(hf_model, path: Path) -> Path:
-    """An fp32 GGUF file of a transformers Qwen3 as llama.cpp names it (gguf's tensor name map),
-    with the metadata transformers' GGUF loader reads."""
-    import gguf
-
+    """An fp32 GGUF file of a transformers Qwen3."""
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "qwen3")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"w{i}" for i in range(config.vocab_size)])
-    writer.add_token_types([1] * config.vocab_size)
-    writer.add_token_merges([])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, config.num_hidden_layers)
-    for key, value in hf_model.state_dict().items():
-        writer.add_tensor(names.get_name(key, try_suffixes=(".weight",)), value.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    rope_theta = config.rope_parameters["rope_theta"]
+    return write_tiny_gguf(path, "qwen3", config, hf_model.state_dict(), rope_theta=rope_theta)
 
 
 def test_gguf_file_reads_like_transformers(tmp_path):
