@@ -284,7 +284,11 @@ def main() -> None:
         packages=python_packages(),
         package_dir={"llm2vec_fast": "llm2vec_fast", "llm2vec_fast.kernels": "kernels"},
         # the default encoder's LoRA adapters (llm2vec_fast/default_encoder.py)
-        package_data={"llm2vec_fast": ["default_adapters/*.md", "default_adapters/*/*/*"]},
+        package_data={
+            "llm2vec_fast": ["default_adapters/*.md", "default_adapters/*/*/*"],
+            # launch-config tables (kernels/tuning.py)
+            "llm2vec_fast.kernels": ["tuned/*.json", "tuned/space/*.json"],
+        },
         ext_modules=ext_modules,
         cmdclass=cmdclass or {"build_ext": build_ext},
         install_requires=INSTALL_REQUIRES,

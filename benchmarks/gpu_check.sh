@@ -7,8 +7,8 @@
 #   GPU_CHECK_ONLY=pytest,attention bash benchmarks/gpu_check.sh   # a short rerun of some steps
 #
 # Steps, most valuable first, so that the deadline cuts the least valuable: nvidia-smi, install
-# and environment (always run), then pytest (`pytest -m gpu`), attention, encode, tuning (only
-# once benchmarks/tune_kernels.py exists), contrastive, mntp_loss, fusions, pooling, model (the
+# and environment (always run), then pytest (`pytest -m gpu`), attention, encode, tuning (the
+# card's table of attention configs), contrastive, mntp_loss, fusions, pooling, model (the
 # random model and corpus that embed and train read), embed, train, encode-texts (rehearsal
 # only), micro. GPU_CHECK_ONLY takes a comma-separated list of these keys; the last lines of a
 # run print the command that reruns every step that failed, was cut or did not run.
@@ -20,8 +20,9 @@
 # returns every finished step: gpu_check.log (every step's output, written as it runs),
 # bench-json.tar.gz (rewritten after every step: steps.tsv, the outcome of each step, and bench/,
 # each benchmark's own JSON, already named as a file of benchmarks/results/), pytest_gpu.xml
-# (junit, on a GPU); at the end results.json (environment, steps, pytest summary, every
-# benchmark's records) and summary.txt (the final table). Split results.json into
+# (junit, on a GPU), <card>.json (the tuning table, rewritten after every key it measures; the
+# rehearsal's is the CPU's, from the interpreter); at the end results.json (environment, steps,
+# pytest summary, every benchmark's records) and summary.txt (the final table). Split results.json into
 # benchmarks/results/ with `python benchmarks/collect_results.py split $OUT/results.json`.
 set -u -o pipefail
 
@@ -258,9 +259,9 @@ main() {
   fi
   bench attention 70 bench_attention.py
   bench encode 100 bench_encode.py --source random "${encode_args[@]}"
-  # The kernel tuning slot: a script that takes the benchmarks' flags and writes its tables under
-  # --out (issue 18, section 2); skipped while it does not exist.
-  [[ -f benchmarks/tune_kernels.py ]] && bench tuning 90 tune_kernels.py
+  # The attention kernels' configs measured on this card: the table (<card>.json, rewritten after
+  # every key) lands in $OUT at once, to be committed as kernels/tuned/<card>.json.
+  bench tuning 90 tune_kernels.py --table-dir "$OUT" --budget-s $((75 * LIMIT_SCALE))
   bench contrastive 30 bench_contrastive.py
   bench mntp_loss 30 bench_mntp_loss.py
   bench fusions 30 bench_fusions.py

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, tuning
 from ._dispatch import interpreting, use_triton
 from .varlen_checks import validate_cu_seqlens
 
@@ -256,14 +256,16 @@ def _fwd_key_blocks(
             HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D,
         )  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) unscaled
         if MASK_LENGTH:
             visible = _visible_keys(
                 rows, cols, seqlen, window, MASK_CAUSAL=MASK_CAUSAL, MASK_WINDOW=MASK_WINDOW
             )
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+            qk = tl.where(visible, qk, float("-inf"))
+        # qk_scale > 0: the scaled row max is the unscaled one, scaled; scale and max-subtract
+        # fuse into one FMA per score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -497,7 +499,6 @@ def _dkdv_query_blocks(
     lo,
     hi,
     head,
-    sm_scale,
     qk_scale,
     dropout_p,
     keep_scale,
@@ -517,7 +518,8 @@ def _dkdv_query_blocks(
     head.
 
     Works on transposed tiles (keys x queries) so the key block stays the left operand. With
-    ``ATOMIC_DQ`` it also adds this key block's share of dQ into the fp32 buffer at ``dq_base``."""
+    ``ATOMIC_DQ`` it also adds this key block's share of dQ, unscaled, into the fp32 buffer at
+    ``dq_base``."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
@@ -549,8 +551,8 @@ def _dkdv_query_blocks(
             HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D,
         )
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) unscaled
+        p_t = tl.exp2(qk_t * qk_scale - lse[None, :])  # scale and subtract: one FMA
         if MASK_CAUSAL:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
         if MASK_WINDOW:
@@ -576,9 +578,8 @@ def _dkdv_query_blocks(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
-            dq = (
-                tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * sm_scale
-            )  # (BLOCK_M, BLOCK_D)
+            # (BLOCK_M, BLOCK_D), unscaled: the launcher scales the sum once
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION)
             dq_mask = (rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
             tl.atomic_add(
                 dq_base + rows.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :],
@@ -689,7 +690,6 @@ def _attn_bwd_dkdv_kernel(
                 lo,
                 full_lo,
                 head,
-                sm_scale,
                 qk_scale,
                 dropout_p,
                 keep_scale,
@@ -724,7 +724,6 @@ def _attn_bwd_dkdv_kernel(
             full_lo,
             full_hi,
             head,
-            sm_scale,
             qk_scale,
             dropout_p,
             keep_scale,
@@ -759,7 +758,6 @@ def _attn_bwd_dkdv_kernel(
             full_hi,
             hi,
             head,
-            sm_scale,
             qk_scale,
             dropout_p,
             keep_scale,
@@ -841,8 +839,8 @@ def _dq_key_blocks(
             HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) unscaled
+        p = tl.exp2(qk * qk_scale - lse[:, None])  # scale and subtract: one FMA
         if MASK_LENGTH:
             visible = _visible_keys(
                 rows, cols, seqlen, window, MASK_CAUSAL=MASK_CAUSAL, MASK_WINDOW=MASK_WINDOW
@@ -1072,38 +1070,67 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict, dict]:
-    """Block sizes, warps and pipeline stages of the forward, dK/dV and dQ kernels (for an H100).
+def _config(
+    kernel: str,
+    q: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    dropout_p: float,
+    max_seqlen: int,
+) -> dict:
+    """Block sizes, warps and stages of ``kernel`` (a name of ``tuning.KERNELS``) for this call:
+    the card's tuned table where it has the key, the heuristics otherwise."""
+    head_dim = q.shape[2]
+    key = tuning.Key.of(
+        kernel,
+        head_dim,
+        q.dtype,
+        causal=causal,
+        windowed=window is not None,
+        dropout=dropout_p > 0.0,
+        max_seqlen=max_seqlen,
+    )
+    tuned = tuning.tuned_config(key, q.device)
+    if tuned is not None:
+        return tuned.launch_options()
+    return _configs(head_dim, q.dtype)[kernel]
+
+
+def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
+    """Block sizes, warps and pipeline stages per kernel (``tuning.KERNELS``; for an H100), each
+    one of ``tuning.config_space``.
 
     The forward and dQ kernels need BLOCK_M % BLOCK_N == 0, the dK/dV kernel BLOCK_N % BLOCK_M == 0.
-    fp32 tiles take twice the shared memory, so fp32 runs small unpipelined blocks.
+    fp32 tiles take twice the shared memory, so fp32 runs small unpipelined blocks. Up to head dim
+    128 no choice spills registers on sm_90 (``tests/compile_kernels.py``), with or without dropout:
+    the dK/dV kernel, which holds two fp32 (BLOCK_N, BLOCK_D) accumulators, gets small key blocks,
+    and its atomic-dQ form (``deterministic=False``) no pipelining at head dim 128.
     """
     if interpreting():
-        return (
-            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-            dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
-            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-        )
-    if dtype == torch.float32:
-        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-        return small, small, small
-    if head_dim <= 64:
-        return (
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-            dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-            dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
-        )
-    if head_dim <= 128:
-        return (
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-            dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-            dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
-        )
-    return (
-        dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2),
-    )
+        query_blocks = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+        key_blocks = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+        forward = dq = query_blocks
+        dkdv = dkdv_atomic = key_blocks
+    elif dtype == torch.float32:
+        forward = dkdv = dkdv_atomic = dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    elif head_dim <= 128:
+        forward = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
+        if head_dim <= 64:
+            dkdv = dkdv_atomic = dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
+        else:
+            dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
+            dkdv_atomic = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+    else:
+        forward = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        dkdv = dkdv_atomic = dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    return {
+        "attn_fwd": forward,
+        "attn_bwd_dkdv": dkdv,
+        "attn_bwd_dkdv_atomic": dkdv_atomic,
+        "attn_bwd_dq": dq,
+    }
 
 
 def _keep_scale(dropout_p: float) -> float:
@@ -1127,7 +1154,7 @@ def _attention_forward(
     batch = cu_seqlens.numel() - 1
     out = _empty((total, num_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = _empty((num_heads, total), dtype=torch.float32, device=q.device)
-    config = _configs(head_dim, q.dtype)[0]
+    config = _config("attn_fwd", q, causal, window, dropout_p, max_seqlen)
     grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), num_heads, batch)
     _attn_fwd_kernel[grid](
         q,
@@ -1211,7 +1238,9 @@ def _attention_backward(
     dq_acc = (
         dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     )  # (T, Hq, D)
-    _, dkdv_config, dq_config = _configs(head_dim, q.dtype)
+    dkdv_kernel = "attn_bwd_dkdv" if deterministic else "attn_bwd_dkdv_atomic"
+    dkdv_config = _config(dkdv_kernel, q, causal, window, dropout_p, max_seqlen)
+    dq_config = _config("attn_bwd_dq", q, causal, window, dropout_p, max_seqlen)
     common = dict(
         CAUSAL=causal,
         WINDOWED=window is not None,
@@ -1261,7 +1290,7 @@ def _attention_backward(
         **dkdv_config,
     )
     if not deterministic:
-        dq.copy_(dq_acc)
+        torch.mul(dq_acc, softmax_scale, out=dq)  # the kernel sums unscaled shares of dQ
         return dq, dk, dv
     _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_config["BLOCK_M"]), num_heads, batch)](
         q,
@@ -1480,6 +1509,8 @@ def varlen_attention(
             "q, k, v must be contiguous along head_dim (stride 1 in the last dimension)"
         )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if not 0.0 < scale < math.inf:  # the kernels scale each row's unscaled maximum
+        raise ValueError(f"the Triton kernels need a positive finite softmax_scale, got {scale}")
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
     if window is not None and window >= max_seqlen:

@@ -12,6 +12,7 @@ unit in the last place, the rounding of the final store that PyTorch's result ma
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -246,12 +247,13 @@ def test_sliding_window_matches_reference(
 
 # The GPU's tile shapes (forward/dQ 128 x 64 and 128 x 32 queries x keys, dK/dV 32 x 128) and
 # small square ones, so that the window's edges fall at other places in the tiles.
-GPU_TILES = (
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
-    dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
-    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1),
+GPU_TILES = dict(
+    attn_fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
+    attn_bwd_dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
+    attn_bwd_dkdv_atomic=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
+    attn_bwd_dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1),
 )
-SMALL_TILES = (dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),) * 3
+SMALL_TILES = dict.fromkeys(GPU_TILES, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1))
 
 
 @pytest.mark.parametrize(
@@ -621,6 +623,9 @@ def test_triton_path_rejects_what_the_kernel_cannot_run(triton_backend):
         varlen_attention(
             q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu_seqlens, max_seqlen
         )
+    for scale in (0.0, -0.125, math.inf):
+        with pytest.raises(ValueError, match="positive finite softmax_scale"):
+            varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,11 +23,10 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-TUNING = ["tuning"] if (ROOT / "benchmarks" / "tune_kernels.py").exists() else []
 BENCHMARK_STEPS = [
     "attention",
     "encode",
-    *TUNING,
+    "tuning",
     "contrastive",
     "mntp_loss",
     "fusions",
@@ -42,6 +41,7 @@ EXPECTED_BENCHMARKS = {
     "encode-random",
     "encode",
     "attention",
+    "tuning",
     "contrastive",
     "mntp_loss",
     "pooling",
@@ -117,6 +117,17 @@ def test_every_benchmark_ran_and_reported_finite_numbers(rehearsal):
                 ) or math.isclose(
                     record["ratio"], record["baseline"] / record["value"], rel_tol=1e-9
                 )
+
+
+@pytest.mark.slow
+def test_the_tuning_table_comes_back_in_out(rehearsal):
+    """The tuning step writes its table straight into $OUT, in the format the launchers read."""
+    from llm2vec_fast.kernels.tuning import load_table
+
+    _, out = rehearsal
+    [table] = [p for p in out.glob("*.json") if p.name != "results.json"]
+    load_table(table)  # raises on a malformed table
+    assert json.loads(table.read_text())["device_name"]
 
 
 @pytest.mark.slow
@@ -366,6 +377,8 @@ def test_gpu_mode_runs_the_steps_by_value_under_the_right_settings(tmp_path, fak
     [pytest_call] = [line for line in calls.splitlines() if " -m gpu " in line]
     assert "--continue-on-collection-errors" in pytest_call and " -n " in pytest_call
     assert f"--junitxml={out}/pytest_gpu.xml" in pytest_call
+    [tuning_call] = [line for line in calls.splitlines() if "tune_kernels.py" in line]
+    assert "--quick --device cuda" in tuning_call and f"--table-dir {out} " in tuning_call
     assert f"PYTHONPATH={ROOT}\n" in calls and "HF_HUB_OFFLINE=1\n" in calls
     assert "LLM2VEC_FAST_CUDA_ARCHS=9.0a\n" in calls  # built once, for the card at hand
     assert "every selected step passed" in done.stdout
