@@ -138,8 +138,8 @@ class HashEngine:
             time.sleep(self.delay)
         seeds = np.empty(len(items), dtype=np.uint64)
         for row, item in enumerate(items):
-            ids = np.asarray(item.input_ids, dtype=np.int64)  # (tokens,)
-            pooled = (ids[np.asarray(item.pool_mask, dtype=bool)] % 256).astype(np.uint8).tobytes()
+            ids = np.asarray(item.input_ids)  # (tokens,): byte values
+            pooled = ids[np.asarray(item.pool_mask, dtype=bool)].astype(np.uint8).tobytes()
             seeds[row] = int.from_bytes(hashlib.blake2b(pooled, digest_size=8).digest(), "little")
         out = normal_rows(seeds, self.table)
         if self.normalize:
