@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm2vec_fast.corpus import embed_corpus, search
 from llm2vec_fast.corpus.engine import load_engine
+from llm2vec_fast.corpus.nearest import engine_for_job
 from llm2vec_fast.corpus.summary import engine_line
 from llm2vec_fast.default_encoder import ADAPTER_STAGES, default_adapter_paths
 from llm2vec_fast.encoder import LLM2Vec
@@ -70,3 +72,32 @@ def test_a_missing_adapter_says_what_to_do(monkeypatch, tmp_path, stage):
     monkeypatch.setattr(default_encoder, "ADAPTERS_ROOT", tmp_path)
     with pytest.raises(FileNotFoundError, match=f"{stage}.*reinstall"):
         default_encoder.default_adapter_paths()
+
+
+def test_causal_alone_is_the_untouched_decoder(default_model_folder):
+    engine = load_engine(None, causal=True)
+    assert engine.adapters == () and engine.model.causal
+
+
+def test_search_finds_the_shipped_adapters_of_a_job_from_another_install(
+    default_model_folder, tmp_path
+):
+    """A job of the default encoder records the adapters' and the model's absolute paths; from
+    another checkout or cache those are gone, and search falls back to this install's files,
+    which the identity check compares by sha256."""
+    inputs = tmp_path / "docs.jsonl"
+    inputs.write_text('{"id": "a", "text": "hello there"}\n{"id": "b", "text": "goodbye"}\n')
+    embed_corpus(inputs, tmp_path / "job", id_field="id", progress=False, workers=0)
+    manifest_path = tmp_path / "job" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["engine"]["model"] = "/elsewhere/cache/SmolLM2"
+    for adapter in manifest["engine"]["adapters"]:
+        adapter["path"] = "/elsewhere/site-packages/" + Path(adapter["path"]).name
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    engine = engine_for_job(tmp_path / "job")
+    assert tuple(Path(p) for p in engine.adapters) == default_adapter_paths()
+    assert [doc for doc, _ in search(tmp_path / "job", "hello there", k=1, engine=engine)] == ["a"]
+    manifest["engine"]["adapters"][1]["sha256"] = "0" * 64  # not the shipped weights
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="simcse is gone"):
+        engine_for_job(tmp_path / "job")

@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
         "--model",
         default=None,
         help="model folder or GGUF file (default: the embedded SmolLM2-135M with the shipped"
-        " LLM2Vec MNTP + SimCSE adapters, unless --adapter is given);"
+        " LLM2Vec MNTP + SimCSE adapters, unless --adapter or --causal is given);"
         " fake:dim=N gives a deterministic hash engine for dry runs",
     )
     embed.add_argument(

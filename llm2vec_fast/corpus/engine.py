@@ -153,6 +153,7 @@ class HashEngine:
             "model": "fake",
             "adapters": [],
             "pooling": "hash",
+            "vectors": "byte tables",  # normal_rows: a job with other fake vectors is refused
             "max_length": self.max_length,
             "dtype": "float32",
             "normalize": self.normalize,
@@ -262,7 +263,7 @@ def load_engine(
 ) -> Engine:
     """The engine for ``--model``: ``fake:...`` gives a :class:`HashEngine`; None the default
     encoder (``default_encoder``: the embedded SmolLM2 with the shipped LLM2Vec adapters, unless
-    ``adapters`` are given).
+    ``adapters`` are given or ``causal`` asks for the untouched decoder).
 
     ``doc_max_length``: llm2vec's rule that drops a text's trailing words past that many tokens;
     None leaves ``max_length`` alone to decide (a text keeps its first max_length tokens). A job
@@ -287,7 +288,8 @@ def load_engine(
         from llm2vec_fast.default_model import default_model_path
 
         model = str(default_model_path())
-        adapters = adapters or default_adapter_paths()
+        if not adapters and not causal:  # --causal alone: the untouched decoder (STS-B 37)
+            adapters = default_adapter_paths()
     return LLM2VecEngine(
         str(model),
         tuple(str(a) for a in adapters),

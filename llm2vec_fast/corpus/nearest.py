@@ -12,6 +12,9 @@ from llm2vec_fast.corpus.engine import Engine, Text, load_engine
 from llm2vec_fast.corpus.index import load_index
 from llm2vec_fast.corpus.manifest import identity_differences, load_manifest
 from llm2vec_fast.corpus.output import iter_embeddings
+from llm2vec_fast.default_encoder import default_adapter_paths
+from llm2vec_fast.default_model import default_model_path
+from llm2vec_fast.files import sha256_of_path
 from llm2vec_fast.settings import DEFAULT_MAX_BATCH_TOKENS
 
 CHUNK_ROWS = 65536
@@ -26,9 +29,14 @@ def engine_for_job(
     """Load the engine described by the job's manifest, and check it still describes the same."""
     manifest = load_manifest(Path(folder))
     described = manifest["engine"]
-    adapters = [a["path"] for a in described.get("adapters", [])]
+    adapters = [shipped_if_moved(a) for a in described.get("adapters", [])]
+    model = described["model"]
+    if model != "fake" and adapters and not Path(model).exists():
+        if [Path(a) for a in adapters] == list(default_adapter_paths()):
+            model = str(default_model_path())  # the default encoder's base, in this cache
+            described = dict(described, model=model)  # its files still compared by sha256
     engine = load_engine(
-        described["model"] if described["model"] != "fake" else f"fake:dim={described['dim']}",
+        model if model != "fake" else f"fake:dim={described['dim']}",
         adapters,
         pooling_mode=described["pooling"],
         max_length=described["max_length"],
@@ -47,6 +55,22 @@ def engine_for_job(
             f"the model of {folder} changed since the job ran: {'; '.join(differences[:5])}"
         )
     return engine
+
+
+def shipped_if_moved(adapter: dict) -> str:
+    """A recorded adapter's path, or the shipped adapter folder with the same weights when the
+    recorded folder is gone (a job of the default encoder from another install or checkout);
+    the identity check that follows still compares the files by sha256."""
+    path = adapter["path"]
+    if Path(path).exists():
+        return path
+    for shipped in default_adapter_paths():
+        if shipped.name == Path(path).name and sha256_of_path(shipped) == adapter.get("sha256"):
+            return str(shipped)
+    raise FileNotFoundError(
+        f"the job's adapter {path} is gone (moved or deleted): embed again with --overwrite, or"
+        " put it back"
+    )
 
 
 def top_k(matrix_chunks, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:

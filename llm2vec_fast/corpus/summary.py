@@ -67,7 +67,7 @@ def engine_line(description: dict) -> str:
     """
     attention = "causal" if description.get("bidirectional") is False else "bidirectional"
     adapters = description.get("adapters") or []
-    names = ", ".join(Path(adapter["path"]).name for adapter in adapters)  # {path, sha256}
+    names = ", ".join(Path(a["path"] if isinstance(a, dict) else a).name for a in adapters)
     with_adapters = f" + adapters {names}" if adapters else ""
     return (
         f"model {description.get('model')}{with_adapters}: {description.get('pooling')} pooling,"
