@@ -10,13 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fusion_checks import (
-    FORWARD_FACTOR,
-    GRADIENT_FACTOR,
-    assert_close_to_oracle,
-    nan_allocations,
-    ulp_atol,
-)
 from gemma3_helpers import (
     FULL,
     SLIDING,
@@ -43,7 +36,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llm2vec_fast.config import LinearRopeScaling, ModelConfig
-from llm2vec_fast.kernels import reference, rms_norm
+from llm2vec_fast.kernels import reference
 from llm2vec_fast.loading import load_model
 from llm2vec_fast.model import embedding_scale
 from llm2vec_fast.packed import Packed
@@ -231,45 +224,6 @@ def test_unit_offset_norm_rounds_like_gemma3_rmsnorm():
     norm = norm.bfloat16()
     ours, _ = reference.rms_norm(x, norm.weight.detach(), 1e-6, unit_offset=True)
     assert torch.equal(ours, norm(x).detach())
-
-
-NORM_CASES = [
-    pytest.param("cpu", torch.float32, id="interpreter-fp32"),
-    pytest.param("cpu", torch.float16, id="interpreter-fp16"),
-    *(
-        pytest.param("cuda", dtype, id=f"gpu-{str(dtype)[6:]}", marks=pytest.mark.gpu)
-        for dtype in (torch.float16, torch.bfloat16)
-    ),
-]
-
-
-@pytest.mark.parametrize(("device", "dtype"), NORM_CASES)
-@pytest.mark.parametrize("tokens", [1, 33, 130])
-def test_unit_offset_norm_kernel_matches_reference(monkeypatch, tokens, device, dtype):
-    """The Triton rms_norm with unit_offset (the interpreter on a CPU), forward and backward,
-    against the reference in the input dtype and in fp64 (test_norm.py's policy)."""
-    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    torch.manual_seed(tokens)
-    hidden = 80  # 32 rows per forward tile: 33 and 130 straddle tiles
-    x = (2 * torch.randn(tokens, hidden, device=device)).to(dtype)
-    residual = torch.randn(tokens, hidden, device=device).to(dtype)
-    weight = (0.3 * torch.randn(hidden, device=device)).to(dtype)
-    grads = [torch.randn(tokens, hidden, device=device).to(dtype) for _ in range(2)]
-
-    def run(fn, cast):
-        inputs = [cast(t).requires_grad_(True) for t in (x, weight, residual)]
-        normed, summed = fn(inputs[0], inputs[1], 1e-6, inputs[2], unit_offset=True)
-        ((normed * cast(grads[0])).sum() + (summed * cast(grads[1])).sum()).backward()
-        return [normed, summed, *(t.grad for t in inputs)]
-
-    with nan_allocations():
-        kernel = run(rms_norm, lambda t: t.clone())
-    baseline = run(reference.rms_norm, lambda t: t.clone())
-    oracle = run(reference.rms_norm, lambda t: t.double())
-    names = ["normed", "summed", "grad_x", "grad_weight", "grad_residual"]
-    for index, (name, got, base, want) in enumerate(zip(names, kernel, baseline, oracle)):
-        factor = FORWARD_FACTOR if index < 2 else GRADIENT_FACTOR
-        assert_close_to_oracle(name, got, base, want, factor=factor, atol=ulp_atol(want, got.dtype))
 
 
 def test_multimodal_config_reads_its_text_config_with_transformers_defaults():

@@ -38,12 +38,15 @@ def check_rms_norm(
     dtype: torch.dtype,
     device: str,
     weight_dtype: torch.dtype | None = None,
+    unit_offset: bool = False,
 ) -> None:
+    """``unit_offset``: Gemma's x * (1 + w), with zero-centred weights."""
     weight_dtype = weight_dtype or dtype
     torch.manual_seed(tokens * 3 + hidden)
     x = (torch.randn(tokens, hidden, device=device) * 2).to(dtype)
     residual = torch.randn(tokens, hidden, device=device).to(dtype) if with_residual else None
-    weight = (1.0 + 0.2 * torch.randn(hidden, device=device)).to(weight_dtype)
+    centre = 0.0 if unit_offset else 1.0
+    weight = (centre + 0.2 * torch.randn(hidden, device=device)).to(weight_dtype)
     out_dtype = torch.promote_types(dtype, weight_dtype)
     grad_normed = torch.randn(tokens, hidden, device=device).to(out_dtype)
     grad_summed = torch.randn(tokens, hidden, device=device).to(dtype)
@@ -51,7 +54,7 @@ def check_rms_norm(
     def run(fn, cast):
         inputs = [cast(x).requires_grad_(True), cast(weight).requires_grad_(True)]
         inputs.append(cast(residual).requires_grad_(True) if with_residual else None)
-        normed, summed = fn(inputs[0], inputs[1], EPS, inputs[2])
+        normed, summed = fn(inputs[0], inputs[1], EPS, inputs[2], unit_offset=unit_offset)
         # gradients flow through both outputs
         loss = (normed * cast(grad_normed)).sum() + (summed * cast(grad_summed)).sum()
         loss.backward()
@@ -78,6 +81,15 @@ def check_rms_norm(
 def test_rms_norm_matches_reference(monkeypatch, tokens, hidden, with_residual, dtype):
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
     check_rms_norm(tokens, hidden, with_residual, dtype, "cpu")
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+)
+@pytest.mark.parametrize("tokens", [1, 33, 130])
+def test_unit_offset_matches_reference(monkeypatch, tokens, dtype):
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    check_rms_norm(tokens, 80, True, dtype, "cpu", unit_offset=True)
 
 
 def test_fp32_weight_on_fp16_stream(monkeypatch):
@@ -168,3 +180,9 @@ GPU_SHAPES = SHAPES + [
 @pytest.mark.parametrize("tokens, hidden", GPU_SHAPES)
 def test_rms_norm_matches_reference_gpu(tokens, hidden, with_residual, dtype):
     check_rms_norm(tokens, hidden, with_residual, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_unit_offset_matches_reference_gpu(dtype):
+    check_rms_norm(130, 80, True, dtype, "cuda", unit_offset=True)
