@@ -220,10 +220,13 @@ def word_features(
         zip(sentences, states, starts, strict=True)
     ):
         if len(word_starts) != len(sentence.words):
+            # llm2vec's word cut (doc_max_length) may be the tighter of the two limits
+            limit = min(encoder.max_length, encoder.doc_max_length or encoder.max_length)
             raise ValueError(
                 f"sentence {number + 1} ({len(sentence.words)} words) is longer than the"
-                f" encoder's max_length of {encoder.max_length} tokens: only"
-                f" {len(word_starts)} of its words are encoded; raise --max-length"
+                f" encoder's limit of {limit} tokens (max_length {encoder.max_length},"
+                f" doc_max_length {encoder.doc_max_length}): only {len(word_starts)} of its"
+                " words are encoded; raise --max-length"
             )
         rows.append(sentence_states[word_starts])  # (n_words, hidden)
     return np.concatenate(rows).astype(np.float32, copy=False)
