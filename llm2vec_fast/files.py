@@ -47,6 +47,21 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return value
 
 
+def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines file; a line that is not JSON
+    is a ValueError naming the file and the line."""
+    values = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                values.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+    return values
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -48,7 +48,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
 from .evaluation import read_sts
-from .files import read_json_object
+from .files import read_json_lines, read_json_object
 
 # llm2vec's query instructions by MTEB task name: test_configs/mteb/task_to_instructions.json
 # of github.com/McGill-NLP/llm2vec (commit 3c633e86), MIT License, Copyright (c) 2024 McGill NLP.
@@ -381,17 +381,10 @@ def _file_entry(path: Path, definition: dict, key: str) -> str:
 def _json_lines(path: Path) -> list[dict]:
     """The JSON objects of a JSON-lines file; a bad line raises with its number."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            rows.append(row)
+    for number, row in read_json_lines(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        rows.append(row)
     return rows
 
 

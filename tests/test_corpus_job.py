@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm2vec_fast.corpus import embed_corpus, read_embeddings, read_errors, search, verify
+from llm2vec_fast.corpus.cli import read_queries
 from llm2vec_fast.corpus.engine import HashEngine
 from llm2vec_fast.corpus.inputs import InputError
 from llm2vec_fast.corpus.job_settings import JobSettings
@@ -473,6 +474,23 @@ def test_cli_search_prints_rank_score_and_id_of_the_k_nearest(embedded_job, caps
     assert _cli("search", embedded_job, "--query", "beta", "-k", "2") == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split() == ["1", "1.0000", "in.txt:2"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"query": "a"}\n\n{"query": \n', r"q\.jsonl:3: malformed JSON"),
+        ('{"query": "a"}\n["a"]\n', r'q\.jsonl:2: expected \{"query": TEXT'),
+        ('{"text": "a"}\n', r'q\.jsonl:1: expected \{"query": TEXT'),
+        ('{"query": " "}\n', r"q\.jsonl:1: the query is empty"),
+        ("\n\n", r"q\.jsonl holds no queries"),
+    ],
+)
+def test_a_bad_queries_file_names_its_line(tmp_path, text, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        read_queries(str(path))
 
 
 def test_cli_search_refuses_an_empty_query(embedded_job, capsys):

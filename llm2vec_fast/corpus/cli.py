@@ -13,6 +13,7 @@ from llm2vec_fast.corpus.job_settings import (
     OUTPUT_DTYPES,
     QUANTIZE,
 )
+from llm2vec_fast.files import read_json_lines
 from llm2vec_fast.settings import (
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_MAX_LENGTH,
@@ -370,19 +371,12 @@ def _search(args: argparse.Namespace, options: dict) -> int:
 def read_queries(path: str) -> list[dict]:
     """The records of a queries file: one JSON object a line with a non-empty "query" string."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: malformed JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("query"), str):
-                raise ValueError(f'{path}:{line_number}: expected {{"query": TEXT, ...}}')
-            if not record["query"].strip():
-                raise ValueError(f"{path}:{line_number}: the query is empty")
-            records.append(record)
+    for line_number, record in read_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("query"), str):
+            raise ValueError(f'{path}:{line_number}: expected {{"query": TEXT, ...}}')
+        if not record["query"].strip():
+            raise ValueError(f"{path}:{line_number}: the query is empty")
+        records.append(record)
     if not records:
         raise ValueError(f"{path} holds no queries")
     return records
