@@ -11,6 +11,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -102,7 +103,12 @@ class HashEngine:
         self.max_length = max_length
         self.normalize = normalize
         self.delay = delay
-        self.table = seeded_normal_table(dim)  # (SEED_BYTES, 256, dim)
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        """(SEED_BYTES, 256, dim): built on the first ``embed``, so that tokenizer processes,
+        which get a pickled copy of the engine, do not carry it."""
+        return seeded_normal_table(self.dim)
 
     @classmethod
     def from_spec(
