@@ -23,7 +23,6 @@ from pathlib import Path
 from .corpus import embed_corpus, search
 from .corpus.engine import load_engine
 from .corpus.manifest import JobMismatchError
-from .default_encoder import default_adapter_paths
 from .default_model import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_model_path
 from .stdlib_docs import iter_stdlib_docstrings
 
@@ -85,12 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = embedded_model_path(args.model)
     seconds = time.perf_counter() - started
-    # the default model has the shipped LLM2Vec adapters; another is an untrained decoder
-    adapters = (
-        [str(path) for path in default_adapter_paths()] if args.model == DEFAULT_MODEL else []
-    )
-    causal = not adapters
-    kind = "+ LLM2Vec MNTP + SimCSE adapters, bidirectional" if adapters else "causal"
+    # no model: the default encoder (load_engine: SmolLM2 + the shipped LLM2Vec adapters,
+    # bidirectional); another embedded model is an untrained decoder, kept causal
+    engine_model = None if args.model == DEFAULT_MODEL else str(model)
+    causal = engine_model is not None
+    kind = "causal" if causal else "+ LLM2Vec MNTP + SimCSE adapters, bidirectional"
     title = EMBEDDED_MODELS[args.model].title
     print(f"model: {title} (embedded, {kind}) at {model} [{seconds:.1f}s]")
     corpus = args.output / "stdlib_docstrings.jsonl"
@@ -101,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return embed_corpus(
             corpus,
             args.output / "embeddings",
-            model=str(model),
-            adapters=adapters,
+            model=engine_model,
             id_field="id",
             text_field="text",
             pooling_mode=POOLING_MODE,
@@ -121,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
 
     engine = load_engine(
-        str(model),
-        adapters,
+        engine_model,
         pooling_mode=POOLING_MODE,
         max_length=MAX_LENGTH,
         max_batch_tokens=MAX_BATCH_TOKENS,
