@@ -5,6 +5,10 @@
 2. A realistic varlen batch (mixed lengths) packed for ours vs SDPA on its padded form: flash with
    ``is_causal`` when causal (right padding is then invisible to real queries), the default
    backend with a key-padding mask when bidirectional (flash takes no mask).
+3. The short-text encode mix (queries and sentences: log-normal lengths around 28 tokens, mean
+   ~40, hundreds of sequences per batch), where ours packs several sequences into one tile: ours vs
+   FlashAttention's own varlen kernel as PyTorch ships it (``torch.nn.attention.varlen``), both
+   on the same packed tensors; bidirectional (encoding) and causal.
 
 On a GPU at head dim 128, ours runs twice: with the default deterministic backward (a separate
 dQ pass) and with ``deterministic=False`` (dQ accumulated with atomics in the dK/dV kernel); the
@@ -21,12 +25,14 @@ Run: ``python benchmarks/bench_attention.py [--quick]`` (on a CPU: tiny shapes, 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from harness import Results, measure_ms, parse_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from workloads import lengths_for_tokens
 
 from llm2vec_fast.kernels import varlen_attention
 
@@ -207,6 +213,71 @@ def bench_varlen_vs_padded(results, device, dtype, token_budget, max_len, head_d
         record(results, config, flops, ours_ms, base_ms, name)
 
 
+def flash_varlen():
+    """PyTorch's FlashAttention varlen function as ``fn(q, k, v, cu_seqlens, max_seqlen,
+    causal)``, or None where this torch has none (it came in 2.9; its causal flag moved from
+    ``is_causal`` to ``window_size`` later)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    takes_is_causal = "is_causal" in inspect.signature(varlen_attn).parameters
+
+    def run(q, k, v, cu_seqlens, max_seqlen, causal):
+        mask = (
+            dict(is_causal=causal)
+            if takes_is_causal
+            else dict(window_size=(-1, 0 if causal else -1))
+        )
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **mask)
+
+    return run
+
+
+def bench_short_texts(results, device, dtype, token_budget, head_dim) -> None:
+    """Section 3: many short sequences in one packed batch, ours vs flash's varlen kernel."""
+    baseline = flash_varlen() if device == "cuda" else None
+    if baseline is None:
+        print("short-text mix: no FlashAttention varlen baseline on this device/torch; skipped")
+        return
+    gen = torch.Generator().manual_seed(2)
+    lengths = lengths_for_tokens(token_budget, median=28, max_tokens=512, seed=2)
+    cu_seqlens = cu_seqlens_of(lengths, device)
+    total, longest = sum(lengths), max(lengths)
+    num_heads = HIDDEN // head_dim
+    for causal in (False, True):
+        q, k, v, grad_out = (
+            torch.randn(total, num_heads, head_dim, generator=gen)
+            .to(device=device, dtype=dtype)
+            .requires_grad_(i < 3)
+            for i in range(4)
+        )
+
+        def ours(q_, k_, v_):
+            return varlen_attention(
+                q_, k_, v_, cu_seqlens, longest, causal=causal, check_cu_seqlens=False
+            )
+
+        def flash(q_, k_, v_):
+            return baseline(q_, k_, v_, cu_seqlens, longest, causal)
+
+        config = dict(
+            layout="short-texts",
+            batch=len(lengths),
+            tokens=total,
+            mean_len=round(total / len(lengths), 1),
+            max_len=longest,
+            heads=num_heads,
+            head_dim=head_dim,
+            causal=causal,
+            dtype=str(dtype).removeprefix("torch."),
+        )
+        flops = attention_flops(lengths, num_heads, head_dim, causal)
+        ours_ms = time_forward_backward(ours, (q, k, v), grad_out, device)
+        base_ms = time_forward_backward(flash, (q, k, v), grad_out, device)
+        record(results, config, flops, ours_ms, base_ms, "flash-varlen")
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     device = args.device
@@ -215,6 +286,7 @@ def main() -> None:
         seqlens = [512, 2048, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
         bench_equal_lengths(results, device, torch.bfloat16, 16384, seqlens, [64, 128])
         bench_varlen_vs_padded(results, device, torch.bfloat16, 16384, 2048, 128)
+        bench_short_texts(results, device, torch.bfloat16, 16384 if args.quick else 65536, 128)
     else:  # smoke run through the reference path
         bench_equal_lengths(results, device, torch.float32, 128, [32, 64], [16])
         bench_varlen_vs_padded(results, device, torch.float32, 128, 64, 16)

@@ -1,19 +1,27 @@
 """Varlen attention over packed sequences (bidirectional or causal, GQA, optionally a sliding
 window), forward and backward.
 
-FlashAttention-2 in Triton. Forward: one program per (query block, query head, sequence) walks
-the key blocks of its own sequence with an online softmax in fp32 and saves the log-sum-exp per
-(head, token). Backward recomputes the probabilities from that log-sum-exp: a preprocess kernel
-computes ``delta = rowsum(dO * O)``, one kernel per (key block, kv head, sequence) accumulates
-dK/dV over every query head of its group (no atomics), and a separate pass per (query block,
-query head, sequence) computes dQ. Every kernel writes its own outputs once, so the backward pass
-is deterministic (bitwise reproducible) by construction. ``deterministic=False`` drops the dQ pass:
-the dK/dV kernel adds each key block's share of dQ to an fp32 buffer with atomics instead.
+FlashAttention-2 in Triton. The kernels run over a work list (``attention_schedule``): tiles of
+*groups*, a group being one sequence longer than a tile or several shorter ones packed into one
+tile, whose tokens then see only their own sequence's (a block-diagonal mask from each token's
+sequence index). A batch of 20-token texts thus runs full tiles, not one mostly empty tile per
+text, and the number of sequences has no limit. Positions in the kernels count from the group's
+first token; within one sequence their differences are the sequence's own.
+
+Forward: one program per (query tile, query head) walks the key blocks of its group with an
+online softmax in fp32 and saves the log-sum-exp per (head, token). Backward recomputes the
+probabilities from that log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one
+program per (key tile, kv head) accumulates dK/dV over every query head of its group (no
+atomics), and a separate pass per (query tile, query head) computes dQ. Every kernel writes its
+own outputs once, so the backward pass is deterministic (bitwise reproducible) by construction.
+``deterministic=False`` drops the dQ pass: the dK/dV kernel adds each key block's share of dQ to
+an fp32 buffer with atomics instead.
 
 Head dims that are not powers of two run in a padded ``BLOCK_D`` with masks. Scores live in
 log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``. Key and query loops are split
 into blocks that need no mask and the few (diagonal, tail, window edge) blocks that do; with a
 sliding window the loops start and stop at the band's edges, so blocks outside it cost nothing.
+In a group of several sequences every block takes the masked path.
 
 Dropout: the keep-mask of element (query head h, query token i, key token j) is Philox keyed on
 ``seed`` with counters ``(i, j, h)`` (packed token indices), so the backward pass regenerates the
@@ -30,12 +38,12 @@ import triton.language as tl
 
 from . import reference, tuning
 from ._dispatch import interpreting, use_triton
+from .attention_schedule import TileSchedule, cached_tile_schedule
 from .varlen_checks import validate_cu_seqlens
 
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-MAX_SEQUENCES = 65535  # the launch grid's third axis
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,11 +86,20 @@ def _load_rows(
 
 
 @triton.jit
-def _visible_keys(rows, cols, seqlen, window, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr):
-    """``(BLOCK_M, BLOCK_N)`` mask of the keys ``cols`` that the queries ``rows`` attend to: keys
-    inside the sequence, with MASK_CAUSAL not after the query, with MASK_WINDOW within the window
-    (``_in_window``)."""
-    valid = (cols < seqlen)[None, :]
+def _visible_keys(
+    rows,
+    cols,
+    row_segments,
+    col_segments,
+    window,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+):
+    """``(BLOCK_M, BLOCK_N)`` mask of the keys ``cols`` that the queries ``rows`` (positions in
+    their group) attend to: keys of the query's own sequence (``*_segments``, the sequence index
+    of each token: -1 for keys past the group, -2 for rows past it), with MASK_CAUSAL not after
+    the query, with MASK_WINDOW within the window (``_in_window``)."""
+    valid = row_segments[:, None] == col_segments[None, :]
     if MASK_CAUSAL:
         valid = valid & (cols[None, :] <= rows[:, None])
     if MASK_WINDOW:
@@ -164,10 +181,13 @@ def _query_block_ranges(
 
 
 @triton.jit
-def _query_block(
+def _query_tile(
+    Items,
+    Segments,
+    item,
+    head,
     K,
     V,
-    cu_seqlens,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -177,41 +197,54 @@ def _query_block(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The query block of this program of the forward or dQ kernel (grid: query blocks, query
-    heads, sequences); late query blocks, the heavy ones when causal, run first.
+    """The query tile of work item ``item`` (``attention_schedule``) for query ``head``, in the
+    forward and dQ kernels.
 
-    Returns the block's first query position ``start_m`` and the sequence length ``seqlen`` (the
-    caller returns when ``start_m >= seqlen``), the query ``head``, ``seq_start``, the block's
-    query positions ``rows`` (BLOCK_M,) and packed token indices ``tokens`` (int64), ``offs_d``
-    (BLOCK_D,), ``row_valid`` (BLOCK_M,) and ``io_mask`` (BLOCK_M, BLOCK_D) of its query rows,
-    and the sequence's K and V bases at the kv head this query head reads (GQA).
+    Returns the tile's first row ``start_m`` in its group and the group's length ``seqlen`` (the
+    tile is empty when ``start_m >= seqlen``), whether the group is ``packed`` (several short
+    sequences: every key block masked), the group's first token ``seq_start``, the tile's
+    positions ``rows`` (BLOCK_M,) in the group and packed token indices ``tokens`` (int64),
+    ``offs_d`` (BLOCK_D,), ``row_valid`` (BLOCK_M,) and ``io_mask`` (BLOCK_M, BLOCK_D) of its
+    rows, their sequence indices ``row_segments`` (-2 past the group), the base of the group's
+    segments, and the group's K and V bases at the kv head this query head reads (GQA).
     """
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    fields = Items + item.to(tl.int64) * 4  # first token, group length, tile start, packed
+    seq_start = tl.load(fields)
+    seqlen = tl.load(fields + 1)
+    start_m = tl.load(fields + 2)
+    packed = tl.load(fields + 3) != 0
     kv_head = head // group_size
-    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the sequence
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the group
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = rows < seqlen
     io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     tokens = (seq_start + rows).to(tl.int64)
+    row_segments = tl.load(Segments + tokens, mask=row_valid, other=-2)
+    seg_base = Segments + seq_start
     k_base = K + seq_start.to(tl.int64) * stride_kt + kv_head.to(tl.int64) * stride_kh
     v_base = V + seq_start.to(tl.int64) * stride_vt + kv_head.to(tl.int64) * stride_vh
     return (
         start_m,
         seqlen,
-        head,
+        packed,
         seq_start,
         rows,
         tokens,
         offs_d,
         row_valid,
         io_mask,
+        row_segments,
+        seg_base,
         k_base,
         v_base,
     )
+
+
+@triton.jit
+def _all_blocks_masked(lo, full_lo, full_hi, packed):
+    """``(full_lo, full_hi)`` of a block range, emptied for a packed group: a block of several
+    sequences always needs the mask, so its blocks all go to the masked range from ``lo``."""
+    return tl.where(packed, lo, full_lo), tl.where(packed, lo, full_hi)
 
 
 @triton.jit
@@ -222,9 +255,11 @@ def _fwd_key_blocks(
     q,
     k_base,
     v_base,
+    seg_base,
     stride_kt,
     stride_vt,
     rows,
+    row_segments,
     seq_start,
     seqlen,
     lo,
@@ -243,10 +278,11 @@ def _fwd_key_blocks(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi) of one sequence."""
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi) of one group; with
+    MASK_LENGTH each query sees only its own sequence's keys."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
+        cols = start_n + offs_n  # (BLOCK_N,) key positions in the group
         k = _load_rows(
             k_base,
             cols,
@@ -258,8 +294,15 @@ def _fwd_key_blocks(
         )  # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) unscaled
         if MASK_LENGTH:
+            col_segments = tl.load(seg_base + cols, mask=cols < seqlen, other=-1)
             visible = _visible_keys(
-                rows, cols, seqlen, window, MASK_CAUSAL=MASK_CAUSAL, MASK_WINDOW=MASK_WINDOW
+                rows,
+                cols,
+                row_segments,
+                col_segments,
+                window,
+                MASK_CAUSAL=MASK_CAUSAL,
+                MASK_WINDOW=MASK_WINDOW,
             )
             qk = tl.where(visible, qk, float("-inf"))
         # qk_scale > 0: the scaled row max is the unscaled one, scaled; scale and max-subtract
@@ -295,7 +338,9 @@ def _attn_fwd_kernel(
     V,
     Out,
     Lse,
-    cu_seqlens,
+    Items,
+    ItemCount,
+    Segments,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -305,6 +350,7 @@ def _attn_fwd_kernel(
     stride_ot,
     stride_oh,
     total_tokens,
+    num_heads,
     group_size,
     qk_scale,
     dropout_p,
@@ -320,21 +366,43 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Program p runs query head ``p % num_heads`` of work item ``p // num_heads``: the heads
+    of one item side by side (GQA heads share their K/V in L2), the longest items first; the
+    programs past the real items return at once."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m, seqlen, head, seq_start, rows, tokens, offs_d, row_valid, io_mask, k_base, v_base = (
-        _query_block(
-            K,
-            V,
-            cu_seqlens,
-            stride_kt,
-            stride_kh,
-            stride_vt,
-            stride_vh,
-            group_size,
-            HEAD_DIM=HEAD_DIM,
-            BLOCK_M=BLOCK_M,
-            BLOCK_D=BLOCK_D,
-        )
+    work = tl.program_id(0)
+    if work >= tl.load(ItemCount) * num_heads:
+        return
+    head = work % num_heads
+    (
+        start_m,
+        seqlen,
+        packed,
+        seq_start,
+        rows,
+        tokens,
+        offs_d,
+        row_valid,
+        io_mask,
+        row_segments,
+        seg_base,
+        k_base,
+        v_base,
+    ) = _query_tile(
+        Items,
+        Segments,
+        work // num_heads,
+        head,
+        K,
+        V,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        group_size,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
     )
     if start_m >= seqlen:
         return
@@ -343,13 +411,19 @@ def _attn_fwd_kernel(
         mask=io_mask,
         other=0.0,
     )
-
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_block_ranges(
-        start_m, seqlen, window, CAUSAL=CAUSAL, WINDOWED=WINDOWED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N
+        start_m,
+        seqlen,
+        window,
+        CAUSAL=CAUSAL,
+        WINDOWED=WINDOWED,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
     )
+    full_lo, full_hi = _all_blocks_masked(lo, full_lo, full_hi, packed)
     if WINDOWED:  # the key blocks that the window's left edge cuts
         acc, l_i, m_i = _fwd_key_blocks(
             acc,
@@ -358,9 +432,11 @@ def _attn_fwd_kernel(
             q,
             k_base,
             v_base,
+            seg_base,
             stride_kt,
             stride_vt,
             rows,
+            row_segments,
             seq_start,
             seqlen,
             lo,
@@ -386,9 +462,11 @@ def _attn_fwd_kernel(
         q,
         k_base,
         v_base,
+        seg_base,
         stride_kt,
         stride_vt,
         rows,
+        row_segments,
         seq_start,
         seqlen,
         full_lo,
@@ -414,9 +492,11 @@ def _attn_fwd_kernel(
         q,
         k_base,
         v_base,
+        seg_base,
         stride_kt,
         stride_vt,
         rows,
+        row_segments,
         seq_start,
         seqlen,
         full_hi,
@@ -436,6 +516,7 @@ def _attn_fwd_kernel(
         BLOCK_D=BLOCK_D,
     )
 
+    l_i = tl.where(row_valid, l_i, 1.0)  # rows past the group see no key: 0 / 0
     out = acc / l_i[:, None]
     if HAS_DROPOUT:
         out = out * keep_scale
@@ -490,10 +571,12 @@ def _dkdv_query_blocks(
     lse_base,
     delta_base,
     dq_base,
+    seg_base,
     stride_qt,
     stride_dot,
     stride_dqt,
     cols,
+    col_segments,
     seq_start,
     seqlen,
     lo,
@@ -515,7 +598,7 @@ def _dkdv_query_blocks(
     BLOCK_D: tl.constexpr,
 ):
     """Accumulate dK, dV ``(BLOCK_N, BLOCK_D)`` of one key block over query blocks [lo, hi) of one
-    head.
+    head; with MASK_LENGTH only the queries of each key's own sequence count.
 
     Works on transposed tiles (keys x queries) so the key block stays the left operand. With
     ``ATOMIC_DQ`` it also adds this key block's share of dQ, unscaled, into the fp32 buffer at
@@ -553,6 +636,9 @@ def _dkdv_query_blocks(
         )
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) unscaled
         p_t = tl.exp2(qk_t * qk_scale - lse[None, :])  # scale and subtract: one FMA
+        if MASK_LENGTH:
+            row_segments = tl.load(seg_base + rows, mask=row_valid, other=-2)
+            p_t = tl.where(col_segments[:, None] == row_segments[None, :], p_t, 0.0)
         if MASK_CAUSAL:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
         if MASK_WINDOW:
@@ -601,7 +687,9 @@ def _attn_bwd_dkdv_kernel(
     dK,
     dV,
     dQacc,
-    cu_seqlens,
+    Items,
+    ItemCount,
+    Segments,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -617,6 +705,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dqt,
     stride_dqh,
     total_tokens,
+    num_kv_heads,
     group_size,
     sm_scale,
     qk_scale,
@@ -634,19 +723,26 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Program p runs kv head ``p % num_kv_heads`` of work item ``p // num_kv_heads``, a key
+    tile of one group (``attention_schedule``), the longest first."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    start_n = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    work = tl.program_id(0)
+    if work >= tl.load(ItemCount) * num_kv_heads:
+        return
+    kv_head = work % num_kv_heads
+    fields = Items + (work // num_kv_heads).to(tl.int64) * 4  # see _query_tile
+    seq_start = tl.load(fields)
+    seqlen = tl.load(fields + 1)
+    start_n = tl.load(fields + 2)
+    packed = tl.load(fields + 3) != 0
     if start_n >= seqlen:
         return
-
-    cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions in the sequence
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions in the group
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tokens = (seq_start + cols).to(tl.int64)
+    col_segments = tl.load(Segments + tokens, mask=cols < seqlen, other=-1)
+    seg_base = Segments + seq_start
     k = tl.load(
         K + tokens[:, None] * stride_kt + kv_head.to(tl.int64) * stride_kh + offs_d[None, :],
         mask=kv_mask,
@@ -661,8 +757,15 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _query_block_ranges(
-        start_n, seqlen, window, CAUSAL=CAUSAL, WINDOWED=WINDOWED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N
+        start_n,
+        seqlen,
+        window,
+        CAUSAL=CAUSAL,
+        WINDOWED=WINDOWED,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
     )
+    full_lo, full_hi = _all_blocks_masked(lo, full_lo, full_hi, packed)
     for g in range(group_size):
         head = kv_head * group_size + g
         q_base = Q + seq_start.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
@@ -681,10 +784,12 @@ def _attn_bwd_dkdv_kernel(
                 lse_base,
                 delta_base,
                 dq_base,
+                seg_base,
                 stride_qt,
                 stride_dot,
                 stride_dqt,
                 cols,
+                col_segments,
                 seq_start,
                 seqlen,
                 lo,
@@ -715,10 +820,12 @@ def _attn_bwd_dkdv_kernel(
             lse_base,
             delta_base,
             dq_base,
+            seg_base,
             stride_qt,
             stride_dot,
             stride_dqt,
             cols,
+            col_segments,
             seq_start,
             seqlen,
             full_lo,
@@ -749,10 +856,12 @@ def _attn_bwd_dkdv_kernel(
             lse_base,
             delta_base,
             dq_base,
+            seg_base,
             stride_qt,
             stride_dot,
             stride_dqt,
             cols,
+            col_segments,
             seq_start,
             seqlen,
             full_hi,
@@ -795,9 +904,11 @@ def _dq_key_blocks(
     delta,
     k_base,
     v_base,
+    seg_base,
     stride_kt,
     stride_vt,
     rows,
+    row_segments,
     seq_start,
     seqlen,
     lo,
@@ -817,10 +928,11 @@ def _dq_key_blocks(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Accumulate dQ ``(BLOCK_M, BLOCK_D)`` of one query block over key blocks [lo, hi)."""
+    """Accumulate dQ ``(BLOCK_M, BLOCK_D)`` of one query block over key blocks [lo, hi); with
+    MASK_LENGTH each query sees only its own sequence's keys."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BLOCK_N,) key positions in the sequence
+        cols = start_n + offs_n  # (BLOCK_N,) key positions in the group
         k = _load_rows(
             k_base,
             cols,
@@ -842,8 +954,15 @@ def _dq_key_blocks(
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) unscaled
         p = tl.exp2(qk * qk_scale - lse[:, None])  # scale and subtract: one FMA
         if MASK_LENGTH:
+            col_segments = tl.load(seg_base + cols, mask=cols < seqlen, other=-1)
             visible = _visible_keys(
-                rows, cols, seqlen, window, MASK_CAUSAL=MASK_CAUSAL, MASK_WINDOW=MASK_WINDOW
+                rows,
+                cols,
+                row_segments,
+                col_segments,
+                window,
+                MASK_CAUSAL=MASK_CAUSAL,
+                MASK_WINDOW=MASK_WINDOW,
             )
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -866,7 +985,9 @@ def _attn_bwd_dq_kernel(
     Lse,
     Delta,
     dQ,
-    cu_seqlens,
+    Items,
+    ItemCount,
+    Segments,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -878,6 +999,7 @@ def _attn_bwd_dq_kernel(
     stride_dqt,
     stride_dqh,
     total_tokens,
+    num_heads,
     group_size,
     sm_scale,
     qk_scale,
@@ -894,21 +1016,41 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """One program per (work item, query head), as the forward kernel."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m, seqlen, head, seq_start, rows, tokens, offs_d, row_valid, io_mask, k_base, v_base = (
-        _query_block(
-            K,
-            V,
-            cu_seqlens,
-            stride_kt,
-            stride_kh,
-            stride_vt,
-            stride_vh,
-            group_size,
-            HEAD_DIM=HEAD_DIM,
-            BLOCK_M=BLOCK_M,
-            BLOCK_D=BLOCK_D,
-        )
+    work = tl.program_id(0)
+    if work >= tl.load(ItemCount) * num_heads:
+        return
+    head = work % num_heads
+    (
+        start_m,
+        seqlen,
+        packed,
+        seq_start,
+        rows,
+        tokens,
+        offs_d,
+        row_valid,
+        io_mask,
+        row_segments,
+        seg_base,
+        k_base,
+        v_base,
+    ) = _query_tile(
+        Items,
+        Segments,
+        work // num_heads,
+        head,
+        K,
+        V,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        group_size,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
     )
     if start_m >= seqlen:
         return
@@ -927,8 +1069,15 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_block_ranges(
-        start_m, seqlen, window, CAUSAL=CAUSAL, WINDOWED=WINDOWED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N
+        start_m,
+        seqlen,
+        window,
+        CAUSAL=CAUSAL,
+        WINDOWED=WINDOWED,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
     )
+    full_lo, full_hi = _all_blocks_masked(lo, full_lo, full_hi, packed)
     if WINDOWED:  # the key blocks that the window's left edge cuts
         dq = _dq_key_blocks(
             dq,
@@ -938,9 +1087,11 @@ def _attn_bwd_dq_kernel(
             delta,
             k_base,
             v_base,
+            seg_base,
             stride_kt,
             stride_vt,
             rows,
+            row_segments,
             seq_start,
             seqlen,
             lo,
@@ -968,9 +1119,11 @@ def _attn_bwd_dq_kernel(
         delta,
         k_base,
         v_base,
+        seg_base,
         stride_kt,
         stride_vt,
         rows,
+        row_segments,
         seq_start,
         seqlen,
         full_lo,
@@ -998,9 +1151,11 @@ def _attn_bwd_dq_kernel(
         delta,
         k_base,
         v_base,
+        seg_base,
         stride_kt,
         stride_vt,
         rows,
+        row_segments,
         seq_start,
         seqlen,
         full_hi,
@@ -1112,7 +1267,8 @@ def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
         forward = dq = query_blocks
         dkdv = dkdv_atomic = key_blocks
     elif dtype == torch.float32:
-        forward = dkdv = dkdv_atomic = dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        forward = dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        dkdv = dkdv_atomic = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif head_dim <= 128:
         forward = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
         dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
@@ -1137,6 +1293,15 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
 
+def _grid(schedule: TileSchedule, heads: int) -> tuple[int]:
+    """One program per (work item, head) of the schedule's capacity: the real items' programs
+    run, the rest return at once (the real count is known on the device only). The interpreter,
+    where each program costs milliseconds and reading the count nothing, launches the real ones
+    only."""
+    items = int(schedule.count) if interpreting() else schedule.capacity
+    return (max(1, items * heads),)
+
+
 def _attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1151,18 +1316,21 @@ def _attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out ``(T, Hq, D)`` and the log2-sum-exp ``(Hq, T)`` fp32 of the scaled scores."""
     total, num_heads, head_dim = q.shape
-    batch = cu_seqlens.numel() - 1
     out = _empty((total, num_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = _empty((num_heads, total), dtype=torch.float32, device=q.device)
     config = _config("attn_fwd", q, causal, window, dropout_p, max_seqlen)
-    grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), num_heads, batch)
-    _attn_fwd_kernel[grid](
+    schedule = cached_tile_schedule(
+        cu_seqlens, total, config["BLOCK_M"], causal=causal, window=window
+    )
+    _attn_fwd_kernel[_grid(schedule, num_heads)](
         q,
         k,
         v,
         out,
         lse,
-        cu_seqlens,
+        schedule.items,
+        schedule.count,
+        schedule.segments,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -1172,6 +1340,7 @@ def _attention_forward(
         out.stride(0),
         out.stride(1),
         total,
+        num_heads,
         num_heads // k.shape[1],
         softmax_scale * LOG2E,
         dropout_p,
@@ -1212,7 +1381,6 @@ def _attention_backward(
     atomics (one pass fewer over the scores; the summation order varies from run to run)."""
     total, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    batch = cu_seqlens.numel() - 1
     block_d = _block_d(head_dim)
     grad_out = grad_out.contiguous()
 
@@ -1250,7 +1418,6 @@ def _attention_backward(
         BLOCK_D=block_d,
     )
     scalars = (
-        total,
         num_heads // num_kv_heads,
         softmax_scale,
         softmax_scale * LOG2E,
@@ -1259,7 +1426,10 @@ def _attention_backward(
         seed,
         window or 0,
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_config["BLOCK_N"]), num_kv_heads, batch)](
+    key_schedule = cached_tile_schedule(
+        cu_seqlens, total, dkdv_config["BLOCK_N"], causal=causal, window=window, key_tiles=True
+    )
+    _attn_bwd_dkdv_kernel[_grid(key_schedule, num_kv_heads)](
         q,
         k,
         v,
@@ -1269,7 +1439,9 @@ def _attention_backward(
         dk,
         dv,
         dq_acc,
-        cu_seqlens,
+        key_schedule.items,
+        key_schedule.count,
+        key_schedule.segments,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -1284,6 +1456,8 @@ def _attention_backward(
         dv.stride(1),
         dq_acc.stride(0),
         dq_acc.stride(1),
+        total,
+        num_kv_heads,
         *scalars,
         ATOMIC_DQ=not deterministic,
         **common,
@@ -1292,7 +1466,10 @@ def _attention_backward(
     if not deterministic:
         torch.mul(dq_acc, softmax_scale, out=dq)  # the kernel sums unscaled shares of dQ
         return dq, dk, dv
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_config["BLOCK_M"]), num_heads, batch)](
+    query_schedule = cached_tile_schedule(
+        cu_seqlens, total, dq_config["BLOCK_M"], causal=causal, window=window
+    )
+    _attn_bwd_dq_kernel[_grid(query_schedule, num_heads)](
         q,
         k,
         v,
@@ -1300,7 +1477,9 @@ def _attention_backward(
         lse,
         delta,
         dq,
-        cu_seqlens,
+        query_schedule.items,
+        query_schedule.count,
+        query_schedule.segments,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -1311,6 +1490,8 @@ def _attention_backward(
         grad_out.stride(1),
         dq.stride(0),
         dq.stride(1),
+        total,
+        num_heads,
         *scalars,
         **common,
         **dq_config,
@@ -1498,11 +1679,6 @@ def varlen_attention(
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"head_dim {head_dim} is larger than the {MAX_HEAD_DIM} the Triton kernel supports"
-        )
-    if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
-        raise ValueError(
-            f"the Triton kernel takes at most {MAX_SEQUENCES} sequences per call, "
-            f"got {cu_seqlens.numel() - 1}"
         )
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError(

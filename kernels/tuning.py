@@ -125,7 +125,7 @@ _DQ_16 = _configs(
     (64, 32, 8, 2),
 )
 _QUERY_BLOCKS_32 = _configs((32, 32, 4, 1), (64, 32, 4, 1), (32, 32, 4, 2))
-_KEY_BLOCKS_32 = _configs((32, 32, 4, 1), (32, 64, 4, 1), (32, 32, 4, 2))
+_KEY_BLOCKS_32 = _configs((16, 32, 4, 1), (32, 32, 4, 1), (32, 64, 4, 1), (32, 32, 4, 2))
 _SPACE = {
     ("attn_fwd", False): _FORWARD_16,
     ("attn_bwd_dkdv", False): _DKDV_16,

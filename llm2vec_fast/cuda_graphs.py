@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import interpreting, use_triton
-from .kernels.attention import MAX_SEQUENCES
 from .model import DecoderModel, forward_and_pool
 from .packed import Packed, graph_shape
 
@@ -87,15 +86,13 @@ class GraphedEncoder:
         self, packed: Packed, *, causal: bool, pooling_mode: str, normalize: bool
     ) -> torch.Tensor | None:
         """Pooled ``(B, hidden)`` on the device for one packed batch on the host (checked), or
-        None when it must run eagerly: the model is in train mode, the graph limit is reached,
-        or the padded batch has too many sequence slots."""
+        None when it must run eagerly: the model is in train mode or the graph limit is
+        reached."""
         if self.model.training:
             return None
         shape = graph_shape(torch.diff(packed.cu_seqlens).tolist())
         key = (shape, bool(causal), pooling_mode, bool(normalize))
-        if shape.slots > MAX_SEQUENCES or (
-            key not in self._graphs and len(self._graphs) >= self.max_graphs
-        ):
+        if key not in self._graphs and len(self._graphs) >= self.max_graphs:
             return None
         padded = packed.padded_to(shape).pinned()
         with self._lock, torch.cuda.device(self.device), torch.inference_mode():

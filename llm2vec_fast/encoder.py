@@ -26,7 +26,6 @@ from . import text as text_layer
 from .cuda_graphs import GraphedEncoder
 from .files import read_json_object, sha256_file
 from .kernels import POOLING_MODES
-from .kernels import attention as attention_kernels
 from .loading import load_model
 from .model import DecoderModel, forward_and_pool
 from .packed import Packed, pack_batches
@@ -721,14 +720,11 @@ def _packed_batches(
     items: Sequence[text_layer.TokenizedText], max_batch_tokens: int, max_batch_size: int | None
 ) -> Iterator[Packed]:
     """The items in token-budget batches with their pool masks, longest first."""
-    # the attention kernel takes at most MAX_SEQUENCES per launch: many short or empty texts
-    # fit a token budget in more sequences than that
-    limit = attention_kernels.MAX_SEQUENCES
     return pack_batches(
         [item.input_ids for item in items],
         max_batch_tokens,
         pool_masks=[item.pool_mask for item in items],
-        max_batch_size=min(max_batch_size or limit, limit),
+        max_batch_size=max_batch_size,
     )
 
 

@@ -99,17 +99,6 @@ def test_results_do_not_depend_on_batching(llama):
     torch.testing.assert_close(roomy, alone, atol=ATOL, rtol=RTOL)
 
 
-def test_batches_hold_no_more_sequences_than_the_attention_kernel_takes(llama, monkeypatch):
-    """Short texts under a large token budget: the Triton kernel (the interpreter here) takes at
-    most MAX_SEQUENCES per launch, made 3 so that a batch of all 7 texts would be refused."""
-    texts = MANIFEST["inputs"][:7]
-    expected = llama.encode(texts, show_progress_bar=False)  # the reference backend on the CPU
-    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    monkeypatch.setattr("llm2vec_fast.kernels.attention.MAX_SEQUENCES", 3)
-    got = llama.encode(texts, show_progress_bar=False, max_batch_tokens=100_000)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
-
-
 def test_mixed_inputs_numpy_and_normalization(llama):
     inputs = ["plain text", ["an instruction:", "a text"], ("tuple instruction", "tuple text")]
     raw = llama.encode(inputs, show_progress_bar=False)

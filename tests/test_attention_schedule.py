@@ -1,0 +1,152 @@
+"""The varlen attention kernels' work list (``attention_schedule``) and the kernels run over it:
+many short sequences packed into one tile, empty ones, one long one, more sequences than a
+launch grid axis holds."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from test_attention import check_against_reference, cu_seqlens_of, make_inputs
+
+from llm2vec_fast.kernels import attention, reference
+from llm2vec_fast.kernels.attention import varlen_attention
+from llm2vec_fast.kernels.attention_schedule import cached_tile_schedule, tile_schedule
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+
+    def nan_empty(shape, *, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention, "_empty", nan_empty)
+
+
+def real_items(lengths: list[int], tile: int, **options) -> list[tuple[int, int, int, int]]:
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    schedule = tile_schedule(cu_seqlens, sum(lengths), tile, **options)
+    count = int(schedule.count)
+    assert schedule.capacity >= count
+    assert (schedule.items[count:, 1] == 0).all(), "spare items must be empty"
+    expected_segments = [seq for seq, length in enumerate(lengths) for _ in range(length)]
+    assert schedule.segments.tolist() == expected_segments
+    return [tuple(item) for item in schedule.items[:count].tolist()]
+
+
+LENGTH_MIXES = {
+    "tiny-and-empty": [0, 1, 3, 0, 2, 0, 0, 5, 1] * 7,
+    "tile-edges": [63, 64, 65, 1, 0, 127, 128, 129, 2],
+    "one-long-among-short": [1, 2, 3, 500, 4, 0, 5, 6, 64, 1],
+    "random": random.Random(0).choices(range(0, 200), k=60),
+}
+
+
+@pytest.mark.parametrize("lengths", LENGTH_MIXES.values(), ids=LENGTH_MIXES.keys())
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_items_cover_every_token_once_in_groups_of_whole_sequences(lengths, causal):
+    tile = 64
+    items = real_items(lengths, tile, causal=causal, window=None)
+    starts = list(itertools.accumulate([0, *lengths]))
+    sequence_bounds = set(starts)
+    covered = []
+    groups = {}
+    for first, length, tile_start, packed in items:
+        assert 0 <= tile_start < length and tile_start % tile == 0
+        # a group begins and ends on sequence boundaries; packed groups span < 2 tiles
+        assert first in sequence_bounds and first + length in sequence_bounds
+        groups.setdefault((first, length), set()).add(tile_start)
+        if packed:
+            inside = [n for s, n in zip(starts, lengths) if first <= s < first + length]
+            assert length < 2 * tile and max(inside) <= tile
+        covered.extend(range(first + tile_start, first + min(tile_start + tile, length)))
+    assert sorted(covered) == list(range(sum(lengths))), "each token in exactly one tile"
+    for (_, length), tile_starts in groups.items():
+        assert tile_starts == set(range(0, length, tile)), "every tile of a group, once"
+    for seq, length in enumerate(lengths):  # a long sequence is a group alone, not packed
+        if length > tile:
+            assert (starts[seq], length, 0, 0) in items
+    # fewer tiles than one per non-empty sequence when sequences are short
+    if all(n <= 5 for n in lengths):
+        assert len(items) < sum(1 for n in lengths if n)
+
+
+def test_items_run_longest_first():
+    lengths = [3, 300, 0, 2, 129, 7, 64]
+    for causal in (False, True):
+        items = real_items(lengths, 64, causal=causal, window=None)
+        work = [min(start + 64, length) if causal else length for _, length, start, _ in items]
+        assert work == sorted(work, reverse=True)
+    key_items = real_items(lengths, 64, causal=True, window=None, key_tiles=True)
+    assert [length - start for _, length, start, _ in key_items] == sorted(
+        (length - start for _, length, start, _ in key_items), reverse=True
+    )
+
+
+def test_the_schedule_is_remembered_until_cu_seqlens_changes():
+    cu_seqlens = cu_seqlens_of([3, 4, 0, 9], "cpu")
+    options = dict(causal=False, window=None)
+    first = cached_tile_schedule(cu_seqlens, 16, 64, **options)
+    assert cached_tile_schedule(cu_seqlens, 16, 64, **options) is first
+    assert cached_tile_schedule(cu_seqlens, 16, 32, **options) is not first
+    assert cached_tile_schedule(cu_seqlens.clone(), 16, 64, **options) is not first
+    cu_seqlens[1] = 5  # in place: the version changes
+    changed = cached_tile_schedule(cu_seqlens, 16, 64, **options)
+    assert changed is not first
+    assert changed.segments.tolist() == [0] * 5 + [1] * 2 + [3] * 9
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_thousands_of_tiny_sequences_with_empty_ones_and_a_long_one(triton_backend, causal):
+    """Forward and backward against the reference on one batch of 1,500 sequences of 0 to 6
+    tokens (a quarter empty) around one of 300."""
+    pick = random.Random(1)
+    lengths = [pick.choice([0, 0, 1, 2, 3, 4, 5, 6]) for _ in range(1500)]
+    lengths.insert(1234, 300)
+    check_against_reference(lengths, 2, 1, 16, torch.float32, "cpu", causal=causal)
+
+
+def test_sliding_window_over_packed_tiles(triton_backend):
+    lengths = [5, 0, 17, 9, 30, 1, 90, 12, 40]
+    for causal in (False, True):
+        check_against_reference(lengths, 3, 1, 32, torch.float16, "cpu", causal=causal, window=7)
+
+
+def test_atomic_dq_over_packed_tiles(triton_backend):
+    lengths = [3, 0, 7, 1, 20, 11, 2, 100, 6]
+    check_against_reference(
+        lengths, 4, 2, 32, torch.float32, "cpu", causal=False, deterministic=False
+    )
+
+
+def test_more_sequences_than_a_grid_axis_holds(triton_backend):
+    """70,000 sequences (the old grid's third axis held 65,535): one-token ones, whose output is
+    their own value row, empty ones, and a few longer ones checked against the reference."""
+    lengths = [1, 0, 1, 1] * 17_500
+    longer = {10: 37, 30_000: 70, 69_999: 5}
+    for index, length in longer.items():
+        lengths[index] = length
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    q, k, v, _ = make_inputs(lengths, 1, 1, 16, torch.float32, "cpu")
+    out = varlen_attention(q, k, v, cu_seqlens, max(lengths))
+    starts = cu_seqlens[:-1].tolist()
+    singles = torch.tensor([start for start, n in zip(starts, lengths) if n == 1])
+    torch.testing.assert_close(out[singles], v[singles], rtol=0, atol=1e-6)
+    for index, length in longer.items():
+        rows = slice(starts[index], starts[index] + length)
+        expected = reference.varlen_attention(
+            q[rows], k[rows], v[rows], cu_seqlens_of([length], "cpu"), length
+        )
+        torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_programs_past_the_real_items_write_nothing(triton_backend, monkeypatch):
+    """On a GPU the grid covers the schedule's capacity (the real count lives on the device);
+    the interpreter launches the real items only. Here the capacity, as on a GPU."""
+    monkeypatch.setattr(attention, "_grid", lambda schedule, heads: (schedule.capacity * heads,))
+    check_against_reference(
+        [5, 0, 70, 1, 33, 2, 2, 130], 4, 2, 32, torch.float32, "cpu", causal=True
+    )
