@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,8 @@ class Workload:
     causal: bool
     window: int | None
     dropout_p: float
+    # the work lists per tile size, built once as the model's layers share them
+    schedules: dict = field(default_factory=dict)
 
     def forward(self, deterministic: bool = True) -> torch.Tensor:
         return varlen_attention(
@@ -69,6 +71,7 @@ class Workload:
             dropout_seed=12345,
             check_cu_seqlens=False,
             deterministic=deterministic,
+            schedules=self.schedules,
         )
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import reference, tuning
 from ._dispatch import interpreting, use_triton
-from .attention_schedule import TileSchedule, cached_tile_schedule
+from .attention_schedule import TileSchedule, schedule_for
 from .varlen_checks import validate_cu_seqlens
 
 LOG2E = math.log2(math.e)
@@ -1313,14 +1313,15 @@ def _attention_forward(
     softmax_scale: float,
     dropout_p: float,
     seed: int,
+    schedules: dict | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out ``(T, Hq, D)`` and the log2-sum-exp ``(Hq, T)`` fp32 of the scaled scores."""
     total, num_heads, head_dim = q.shape
     out = _empty((total, num_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = _empty((num_heads, total), dtype=torch.float32, device=q.device)
     config = _config("attn_fwd", q, causal, window, dropout_p, max_seqlen)
-    schedule = cached_tile_schedule(
-        cu_seqlens, total, config["BLOCK_M"], causal=causal, window=window
+    schedule = schedule_for(
+        cu_seqlens, total, config["BLOCK_M"], causal=causal, window=window, schedules=schedules
     )
     _attn_fwd_kernel[_grid(schedule, num_heads)](
         q,
@@ -1373,6 +1374,7 @@ def _attention_backward(
     dropout_p: float,
     seed: int,
     deterministic: bool,
+    schedules: dict | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ ``(T, Hq, D)``, dK and dV ``(T, Hkv, D)``.
 
@@ -1426,8 +1428,14 @@ def _attention_backward(
         seed,
         window or 0,
     )
-    key_schedule = cached_tile_schedule(
-        cu_seqlens, total, dkdv_config["BLOCK_N"], causal=causal, window=window, key_tiles=True
+    key_schedule = schedule_for(
+        cu_seqlens,
+        total,
+        dkdv_config["BLOCK_N"],
+        causal=causal,
+        window=window,
+        key_tiles=True,
+        schedules=schedules,
     )
     _attn_bwd_dkdv_kernel[_grid(key_schedule, num_kv_heads)](
         q,
@@ -1466,8 +1474,8 @@ def _attention_backward(
     if not deterministic:
         torch.mul(dq_acc, softmax_scale, out=dq)  # the kernel sums unscaled shares of dQ
         return dq, dk, dv
-    query_schedule = cached_tile_schedule(
-        cu_seqlens, total, dq_config["BLOCK_M"], causal=causal, window=window
+    query_schedule = schedule_for(
+        cu_seqlens, total, dq_config["BLOCK_M"], causal=causal, window=window, schedules=schedules
     )
     _attn_bwd_dq_kernel[_grid(query_schedule, num_heads)](
         q,
@@ -1538,9 +1546,20 @@ class VarlenAttentionFunction(torch.autograd.Function):
         dropout_p,
         dropout_seed,
         deterministic,
+        schedules,
     ):
         out, lse = _attention_forward(
-            q, k, v, cu_seqlens, max_seqlen, causal, window, softmax_scale, dropout_p, dropout_seed
+            q,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            causal,
+            window,
+            softmax_scale,
+            dropout_p,
+            dropout_seed,
+            schedules,
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
@@ -1550,6 +1569,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         ctx.dropout_seed = dropout_seed
         ctx.deterministic = deterministic
+        ctx.schedules = schedules
         return out
 
     @staticmethod
@@ -1570,8 +1590,9 @@ class VarlenAttentionFunction(torch.autograd.Function):
             ctx.dropout_p,
             ctx.dropout_seed,
             ctx.deterministic,
+            ctx.schedules,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1638,6 +1659,7 @@ def varlen_attention(
     dropout_seed: int | None = None,
     check_cu_seqlens: bool = True,
     deterministic: bool = True,
+    schedules: dict | None = None,
 ) -> torch.Tensor:
     """Attention within each packed sequence, never across sequences; differentiable.
 
@@ -1659,6 +1681,9 @@ def varlen_attention(
     ``check_cu_seqlens=False`` skips the value checks of cu_seqlens (they cost one device sync).
     ``deterministic=False`` lets the backward pass accumulate dQ with atomics in the dK/dV kernel
     (one pass fewer; gradients may differ in the last bits between runs).
+    ``schedules``: a dict kept for one packed batch (``Packed.attention_schedules``) in which the
+    Triton path keeps the kernels' work lists (``attention_schedule``), so that the layers of a
+    forward pass build them once; empty it when cu_seqlens changes. None: built on every call.
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, window, dropout_p)
     if check_cu_seqlens:
@@ -1707,4 +1732,5 @@ def varlen_attention(
         float(dropout_p),
         int(dropout_seed or 0),
         bool(deterministic),
+        schedules,
     )  # the kernels index cu_seqlens as a contiguous array

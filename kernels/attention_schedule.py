@@ -24,7 +24,6 @@ on sm_90 its loop raised the forward kernel from 195 to 255 registers and made i
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -95,9 +94,11 @@ def tile_schedule(
     work = torch.where(tile_start < length, work, -1)  # empty items last
     order = torch.argsort(work, descending=True, stable=True)
     count = (capacity - tiles[batch]).reshape(1)
-    segments = torch.repeat_interleave(
-        torch.arange(batch, dtype=torch.int32, device=device), lengths, output_size=total
-    )  # (T,)
+    # (T,) the sequence of each token: the number of sequences that end at or before it (a
+    # search, not a repeat, so that a cu_seqlens not ending at T cannot trip a device assert)
+    segments = torch.searchsorted(ends, torch.arange(total, device=device), right=True).to(
+        torch.int32
+    )
     return TileSchedule(items[order].to(torch.int32).contiguous(), count.to(torch.int32), segments)
 
 
@@ -129,11 +130,7 @@ def _tile_work(
     return visited
 
 
-_REMEMBERED = 16
-_remembered: dict[tuple, tuple[weakref.ref, TileSchedule]] = {}
-
-
-def cached_tile_schedule(
+def schedule_for(
     cu_seqlens: torch.Tensor,
     total: int,
     tile: int,
@@ -141,22 +138,19 @@ def cached_tile_schedule(
     causal: bool,
     window: int | None,
     key_tiles: bool = False,
+    schedules: dict | None = None,
 ) -> TileSchedule:
-    """``tile_schedule``, remembered for the last few ``cu_seqlens`` tensors (unless changed in
-    place since): every layer of a forward pass, and its backward, passes the same one. Never
-    remembered while a CUDA graph is captured, so that the graph rebuilds it on every replay."""
-    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+    """``tile_schedule``, kept in ``schedules`` when given: a dict that the caller holds for one
+    packed batch (``Packed.attention_schedules``), so that every layer of a forward pass and its
+    backward build each work list once. The caller empties it when cu_seqlens changes, and
+    before a CUDA graph capture (so that the graph builds its own)."""
+    if schedules is None:
         return tile_schedule(
             cu_seqlens, total, tile, causal=causal, window=window, key_tiles=key_tiles
         )
-    key = (id(cu_seqlens), cu_seqlens._version, total, tile, causal, window, key_tiles)
-    seen = _remembered.get(key)
-    if seen is not None and seen[0]() is cu_seqlens:
-        return seen[1]
-    schedule = tile_schedule(
-        cu_seqlens, total, tile, causal=causal, window=window, key_tiles=key_tiles
-    )
-    if len(_remembered) >= _REMEMBERED:
-        del _remembered[next(iter(_remembered))]  # the oldest
-    _remembered[key] = (weakref.ref(cu_seqlens), schedule)
-    return schedule
+    key = (total, tile, causal, window, key_tiles)
+    if key not in schedules:
+        schedules[key] = tile_schedule(
+            cu_seqlens, total, tile, causal=causal, window=window, key_tiles=key_tiles
+        )
+    return schedules[key]

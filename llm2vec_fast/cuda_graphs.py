@@ -131,6 +131,8 @@ class GraphedEncoder:
             )  # (slots, hidden)
 
         run()
+        # the warm-up's attention work lists would be frozen into the graph: it builds its own
+        inputs.attention_schedules.clear()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
             graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"

@@ -105,6 +105,7 @@ class Attention(nn.Module):
             softmax_scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             check_cu_seqlens=False,  # checked once for all layers, where the batch was built
+            schedules=packed.attention_schedules,  # built by the first layer, read by the rest
         )  # (T, Hq, D)
         return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 

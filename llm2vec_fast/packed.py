@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +45,9 @@ class Packed:
     indices: torch.Tensor | None = None  # (B,) int64: each sequence's position in the input list
     # True when the values of cu_seqlens were validated where this batch was built (``to``)
     values_checked: InitVar[bool] = False
+    # the attention kernels' work lists for this cu_seqlens, built by the first layer that needs
+    # one and read by the others (``kernels.varlen_attention(schedules=...)``); never copied
+    attention_schedules: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self, values_checked: bool) -> None:
         self._check_layout()
@@ -107,6 +110,7 @@ class Packed:
                 raise ValueError(f"{name} of the source batch does not match this batch's")
             if target is not None:
                 target.copy_(value, non_blocking=True)
+        self.attention_schedules.clear()  # they were built for the old cu_seqlens
 
     def _map_tensors(self, function) -> Packed:
         """The batch with ``function`` applied to each of its tensors; its values were checked."""

@@ -13,7 +13,8 @@ from test_attention import check_against_reference, cu_seqlens_of, make_inputs
 
 from llm2vec_fast.kernels import attention, reference
 from llm2vec_fast.kernels.attention import varlen_attention
-from llm2vec_fast.kernels.attention_schedule import cached_tile_schedule, tile_schedule
+from llm2vec_fast.kernels.attention_schedule import schedule_for, tile_schedule
+from llm2vec_fast.packed import Packed
 
 
 @pytest.fixture
@@ -86,17 +87,52 @@ def test_items_run_longest_first():
     )
 
 
-def test_the_schedule_is_remembered_until_cu_seqlens_changes():
+def test_a_schedules_dict_builds_each_work_list_once():
     cu_seqlens = cu_seqlens_of([3, 4, 0, 9], "cpu")
-    options = dict(causal=False, window=None)
-    first = cached_tile_schedule(cu_seqlens, 16, 64, **options)
-    assert cached_tile_schedule(cu_seqlens, 16, 64, **options) is first
-    assert cached_tile_schedule(cu_seqlens, 16, 32, **options) is not first
-    assert cached_tile_schedule(cu_seqlens.clone(), 16, 64, **options) is not first
-    cu_seqlens[1] = 5  # in place: the version changes
-    changed = cached_tile_schedule(cu_seqlens, 16, 64, **options)
-    assert changed is not first
-    assert changed.segments.tolist() == [0] * 5 + [1] * 2 + [3] * 9
+    schedules = {}
+    options = dict(causal=False, window=None, schedules=schedules)
+    first = schedule_for(cu_seqlens, 16, 64, **options)
+    assert schedule_for(cu_seqlens, 16, 64, **options) is first
+    assert schedule_for(cu_seqlens, 16, 32, **options) is not first
+    assert len(schedules) == 2
+    assert schedule_for(cu_seqlens, 16, 64, causal=False, window=None) is not first
+
+
+def test_packed_batches_keep_their_schedules_and_drop_them_when_refilled(triton_backend):
+    """The model passes ``Packed.attention_schedules``: filled by the first layer, emptied when
+    a CUDA graph's static batch is refilled, never shared by a copy on another device."""
+    packed = Packed.from_sequences([[1, 2, 3], [4], []])
+    hidden = torch.randn(packed.num_tokens, 2, 16)
+    varlen_attention(
+        hidden,
+        hidden,
+        hidden,
+        packed.cu_seqlens,
+        packed.max_seqlen,
+        schedules=packed.attention_schedules,
+    )
+    assert len(packed.attention_schedules) == 1
+    assert packed.to("cpu").attention_schedules == {}
+    packed.copy_from(Packed.from_sequences([[5], [6, 7, 8], []]))
+    assert packed.attention_schedules == {}
+
+
+def test_attention_under_inference_mode(triton_backend):
+    """The encoder builds its batches under torch.inference_mode (tensors without a version
+    counter)."""
+    lengths = [3, 0, 40, 1]
+    with torch.inference_mode():
+        cu_seqlens = cu_seqlens_of(lengths, "cpu")
+        q, k, v, _ = make_inputs(lengths, 2, 1, 16, torch.float32, "cpu")
+        out = varlen_attention(q, k, v, cu_seqlens, 40, schedules={})
+    expected = reference.varlen_attention(q, k, v, cu_seqlens, 40)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_never_read_past_a_cu_seqlens_that_ends_early():
+    """Unchecked input whose cu_seqlens ends before T: tokens past it get sequence index B."""
+    schedule = tile_schedule(cu_seqlens_of([2, 3], "cpu"), 7, 64, causal=False, window=None)
+    assert schedule.segments.tolist() == [0, 0, 1, 1, 1, 2, 2]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
