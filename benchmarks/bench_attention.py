@@ -66,6 +66,36 @@ def time_forward_backward(forward, inputs, grad_out, device) -> tuple[float, flo
     return fwd_ms, bwd_ms, measure_ms(step, device=device)
 
 
+def random_inputs(total, num_heads, head_dim, dtype, device, gen) -> list[torch.Tensor]:
+    """q, k, v (requiring grad) and an upstream gradient, each ``(T, H, D)``."""
+    return [
+        torch.randn(total, num_heads, head_dim, generator=gen)
+        .to(device=device, dtype=dtype)
+        .requires_grad_(i < 3)
+        for i in range(4)
+    ]
+
+
+def packed_attention(cu_seqlens, max_seqlen, causal):
+    """Ours as ``fn(q, k, v)`` on one packed batch, its work lists built once (a ``schedules``
+    dict per batch, as the model's layers share them)."""
+    schedules = {}
+
+    def ours(q, k, v):
+        return varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            causal=causal,
+            check_cu_seqlens=False,
+            schedules=schedules,
+        )
+
+    return ours
+
+
 def record(results, config, flops, ours_ms, base_ms, baseline_name) -> None:
     """TFLOP/s of forward, backward and forward+backward, ours vs the baseline."""
     for metric, work, ours, base in zip(
@@ -94,12 +124,7 @@ def bench_equal_lengths(results, device, dtype, token_budget, seqlens, head_dims
         batch = max(1, token_budget // seqlen)
         lengths = [seqlen] * batch
         total = batch * seqlen
-        q, k, v, grad_out = (
-            torch.randn(total, num_heads, head_dim, generator=gen)
-            .to(device=device, dtype=dtype)
-            .requires_grad_(i < 3)
-            for i in range(4)
-        )
+        q, k, v, grad_out = random_inputs(total, num_heads, head_dim, dtype, device, gen)
         cu_seqlens = cu_seqlens_of(lengths, device)
         schedules = {}  # the work lists, built once per batch as the model's layers share them
 
@@ -167,26 +192,8 @@ def bench_varlen_vs_padded(results, device, dtype, token_budget, max_len, head_d
     valid = positions[None, :] < lengths_t[:, None]  # (B, longest)
     key_mask = valid[:, None, None, :]  # (B, 1, 1, longest)
     for causal in (False, True):
-        q, k, v, grad_out = (
-            torch.randn(total, num_heads, head_dim, generator=gen)
-            .to(device=device, dtype=dtype)
-            .requires_grad_(i < 3)
-            for i in range(4)
-        )
-
-        schedules = {}  # the work lists, built once per batch as the model's layers share them
-
-        def ours(q_, k_, v_):
-            return varlen_attention(
-                q_,
-                k_,
-                v_,
-                cu_seqlens,
-                longest,
-                causal=causal,
-                check_cu_seqlens=False,
-                schedules=schedules,
-            )
+        q, k, v, grad_out = random_inputs(total, num_heads, head_dim, dtype, device, gen)
+        ours = packed_attention(cu_seqlens, longest, causal)
 
         def sdpa_padded(
             q_, k_, v_
@@ -258,26 +265,8 @@ def bench_short_texts(results, device, dtype, token_budget, head_dim) -> None:
     total, longest = sum(lengths), max(lengths)
     num_heads = HIDDEN // head_dim
     for causal in (False, True):
-        q, k, v, grad_out = (
-            torch.randn(total, num_heads, head_dim, generator=gen)
-            .to(device=device, dtype=dtype)
-            .requires_grad_(i < 3)
-            for i in range(4)
-        )
-
-        schedules = {}  # the work lists, built once per batch as the model's layers share them
-
-        def ours(q_, k_, v_):
-            return varlen_attention(
-                q_,
-                k_,
-                v_,
-                cu_seqlens,
-                longest,
-                causal=causal,
-                check_cu_seqlens=False,
-                schedules=schedules,
-            )
+        q, k, v, grad_out = random_inputs(total, num_heads, head_dim, dtype, device, gen)
+        ours = packed_attention(cu_seqlens, longest, causal)
 
         def flash(q_, k_, v_):
             return baseline(q_, k_, v_, cu_seqlens, longest, causal)

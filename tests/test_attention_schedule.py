@@ -9,22 +9,20 @@ import random
 
 import pytest
 import torch
-from test_attention import check_against_reference, cu_seqlens_of, make_inputs
+from test_attention import (  # noqa: F401 - triton_backend is a fixture
+    check_against_reference,
+    cu_seqlens_of,
+    make_inputs,
+    triton_backend,
+)
 
 from llm2vec_fast.kernels import attention, reference
 from llm2vec_fast.kernels.attention import varlen_attention
 from llm2vec_fast.kernels.attention_schedule import schedule_for, tile_schedule
 from llm2vec_fast.packed import Packed
 
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-
-    def nan_empty(shape, *, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(attention, "_empty", nan_empty)
+# every test here runs the Triton path (the interpreter on a CPU), outputs filled with NaN first
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def real_items(lengths: list[int], tile: int, **options) -> list[tuple[int, int, int, int]]:
@@ -98,7 +96,7 @@ def test_a_schedules_dict_builds_each_work_list_once():
     assert schedule_for(cu_seqlens, 16, 64, causal=False, window=None) is not first
 
 
-def test_packed_batches_keep_their_schedules_and_drop_them_when_refilled(triton_backend):
+def test_packed_batches_keep_their_schedules_and_drop_them_when_refilled():
     """The model passes ``Packed.attention_schedules``: filled by the first layer, emptied when
     a CUDA graph's static batch is refilled, never shared by a copy on another device."""
     packed = Packed.from_sequences([[1, 2, 3], [4], []])
@@ -117,7 +115,7 @@ def test_packed_batches_keep_their_schedules_and_drop_them_when_refilled(triton_
     assert packed.attention_schedules == {}
 
 
-def test_attention_under_inference_mode(triton_backend):
+def test_attention_under_inference_mode():
     """The encoder builds its batches under torch.inference_mode (tensors without a version
     counter)."""
     lengths = [3, 0, 40, 1]
@@ -136,7 +134,7 @@ def test_segments_never_read_past_a_cu_seqlens_that_ends_early():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_thousands_of_tiny_sequences_with_empty_ones_and_a_long_one(triton_backend, causal):
+def test_thousands_of_tiny_sequences_with_empty_ones_and_a_long_one(causal):
     """Forward and backward against the reference on one batch of 1,500 sequences of 0 to 6
     tokens (a quarter empty) around one of 300."""
     pick = random.Random(1)
@@ -145,20 +143,20 @@ def test_thousands_of_tiny_sequences_with_empty_ones_and_a_long_one(triton_backe
     check_against_reference(lengths, 2, 1, 16, torch.float32, "cpu", causal=causal)
 
 
-def test_sliding_window_over_packed_tiles(triton_backend):
+def test_sliding_window_over_packed_tiles():
     lengths = [5, 0, 17, 9, 30, 1, 90, 12, 40]
     for causal in (False, True):
         check_against_reference(lengths, 3, 1, 32, torch.float16, "cpu", causal=causal, window=7)
 
 
-def test_atomic_dq_over_packed_tiles(triton_backend):
+def test_atomic_dq_over_packed_tiles():
     lengths = [3, 0, 7, 1, 20, 11, 2, 100, 6]
     check_against_reference(
         lengths, 4, 2, 32, torch.float32, "cpu", causal=False, deterministic=False
     )
 
 
-def test_more_sequences_than_a_grid_axis_holds(triton_backend):
+def test_more_sequences_than_a_grid_axis_holds():
     """70,000 sequences (the old grid's third axis held 65,535): one-token ones, whose output is
     their own value row, empty ones, and a few longer ones checked against the reference."""
     lengths = [1, 0, 1, 1] * 17_500
@@ -179,7 +177,7 @@ def test_more_sequences_than_a_grid_axis_holds(triton_backend):
         torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_programs_past_the_real_items_write_nothing(triton_backend, monkeypatch):
+def test_programs_past_the_real_items_write_nothing(monkeypatch):
     """On a GPU the grid covers the schedule's capacity (the real count lives on the device);
     the interpreter launches the real items only. Here the capacity, as on a GPU."""
     monkeypatch.setattr(attention, "_grid", lambda schedule, heads: (schedule.capacity * heads,))
