@@ -8,7 +8,9 @@ that bucket's lengths, and the fastest becomes the key's entry. Each candidate's
 or gradients (backward) must agree with the heuristic config's: a sanity check that throws out a
 config the compiler got wrong, not an accuracy test (the gpu tests are that). The backward
 kernels are timed as the whole backward pass with the other kernel at its current choice (the
-dQ pass after the dK/dV kernel is chosen).
+dQ pass after the dK/dV kernel is chosen). With both backwards of a call measured (the dQ-pass
+one at its ``attn_bwd_dq`` key, the atomic one at its ``attn_bwd_dkdv_atomic`` key), the table's
+``backward`` section records which was faster: the model's training default follows it.
 
 The table (``<card>.json``, from ``torch.cuda.get_device_name``) is rewritten after every key,
 starting from the committed ``kernels/tuned/<card>.json`` (its keys are measured last, so that
@@ -211,13 +213,27 @@ def measure_key(key, table, device: str, tokens: int, repeats: int, results: Res
         baseline=current_ms,
         higher_is_better=False,
     )
-    return best
+    return best, best_ms
 
 
-def write_table(path: Path, table: dict, device: str, started: str) -> None:
+def note_backward_time(key, ms: float, times: dict, backward: dict) -> None:
+    """Keep the whole backward's time of ``key`` (the dQ-pass backward, timed at its
+    ``attn_bwd_dq`` key, or the atomic one, at its ``attn_bwd_dkdv_atomic`` key); once both of a
+    call are known, its choice in ``backward`` (the table's section, keyed on attn_bwd_dq)."""
+    if key.kernel not in ("attn_bwd_dq", "attn_bwd_dkdv_atomic"):
+        return
+    call = replace(key, kernel="attn_bwd_dq")
+    times.setdefault(call, {})[key.kernel] = ms
+    if len(times[call]) == 2:
+        separate, atomic = times[call]["attn_bwd_dq"], times[call]["attn_bwd_dkdv_atomic"]
+        backward[call] = dict(atomic_dq=atomic < separate, separate_ms=separate, atomic_ms=atomic)
+
+
+def write_table(path: Path, table: dict, backward: dict, device: str, started: str) -> None:
     data = tuning.table_json(
         table,
         device_name=device_name(device),
+        backward=backward,
         torch=torch.__version__,
         triton=triton.__version__,
         tuned=started,
@@ -249,6 +265,11 @@ def main() -> None:
     card = tuning.card_name(device_name(device))
     committed = tuning.table_path(card)
     table = tuning.load_table(committed) if committed.is_file() else {}
+    backward = {}  # per attn_bwd_dq key: which backward was faster, with both times
+    if committed.is_file():
+        for call, atomic in tuning.load_backward_choices(committed).items():
+            backward[call] = dict(atomic_dq=atomic)
+    times: dict = {}
     keys = keys_by_value(args.quick, device)
     keys = [k for k in keys if k not in table] + [k for k in keys if k in table]
     path = args.table_dir / f"{card}.json"
@@ -260,10 +281,11 @@ def main() -> None:
             if budget is not None and time.monotonic() - clock > budget:
                 results.note(f"budget of {budget:.0f} s spent: {len(keys) - measured} keys left")
                 break
-            best = measure_key(key, table, device, tokens, repeats, results)
+            best, best_ms = measure_key(key, table, device, tokens, repeats, results)
             if best is not None:
                 table[key] = best
-            write_table(path, table, device, started)
+            note_backward_time(key, best_ms, times, backward)
+            write_table(path, table, backward, device, started)
             measured += 1
     except KeyboardInterrupt:  # gpu_check.sh's limit: the table holds every finished key
         results.note(f"interrupted after {measured} keys")

@@ -1251,6 +1251,22 @@ def _config(
     return _configs(head_dim, q.dtype)[kernel]
 
 
+def _atomic_dq_measured_faster(
+    q: torch.Tensor, causal: bool, window: int | None, dropout_p: float, max_seqlen: int
+) -> bool:
+    """Whether the card's table chose the atomic-dQ backward for this call."""
+    key = tuning.Key.of(
+        "attn_bwd_dq",
+        q.shape[2],
+        q.dtype,
+        causal=causal,
+        windowed=window is not None,
+        dropout=dropout_p > 0.0,
+        max_seqlen=max_seqlen,
+    )
+    return tuning.atomic_dq_measured_faster(key, q.device)
+
+
 def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
     """Block sizes, warps and pipeline stages per kernel (``tuning.KERNELS``; for an H100), each
     one of ``tuning.config_space``.
@@ -1658,7 +1674,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     check_cu_seqlens: bool = True,
-    deterministic: bool = True,
+    deterministic: bool | None = True,
     schedules: dict | None = None,
 ) -> torch.Tensor:
     """Attention within each packed sequence, never across sequences; differentiable.
@@ -1680,7 +1696,9 @@ def varlen_attention(
     backward pass regenerates it. The CPU reference draws its mask from torch's RNG instead.
     ``check_cu_seqlens=False`` skips the value checks of cu_seqlens (they cost one device sync).
     ``deterministic=False`` lets the backward pass accumulate dQ with atomics in the dK/dV kernel
-    (one pass fewer; gradients may differ in the last bits between runs).
+    (one pass fewer; gradients may differ in the last bits between runs); ``None`` does so where
+    the card's tuning table measured that backward faster for this call (``kernels/tuning.py``),
+    and keeps the deterministic one elsewhere.
     ``schedules``: a dict kept for one packed batch (``Packed.attention_schedules``) in which the
     Triton path keeps the kernels' work lists (``attention_schedule``), so that the layers of a
     forward pass build them once; empty it when cu_seqlens changes. None: built on every call.
@@ -1716,6 +1734,8 @@ def varlen_attention(
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
     if window is not None and window >= max_seqlen:
         window = None  # it spans every sequence: the kernels without the window's masks
+    if deterministic is None:
+        deterministic = not _atomic_dq_measured_faster(q, causal, window, dropout_p, max_seqlen)
     if (
         q.shape[0] == 0 or max_seqlen == 0
     ):  # nothing to attend; stay in the autograd graph of q, k, v

@@ -7,7 +7,9 @@ and spills in ``tuned/space/sm_90.json``; ``surviving_configs`` drops the candid
 fit or spill there. ``benchmarks/tune_kernels.py`` measures the survivors on a GPU and writes
 ``tuned/<card>.json``: for each key (kernel, head dim, dtype, mask, dropout, length bucket) the
 fastest config. The launchers call ``tuned_config`` first and use their own heuristics when it
-returns None (no table for the card, or no entry for the key). A table is read once per card and
+returns None (no table for the card, or no entry for the key). A table's optional ``backward``
+section says, per call, whether the atomic-dQ backward was the faster: ``varlen_attention(...,
+deterministic=None)`` (the model's training default) follows it. A table is read once per card and
 cached; a malformed one raises ``TuningTableError`` naming the file and the entry.
 """
 
@@ -270,11 +272,45 @@ def load_table(path: Path) -> dict[Key, Config]:
     return table
 
 
-def table_json(table: dict[Key, Config], *, device_name: str, **about: object) -> dict:
-    """The JSON form ``load_table`` reads, entries sorted; ``about`` adds fields (versions,
-    date, timings)."""
+def load_backward_choices(path: Path) -> dict[Key, bool]:
+    """The optional ``"backward"`` section of a tuning table: per call (a ``Key`` of
+    ``attn_bwd_dq``, the kernel the atomic backward drops), whether the atomic-dQ backward
+    (``deterministic=False``) measured faster than the one with a separate dQ pass."""
+    data = json.loads(Path(path).read_text())
+    entries = data.get("backward", [])
+    if not isinstance(entries, list):
+        raise TuningTableError(f'{path}: "backward" must be a list')
+    choices: dict[Key, bool] = {}
+    for index, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, dict):
+                raise TuningTableError(f"an entry must be an object, got {entry!r}")
+            key = Key.from_json(entry)
+            if key.kernel != "attn_bwd_dq" or type(entry.get("atomic_dq")) is not bool:
+                raise TuningTableError(
+                    'a backward choice needs "kernel": "attn_bwd_dq" and "atomic_dq": true/false'
+                )
+        except TuningTableError as error:
+            raise TuningTableError(f"{path}: backward entry {index}: {error}") from None
+        choices[key] = entry["atomic_dq"]
+    return choices
+
+
+def table_json(
+    table: dict[Key, Config],
+    *,
+    device_name: str,
+    backward: dict[Key, dict] | None = None,
+    **about: object,
+) -> dict:
+    """The JSON form ``load_table`` reads, entries sorted; ``backward`` (per ``attn_bwd_dq``
+    key: ``{"atomic_dq": bool, ...timings}``) becomes the section ``load_backward_choices``
+    reads; ``about`` adds fields (versions, date, timings)."""
     entries = [{**key.to_json(), "config": table[key].to_json()} for key in sorted(table)]
-    return {"format": TABLE_FORMAT, "device_name": device_name, **about, "entries": entries}
+    data = {"format": TABLE_FORMAT, "device_name": device_name, **about, "entries": entries}
+    if backward:
+        data["backward"] = [{**key.to_json(), **backward[key]} for key in sorted(backward)]
+    return data
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,6 +318,13 @@ def table_for_card(card: str) -> dict[Key, Config] | None:
     """The committed table of ``card`` (read once), None when there is none."""
     path = table_path(card)
     return load_table(path) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def backward_choices_for_card(card: str) -> dict[Key, bool]:
+    """The committed table's backward choices for ``card`` (read once), empty without one."""
+    path = table_path(card)
+    return load_backward_choices(path) if path.is_file() else {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -319,6 +362,15 @@ def tuned_config(key: Key, device: torch.device) -> Config | None:
         return None
     table = table_for_card(_card_of_device(torch.device(device).index or 0))
     return None if table is None else table.get(key)
+
+
+def atomic_dq_measured_faster(key: Key, device: torch.device) -> bool:
+    """Whether the card's table says the atomic-dQ backward is the faster one for the call of
+    ``key`` (an ``attn_bwd_dq`` key); False without a table or an entry."""
+    if device.type != "cuda":
+        return False
+    card = _card_of_device(torch.device(device).index or 0)
+    return backward_choices_for_card(card).get(key, False)
 
 
 # The compile check records the space for these (the twins of the others: space_twin).

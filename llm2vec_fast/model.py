@@ -77,6 +77,9 @@ class Attention(nn.Module):
         self.q_norm = config_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = config_norm(config, config.head_dim) if config.qk_norm else None
         self.dropout_p = 0.0
+        # None: the atomic-dQ backward where the card's tuning table measured it faster
+        # (bitwise reproducible gradients otherwise); True/False force one (set_deterministic)
+        self.deterministic = None
 
     def forward(
         self, x: torch.Tensor, packed: Packed, inv_freq: torch.Tensor, causal: bool
@@ -106,6 +109,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout_p if self.training else 0.0,
             check_cu_seqlens=False,  # checked once for all layers, where the batch was built
             schedules=packed.attention_schedules,  # built by the first layer, read by the rest
+            deterministic=self.deterministic,
         )  # (T, Hq, D)
         return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 
@@ -223,6 +227,12 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.dropout_p = attention
             layer.hidden_dropout_p = hidden
+
+    def set_deterministic(self, enabled: bool | None = True) -> None:
+        """Bitwise reproducible attention gradients (True), the atomic-dQ backward (False), or
+        the faster of the two where the card's tuning table measured it (None, the default)."""
+        for layer in self.layers:
+            layer.self_attn.deterministic = enabled
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer in the backward pass instead of keeping its activations."""

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from fusion_checks import FORWARD_FACTOR, assert_close_to_oracle
 from test_attention import (  # noqa: F401 - triton_backend is a fixture
     check_against_reference,
     cu_seqlens_of,
@@ -183,4 +184,52 @@ def test_programs_past_the_real_items_write_nothing(monkeypatch):
     monkeypatch.setattr(attention, "_grid", lambda schedule, heads: (schedule.capacity * heads,))
     check_against_reference(
         [5, 0, 70, 1, 33, 2, 2, 130], 4, 2, 32, torch.float32, "cpu", causal=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (pytest -m gpu): the GPU tiles (64 to 128 rows), bf16 and fp16, the capacity-wide grid
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-pass", "atomic-dq"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_gpu_thousands_of_short_sequences_around_long_ones(causal, deterministic):
+    """1,500 sequences of 0 to 40 tokens (several per 128-row tile) with a 1,000- and a
+    3,000-token one, bf16, GQA 4:1 at head dim 128, forward and backward against the reference
+    (which walks the sequences one by one: kept to 1,500)."""
+    pick = random.Random(3)
+    lengths = [pick.choice([0, 1, 2, 5, 9, 17, 20, 33, 40]) for _ in range(1500)]
+    lengths[100], lengths[900] = 1000, 3000
+    check_against_reference(
+        lengths, 8, 2, 128, torch.bfloat16, "cuda", causal=causal, deterministic=deterministic
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_more_sequences_than_a_grid_axis_holds():
+    """80,000 sequences in one call, forward: one-token ones give their own value row; the
+    700-token one matches the reference."""
+    lengths = [1, 0, 1, 1] * 20_000
+    lengths[5] = 700
+    cu_seqlens = cu_seqlens_of(lengths, "cuda")
+    q, k, v, _ = make_inputs(lengths, 4, 1, 64, torch.bfloat16, "cuda")
+    out = varlen_attention(q, k, v, cu_seqlens, 700)
+    starts = cu_seqlens[:-1].tolist()
+    singles = torch.tensor([start for start, n in zip(starts, lengths) if n == 1], device="cuda")
+    torch.testing.assert_close(out[singles], v[singles].expand(-1, 4, -1), rtol=0, atol=0)
+    rows = slice(starts[5], starts[5] + 700)
+    one = cu_seqlens_of([700], "cuda")
+    exact = reference.varlen_attention(
+        q[rows].double(), k[rows].double(), v[rows].double(), one, 700
+    )
+    in_dtype = reference.varlen_attention(q[rows], k[rows], v[rows], one, 700)
+    assert_close_to_oracle(
+        "700-token sequence",
+        out[rows],
+        in_dtype,
+        exact,
+        factor=FORWARD_FACTOR,
+        atol=torch.finfo(torch.bfloat16).eps,
     )

@@ -22,11 +22,12 @@ def tuned_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
     monkeypatch.setattr(tuning, "SPACE_DIR", tmp_path / "space")
     monkeypatch.setattr(tuning, "_card_of_device", lambda index: "Fake-GPU-80GB")
-    tuning.table_for_card.cache_clear()
-    tuning.compiled_space.cache_clear()
+    caches = (tuning.table_for_card, tuning.backward_choices_for_card, tuning.compiled_space)
+    for cache in caches:
+        cache.cache_clear()
     yield tmp_path
-    tuning.table_for_card.cache_clear()
-    tuning.compiled_space.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
 
 
 def key(kernel="attn_fwd", bucket=1024, **fields) -> Key:
@@ -190,6 +191,55 @@ def test_a_malformed_table_is_refused_naming_file_and_entry(tmp_path, content, m
 CUDA = torch.device("cuda", 0)
 
 
+def test_backward_choices_round_trip_and_are_refused_when_malformed(tmp_path):
+    call = key("attn_bwd_dq", 128, mask="causal", dropout=True)
+    backward = {call: dict(atomic_dq=True, separate_ms=2.0, atomic_ms=1.5)}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(tuning.table_json({}, device_name="Fake GPU", backward=backward)))
+    assert tuning.load_backward_choices(path) == {call: True}
+    assert tuning.load_table(path) == {}
+    bad = {**call.to_json(), "kernel": "attn_fwd", "atomic_dq": True}
+    path.write_text(json.dumps({"format": 1, "entries": [], "backward": [bad]}))
+    with pytest.raises(tuning.TuningTableError, match='t.json: backward entry 0: .*"attn_bwd_dq"'):
+        tuning.load_backward_choices(path)
+
+
+def test_the_table_picks_the_backward_of_deterministic_none(tuned_dir, monkeypatch):
+    """``deterministic=None`` (the model's training default) takes the atomic-dQ backward only
+    where the card's table measured it faster for the call; explicit True/False win."""
+    call = key("attn_bwd_dq", 128, mask="causal", dtype="float32")
+    table = tuning.table_json({}, device_name="Fake GPU", backward={call: dict(atomic_dq=True)})
+    (tuned_dir / "Fake-GPU-80GB.json").write_text(json.dumps(table))
+    assert tuning.atomic_dq_measured_faster(call, CUDA)
+    assert not tuning.atomic_dq_measured_faster(key("attn_bwd_dq", 128, dtype="float32"), CUDA)
+    assert not tuning.atomic_dq_measured_faster(call, torch.device("cpu"))
+
+    asked = []  # the keys the launcher asks about, answered as the table above on a GPU
+    monkeypatch.setattr(
+        tuning,
+        "atomic_dq_measured_faster",
+        lambda k, device: (
+            asked.append(k) or tuning.backward_choices_for_card("Fake-GPU-80GB").get(k, False)
+        ),
+    )
+    launched = []  # the deterministic flag each call hands to the autograd function
+    apply = attention.VarlenAttentionFunction.apply
+    monkeypatch.setattr(
+        attention.VarlenAttentionFunction,
+        "apply",
+        lambda *args: launched.append(args[-2]) or apply(*args),
+    )
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    q = torch.randn(100, 2, 128)
+    cu_seqlens = torch.tensor([0, 100], dtype=torch.int32)
+    for causal, deterministic in ((True, None), (False, None), (True, True), (False, False)):
+        varlen_attention(q, q, q, cu_seqlens, 100, causal=causal, deterministic=deterministic)
+    assert launched == [False, True, True, False]
+    assert asked == [
+        Key("attn_bwd_dq", 128, "float32", mask, False, 128) for mask in ("causal", "full")
+    ]
+
+
 def test_lookup_reads_the_card_table_once_and_falls_back_without_an_entry(tuned_dir, monkeypatch):
     write_table(tuned_dir / "Fake-GPU-80GB.json", [entry(key(bucket=128))])
     reads = []
@@ -331,8 +381,8 @@ def test_the_tuner_keeps_the_fastest_agreeing_config(monkeypatch, tmp_path):
     monkeypatch.setattr(tune_kernels, "measure_ms", fake_ms)
     results = tune_kernels.Results("tuning", "cpu", tmp_path)
     k = tune_kernels.keys_by_value(quick=True, device="cpu")[0]
-    best = tune_kernels.measure_key(k, {}, "cpu", 0, 1, results)
-    assert best == fast
+    best, best_ms = tune_kernels.measure_key(k, {}, "cpu", 0, 1, results)
+    assert (best, best_ms) == (fast, 1.0)
     [record] = results.records
     assert (record["value"], record["baseline"], record["config"]["best"]) == (1.0, 5.0, str(fast))
 
@@ -341,4 +391,21 @@ def test_the_tuner_keeps_the_fastest_agreeing_config(monkeypatch, tmp_path):
         return 5.0
 
     monkeypatch.setattr(tune_kernels, "measure_ms", same_ms)
-    assert tune_kernels.measure_key(k, {}, "cpu", 0, 1, results) is None  # none beats it
+    assert tune_kernels.measure_key(k, {}, "cpu", 0, 1, results) == (None, 5.0)  # none beats it
+
+
+def test_the_tuner_records_the_faster_backward_of_each_call():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tune_kernels
+
+    times, backward = {}, {}
+    for k, ms in (
+        (key("attn_bwd_dq", 128), 3.0),  # the backward with its dQ pass
+        (key("attn_fwd", 128), 1.0),  # not a backward: ignored
+        (key("attn_bwd_dq", 1024), 2.0),
+        (key("attn_bwd_dkdv_atomic", 128), 2.5),  # the atomic backward of the first call
+    ):
+        tune_kernels.note_backward_time(k, ms, times, backward)
+    assert backward == {
+        key("attn_bwd_dq", 128): dict(atomic_dq=True, separate_ms=3.0, atomic_ms=2.5)
+    }
