@@ -439,6 +439,8 @@ def _direction_backward(
             BLOCK_N=BLOCK_N,
             BLOCK_K=width_d,
         )
+        # fp32 (IEEE) tiles live in registers: at 4 warps Triton 3.6 spills them on sm_90
+        grad_warps = 8 if ieee else 4
         _row_grad_kernel[(row_blocks, dim_blocks)](
             g,
             cols,
@@ -457,6 +459,7 @@ def _direction_backward(
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_D=width_d,
+            num_warps=grad_warps,
         )
         _col_grad_kernel[(triton.cdiv(width, BLOCK_N), dim_blocks)](
             g,
@@ -476,6 +479,7 @@ def _direction_backward(
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_D=width_d,
+            num_warps=grad_warps,
         )
 
 
