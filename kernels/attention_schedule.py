@@ -5,15 +5,18 @@ sequence: a batch of 20-token texts spends most of each 128-row tile, and most p
 nothing, and the grid's third axis caps a batch at 65,535 sequences. Instead the kernels read a
 list of work items built here on the device (no host sync, so CUDA graphs can capture it):
 
-- **groups**: consecutive token ranges made of whole sequences. A sequence longer than the tile
-  is a group alone; shorter ones (empty ones included) are grouped by the tile-sized window of
-  packed tokens their first token falls in, so a group of short sequences spans fewer than two
-  tiles and the kernel runs its sequences together in one or two tiles, masked block-diagonally
-  (``segments`` says which sequence each token is in).
+- **groups**: consecutive token ranges made of whole sequences, found without a sequential
+  scan. A sequence longer than the tile is a group alone. Shorter ones go with the others that
+  lie in the same tile-sized window of packed tokens; one that runs across a window's end joins
+  the next window's group when the two fit in one tile, else stays alone. So a group of short
+  sequences fits in one tile, which runs them together, masked block-diagonally (``segments``
+  says which sequence each token is in). On the short-text mix (log-normal lengths around 28
+  tokens, 128-token tiles, 64-key blocks) that runs 1.4x fewer tile x key-block steps than one
+  tile per sequence, within 4% of a sequential next-fit packing.
 - **items**: one per (group, tile of the group), each ``(first token, group length, tile start
-  in the group, packed)`` with ``packed`` 1 for a group of short sequences, whose tiles all take
-  the masked path. Sorted by the work of the tile, longest first: the GPU starts programs
-  roughly in launch order, so the long tiles do not finish last.
+  in the group, packed)`` with ``packed`` 1 for a group of several non-empty sequences, whose
+  blocks all take the masked path. Sorted by the work of the tile, longest first: the GPU
+  starts programs roughly in launch order, so the long tiles do not finish last.
 
 The item list has room for an upper bound (``item_capacity``) known on the host; ``count`` (a
 one-element device tensor) holds how many are real, and the rest are empty (group length 0).
@@ -59,10 +62,24 @@ def tile_schedule(
     batch = bounds.numel() - 1
     starts, ends = bounds[:-1], bounds[1:]  # (B,)
     lengths = ends - starts
-    alone = lengths > tile  # a sequence that needs tiles of its own
-    window_of_start = torch.div(starts, tile, rounding_mode="floor")
+    short = (lengths > 0) & (lengths <= tile)
+    windows = -(-total // tile) + 1
+    # clamped: an unchecked cu_seqlens past T must not index out of bounds on the device
+    window_of_start = torch.clamp(torch.div(starts, tile, rounding_mode="floor"), max=windows)
+    window_of_last = torch.div(ends - 1, tile, rounding_mode="floor")
+    crossing = short & (window_of_last != window_of_start)  # runs into the next window
+    # the end of the sequences lying wholly in each window (0 where none does)
+    contained_end = torch.zeros(windows + 1, dtype=torch.long, device=device)
+    contained_end.scatter_reduce_(
+        0, window_of_start, torch.where(short & ~crossing, ends, 0), "amax"
+    )
+    # a crossing sequence joins the next window's group when the two fit in one tile
+    next_window = torch.clamp(window_of_start + 1, max=windows)
+    joins = crossing & (torch.maximum(contained_end[next_window], ends) - starts <= tile)
+    group_key = torch.where(joins, next_window, window_of_start)
+    alone = (lengths > tile) | (crossing & ~joins)  # a group of one sequence
     opens_group = torch.ones(batch, dtype=torch.bool, device=device)
-    opens_group[1:] = alone[1:] | alone[:-1] | (window_of_start[1:] != window_of_start[:-1])
+    opens_group[1:] = alone[1:] | alone[:-1] | (group_key[1:] != group_key[:-1])
     group_of = torch.cumsum(opens_group, 0) - 1  # (B,) group index of each sequence
 
     # Group g covers sequences [first, last]: its tokens run from the first one's start to the
@@ -71,8 +88,10 @@ def tile_schedule(
     group_end = torch.zeros(batch + 1, dtype=torch.long, device=device)
     group_start.scatter_reduce_(0, group_of, starts, "amin", include_self=False)
     group_end.scatter_reduce_(0, group_of, ends, "amax", include_self=False)
-    group_alone = torch.zeros(batch + 1, dtype=torch.long, device=device)
-    group_alone.scatter_reduce_(0, group_of, alone.long(), "amax", include_self=False)
+    # packed: several non-empty sequences share the group (the masked path for all its blocks)
+    sequences_in = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    sequences_in.scatter_add_(0, group_of, (lengths > 0).long())
+    packed = (sequences_in > 1).long()
     group_length = group_end - group_start  # (B + 1,); the last group stays empty
     tiles = torch.div(group_length + tile - 1, tile, rounding_mode="floor")
 
@@ -87,7 +106,7 @@ def tile_schedule(
     tile_start = (torch.arange(capacity, device=device) - first_item[group_of_item]) * tile
     length = group_length[group_of_item]
     items = torch.stack(
-        [group_start[group_of_item], length, tile_start, 1 - group_alone[group_of_item]], dim=1
+        [group_start[group_of_item], length, tile_start, packed[group_of_item]], dim=1
     )  # (capacity, ITEM_FIELDS)
 
     work = _tile_work(length, tile_start, tile, causal, window, key_tiles)
@@ -106,10 +125,11 @@ def item_capacity(total: int, batch: int, tile: int) -> int:
     """An upper bound on the items of ``batch`` sequences of ``total`` tokens, plus one spare.
 
     With W = cdiv(total, tile): a group has at most len / tile + 1 tiles, so the items are at
-    most W + (non-empty groups). Those are at most B, and at most 2 W: each group of short
-    sequences has its own tile window, each long sequence more than a tile of tokens."""
+    most W + (non-empty groups). Those are at most B, and at most 3 W: the sequences longer
+    than a tile (each holds more than a tile of tokens), one group per window for the
+    sequences inside it, and one per window boundary for a sequence across it."""
     windows = -(-total // tile)
-    return windows + min(batch, 2 * windows) + 1
+    return windows + min(batch, 3 * windows) + 1
 
 
 def _tile_work(
