@@ -246,26 +246,44 @@ def table_path(card: str) -> Path:
     return TUNED_DIR / f"{card}.json"
 
 
-def load_table(path: Path) -> dict[Key, Config]:
-    """Read a tuning table; ``TuningTableError`` names the file and entry of any problem."""
+def _table_data(path: Path) -> dict:
+    """The JSON object of a tuning table, its format checked."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise TuningTableError(f"{path}: not a readable JSON tuning table ({error})") from error
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         raise TuningTableError(f'{path}: expected an object with "format": {TABLE_FORMAT}')
-    entries = data.get("entries")
+    return data
+
+
+def _parsed_entries(path: Path, entries: object, section: str, label: str, parse):
+    """Yield (index, ``parse(entry)``) for each entry of the list ``entries`` (the table's
+    ``section``); a problem raises ``TuningTableError`` naming the file and the entry."""
     if not isinstance(entries, list):
-        raise TuningTableError(f'{path}: "entries" must be a list')
-    table: dict[Key, Config] = {}
+        raise TuningTableError(f'{path}: "{section}" must be a list')
     for index, entry in enumerate(entries):
         try:
             if not isinstance(entry, dict):
                 raise TuningTableError(f"an entry must be an object, got {entry!r}")
-            key = Key.from_json(entry)
-            config = Config.from_json(entry.get("config"), key.kernel)
+            parsed = parse(entry)
         except TuningTableError as error:
-            raise TuningTableError(f"{path}: entry {index}: {error}") from None
+            raise TuningTableError(f"{path}: {label} {index}: {error}") from None
+        yield index, parsed
+
+
+def load_table(path: Path) -> dict[Key, Config]:
+    """Read a tuning table; ``TuningTableError`` names the file and entry of any problem."""
+
+    def parse(entry: dict) -> tuple[Key, Config]:
+        key = Key.from_json(entry)
+        return key, Config.from_json(entry.get("config"), key.kernel)
+
+    data = _table_data(path)
+    table: dict[Key, Config] = {}
+    for index, (key, config) in _parsed_entries(
+        path, data.get("entries"), "entries", "entry", parse
+    ):
         if key in table:
             raise TuningTableError(f"{path}: entry {index}: a second entry for {key}")
         table[key] = config
@@ -276,24 +294,20 @@ def load_backward_choices(path: Path) -> dict[Key, bool]:
     """The optional ``"backward"`` section of a tuning table: per call (a ``Key`` of
     ``attn_bwd_dq``, the kernel the atomic backward drops), whether the atomic-dQ backward
     (``deterministic=False``) measured faster than the one with a separate dQ pass."""
-    data = json.loads(Path(path).read_text())
+
+    def parse(entry: dict) -> tuple[Key, bool]:
+        key = Key.from_json(entry)
+        if key.kernel != "attn_bwd_dq" or type(entry.get("atomic_dq")) is not bool:
+            raise TuningTableError(
+                'a backward choice needs "kernel": "attn_bwd_dq" and "atomic_dq": true/false'
+            )
+        return key, entry["atomic_dq"]
+
+    data = _table_data(path)
     entries = data.get("backward", [])
-    if not isinstance(entries, list):
-        raise TuningTableError(f'{path}: "backward" must be a list')
-    choices: dict[Key, bool] = {}
-    for index, entry in enumerate(entries):
-        try:
-            if not isinstance(entry, dict):
-                raise TuningTableError(f"an entry must be an object, got {entry!r}")
-            key = Key.from_json(entry)
-            if key.kernel != "attn_bwd_dq" or type(entry.get("atomic_dq")) is not bool:
-                raise TuningTableError(
-                    'a backward choice needs "kernel": "attn_bwd_dq" and "atomic_dq": true/false'
-                )
-        except TuningTableError as error:
-            raise TuningTableError(f"{path}: backward entry {index}: {error}") from None
-        choices[key] = entry["atomic_dq"]
-    return choices
+    return dict(
+        choice for _, choice in _parsed_entries(path, entries, "backward", "backward entry", parse)
+    )
 
 
 def table_json(
