@@ -1734,8 +1734,11 @@ def varlen_attention(
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
     if window is not None and window >= max_seqlen:
         window = None  # it spans every sequence: the kernels without the window's masks
-    if deterministic is None:
-        deterministic = not _atomic_dq_measured_faster(q, causal, window, dropout_p, max_seqlen)
+    if deterministic is None:  # read the table only when a backward pass will run
+        needs_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        deterministic = not (
+            needs_backward and _atomic_dq_measured_faster(q, causal, window, dropout_p, max_seqlen)
+        )
     if (
         q.shape[0] == 0 or max_seqlen == 0
     ):  # nothing to attend; stay in the autograd graph of q, k, v

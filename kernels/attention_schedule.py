@@ -58,14 +58,15 @@ def tile_schedule(
     B + 1) of ``total`` tokens: query tiles, or with ``key_tiles`` the key tiles of the dK/dV
     kernel. ``causal``, ``window`` and ``key_tiles`` only order the items by their work."""
     device = cu_seqlens.device
-    bounds = cu_seqlens.long()
+    # clamped to [0, T]: an unchecked cu_seqlens past T must not index out of bounds or put
+    # items past the tokens (for a valid one, a no-op)
+    bounds = torch.clamp(cu_seqlens.long(), 0, total)
     batch = bounds.numel() - 1
     starts, ends = bounds[:-1], bounds[1:]  # (B,)
     lengths = ends - starts
     short = (lengths > 0) & (lengths <= tile)
     windows = -(-total // tile) + 1
-    # clamped: an unchecked cu_seqlens past T must not index out of bounds on the device
-    window_of_start = torch.clamp(torch.div(starts, tile, rounding_mode="floor"), max=windows)
+    window_of_start = torch.div(starts, tile, rounding_mode="floor")  # (B,) at most T // tile
     window_of_last = torch.div(ends - 1, tile, rounding_mode="floor")
     crossing = short & (window_of_last != window_of_start)  # runs into the next window
     # the end of the sequences lying wholly in each window (0 where none does)

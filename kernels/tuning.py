@@ -304,10 +304,14 @@ def load_backward_choices(path: Path) -> dict[Key, bool]:
         return key, entry["atomic_dq"]
 
     data = _table_data(path)
-    entries = data.get("backward", [])
-    return dict(
-        choice for _, choice in _parsed_entries(path, entries, "backward", "backward entry", parse)
-    )
+    choices: dict[Key, bool] = {}
+    for index, (key, atomic) in _parsed_entries(
+        path, data.get("backward", []), "backward", "backward entry", parse
+    ):
+        if key in choices:
+            raise TuningTableError(f"{path}: backward entry {index}: a second entry for {key}")
+        choices[key] = atomic
+    return choices
 
 
 def table_json(

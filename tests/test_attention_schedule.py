@@ -140,10 +140,14 @@ def test_attention_under_inference_mode():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_segments_never_read_past_a_cu_seqlens_that_ends_early():
-    """Unchecked input whose cu_seqlens ends before T: tokens past it get sequence index B."""
-    schedule = tile_schedule(cu_seqlens_of([2, 3], "cpu"), 7, 64, causal=False, window=None)
-    assert schedule.segments.tolist() == [0, 0, 1, 1, 1, 2, 2]
+def test_an_unchecked_cu_seqlens_not_ending_at_t_stays_in_bounds():
+    """Unchecked input (``check_cu_seqlens=False``): tokens past a cu_seqlens that ends early
+    get sequence index B and no tile; one that ends past T is cut at T, never an item past it."""
+    early = tile_schedule(cu_seqlens_of([2, 3], "cpu"), 7, 64, causal=False, window=None)
+    assert early.segments.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    late = tile_schedule(cu_seqlens_of([2, 30, 5], "cpu"), 7, 4, causal=False, window=None)
+    for first, length, tile_start, _ in late.items[: int(late.count)].tolist():
+        assert first + length <= 7 and tile_start < length
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

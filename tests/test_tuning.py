@@ -202,6 +202,10 @@ def test_backward_choices_round_trip_and_are_refused_when_malformed(tmp_path):
     path.write_text(json.dumps({"format": 1, "entries": [], "backward": [bad]}))
     with pytest.raises(tuning.TuningTableError, match='t.json: backward entry 0: .*"attn_bwd_dq"'):
         tuning.load_backward_choices(path)
+    twice = [{**call.to_json(), "atomic_dq": flag} for flag in (True, False)]
+    path.write_text(json.dumps({"format": 1, "entries": [], "backward": twice}))
+    with pytest.raises(tuning.TuningTableError, match="backward entry 1: a second entry"):
+        tuning.load_backward_choices(path)
 
 
 def test_the_table_picks_the_backward_of_deterministic_none(tuned_dir, monkeypatch):
@@ -230,7 +234,7 @@ def test_the_table_picks_the_backward_of_deterministic_none(tuned_dir, monkeypat
         lambda *args: launched.append(args[-2]) or apply(*args),
     )
     monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
-    q = torch.randn(100, 2, 128)
+    q = torch.randn(100, 2, 128, requires_grad=True)
     cu_seqlens = torch.tensor([0, 100], dtype=torch.int32)
     for causal, deterministic in ((True, None), (False, None), (True, True), (False, False)):
         varlen_attention(q, q, q, cu_seqlens, 100, causal=causal, deterministic=deterministic)
@@ -238,6 +242,9 @@ def test_the_table_picks_the_backward_of_deterministic_none(tuned_dir, monkeypat
     assert asked == [
         Key("attn_bwd_dq", 128, "float32", mask, False, 128) for mask in ("causal", "full")
     ]
+    with torch.no_grad():  # no backward will run (encoding): the table is not read
+        varlen_attention(q, q, q, cu_seqlens, 100, causal=True, deterministic=None)
+    assert launched[-1] is True and len(asked) == 2
 
 
 def test_lookup_reads_the_card_table_once_and_falls_back_without_an_entry(tuned_dir, monkeypatch):
