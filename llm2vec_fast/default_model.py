@@ -203,3 +203,8 @@ def convert_gguf(gguf_path: Path, folder: Path) -> None:
         "dtype": "float32",
     }
     (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+    # save_pretrained writes model.safetensors 0600: give every file the umask's mode, as the
+    # file just written has, so that a shared cache is readable by others
+    mode = (folder / SOURCE_FILE).stat().st_mode & 0o777
+    for path in folder.iterdir():
+        path.chmod(mode)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,10 +72,12 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``target`` (same folder)."""
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
+    """Call ``write(tmp_path)`` then rename the temporary file over ``target`` (same folder).
+
+    The temporary file is created with the umask's mode (not ``mkstemp``'s 0600), so that what
+    lands is as readable as any other file the process writes."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.touch(exist_ok=False)
     try:
         write(tmp)
         with open(tmp, "rb") as written:

