@@ -25,9 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from llm2vec_fast.corpus.engine import load_engine
-
-EMPTY_TEXT = "empty or whitespace-only text"  # the job's reasons, for the same rows
-NO_TOKENS = "the text has no tokens to pool (the tokenizer kept none of it)"
+from llm2vec_fast.corpus.rows import EMPTY_TEXT  # the job's reasons, for the same rows
+from llm2vec_fast.corpus.tokens import NO_TOKENS
 
 
 class EmbedBatches:

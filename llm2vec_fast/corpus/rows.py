@@ -15,6 +15,8 @@ from llm2vec_fast.corpus.duplicates import FirstOccurrences, pack_location, unpa
 from llm2vec_fast.corpus.engine import Text
 from llm2vec_fast.corpus.inputs import Fields, InputFile, read_rows
 
+EMPTY_TEXT = "empty or whitespace-only text"  # the reason of a row with nothing to embed
+
 DUPLICATE_CHECK_ROWS = 4096  # ids checked for duplicates at once
 
 
@@ -68,7 +70,7 @@ def _checked_rows(
                 return
             error = raw.error
             if error is None and not raw.text.strip():
-                error = "empty or whitespace-only text"
+                error = EMPTY_TEXT
             if error is None and raw.id is not None and not raw.id.strip():
                 error = "empty id"
             row_id = raw.id if fields.id is not None else f"{file.name}:{raw.line}"
