@@ -284,7 +284,11 @@ def bench_short_texts(results, device, dtype, token_budget, head_dim) -> None:
         )
         flops = attention_flops(lengths, num_heads, head_dim, causal)
         ours_ms = time_forward_backward(ours, (q, k, v), grad_out, device)
-        base_ms = time_forward_backward(flash, (q, k, v), grad_out, device)
+        try:  # an API this torch spells differently, or a card its flash build lacks
+            base_ms = time_forward_backward(flash, (q, k, v), grad_out, device)
+        except (TypeError, RuntimeError) as error:
+            results.note(f"short-text mix: flash varlen baseline failed, section skipped: {error}")
+            return
         record(results, config, flops, ours_ms, base_ms, "flash-varlen")
 
 
