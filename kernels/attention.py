@@ -1235,28 +1235,24 @@ def _config(
 ) -> dict:
     """Block sizes, warps and stages of ``kernel`` (a name of ``tuning.KERNELS``) for this call:
     the card's tuned table where it has the key, the heuristics otherwise."""
-    head_dim = q.shape[2]
-    key = tuning.Key.of(
-        kernel,
-        head_dim,
-        q.dtype,
-        causal=causal,
-        windowed=window is not None,
-        dropout=dropout_p > 0.0,
-        max_seqlen=max_seqlen,
-    )
+    key = _tuning_key(kernel, q, causal, window, dropout_p, max_seqlen)
     tuned = tuning.tuned_config(key, q.device)
     if tuned is not None:
         return tuned.launch_options()
-    return _configs(head_dim, q.dtype)[kernel]
+    return _configs(q.shape[2], q.dtype)[kernel]
 
 
-def _atomic_dq_measured_faster(
-    q: torch.Tensor, causal: bool, window: int | None, dropout_p: float, max_seqlen: int
-) -> bool:
-    """Whether the card's table chose the atomic-dQ backward for this call."""
-    key = tuning.Key.of(
-        "attn_bwd_dq",
+def _tuning_key(
+    kernel: str,
+    q: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    dropout_p: float,
+    max_seqlen: int,
+) -> tuning.Key:
+    """The key of the tuning tables for ``kernel`` in this call."""
+    return tuning.Key.of(
+        kernel,
         q.shape[2],
         q.dtype,
         causal=causal,
@@ -1264,7 +1260,6 @@ def _atomic_dq_measured_faster(
         dropout=dropout_p > 0.0,
         max_seqlen=max_seqlen,
     )
-    return tuning.atomic_dq_measured_faster(key, q.device)
 
 
 def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
@@ -1737,7 +1732,10 @@ def varlen_attention(
     if deterministic is None:  # read the table only when a backward pass will run
         needs_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         deterministic = not (
-            needs_backward and _atomic_dq_measured_faster(q, causal, window, dropout_p, max_seqlen)
+            needs_backward
+            and tuning.atomic_dq_measured_faster(
+                _tuning_key("attn_bwd_dq", q, causal, window, dropout_p, max_seqlen), q.device
+            )
         )
     if (
         q.shape[0] == 0 or max_seqlen == 0

@@ -166,9 +166,7 @@ def schedule_for(
     backward build each work list once. The caller empties it when cu_seqlens changes, and
     before a CUDA graph capture (so that the graph builds its own)."""
     if schedules is None:
-        return tile_schedule(
-            cu_seqlens, total, tile, causal=causal, window=window, key_tiles=key_tiles
-        )
+        schedules = {}  # kept for this call only
     key = (total, tile, causal, window, key_tiles)
     if key not in schedules:
         schedules[key] = tile_schedule(

@@ -257,19 +257,24 @@ def _table_data(path: Path) -> dict:
     return data
 
 
-def _parsed_entries(path: Path, entries: object, section: str, label: str, parse):
-    """Yield (index, ``parse(entry)``) for each entry of the list ``entries`` (the table's
-    ``section``); a problem raises ``TuningTableError`` naming the file and the entry."""
+def _entries_by_key(path: Path, entries: object, section: str, label: str, parse) -> dict:
+    """``{key: value}`` from ``parse(entry) -> (key, value)`` over the list ``entries`` (the
+    table's ``section``); a malformed entry or a second one for a key raises
+    ``TuningTableError`` naming the file and the entry."""
     if not isinstance(entries, list):
         raise TuningTableError(f'{path}: "{section}" must be a list')
+    parsed: dict = {}
     for index, entry in enumerate(entries):
         try:
             if not isinstance(entry, dict):
                 raise TuningTableError(f"an entry must be an object, got {entry!r}")
-            parsed = parse(entry)
+            key, value = parse(entry)
         except TuningTableError as error:
             raise TuningTableError(f"{path}: {label} {index}: {error}") from None
-        yield index, parsed
+        if key in parsed:
+            raise TuningTableError(f"{path}: {label} {index}: a second entry for {key}")
+        parsed[key] = value
+    return parsed
 
 
 def load_table(path: Path) -> dict[Key, Config]:
@@ -279,15 +284,7 @@ def load_table(path: Path) -> dict[Key, Config]:
         key = Key.from_json(entry)
         return key, Config.from_json(entry.get("config"), key.kernel)
 
-    data = _table_data(path)
-    table: dict[Key, Config] = {}
-    for index, (key, config) in _parsed_entries(
-        path, data.get("entries"), "entries", "entry", parse
-    ):
-        if key in table:
-            raise TuningTableError(f"{path}: entry {index}: a second entry for {key}")
-        table[key] = config
-    return table
+    return _entries_by_key(path, _table_data(path).get("entries"), "entries", "entry", parse)
 
 
 def load_backward_choices(path: Path) -> dict[Key, bool]:
@@ -303,15 +300,8 @@ def load_backward_choices(path: Path) -> dict[Key, bool]:
             )
         return key, entry["atomic_dq"]
 
-    data = _table_data(path)
-    choices: dict[Key, bool] = {}
-    for index, (key, atomic) in _parsed_entries(
-        path, data.get("backward", []), "backward", "backward entry", parse
-    ):
-        if key in choices:
-            raise TuningTableError(f"{path}: backward entry {index}: a second entry for {key}")
-        choices[key] = atomic
-    return choices
+    entries = _table_data(path).get("backward", [])
+    return _entries_by_key(path, entries, "backward", "backward entry", parse)
 
 
 def table_json(

