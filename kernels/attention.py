@@ -181,6 +181,15 @@ def _query_block_ranges(
 
 
 @triton.jit
+def _work_item(Items, item):
+    """Work item ``item`` of ``attention_schedule`` (``ITEM_FIELDS`` int32 each): its group's
+    first token, the group's length, the tile's first position in the group, and whether the
+    group is packed (several sequences)."""
+    fields = Items + item.to(tl.int64) * 4
+    return tl.load(fields), tl.load(fields + 1), tl.load(fields + 2), tl.load(fields + 3) != 0
+
+
+@triton.jit
 def _query_tile(
     Items,
     Segments,
@@ -208,11 +217,7 @@ def _query_tile(
     rows, their sequence indices ``row_segments`` (-2 past the group), the base of the group's
     segments, and the group's K and V bases at the kv head this query head reads (GQA).
     """
-    fields = Items + item.to(tl.int64) * 4  # first token, group length, tile start, packed
-    seq_start = tl.load(fields)
-    seqlen = tl.load(fields + 1)
-    start_m = tl.load(fields + 2)
-    packed = tl.load(fields + 3) != 0
+    seq_start, seqlen, start_m, packed = _work_item(Items, item)
     kv_head = head // group_size
     rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the group
     offs_d = tl.arange(0, BLOCK_D)
@@ -730,11 +735,7 @@ def _attn_bwd_dkdv_kernel(
     if work >= tl.load(ItemCount) * num_kv_heads:
         return
     kv_head = work % num_kv_heads
-    fields = Items + (work // num_kv_heads).to(tl.int64) * 4  # see _query_tile
-    seq_start = tl.load(fields)
-    seqlen = tl.load(fields + 1)
-    start_n = tl.load(fields + 2)
-    packed = tl.load(fields + 3) != 0
+    seq_start, seqlen, start_n, packed = _work_item(Items, work // num_kv_heads)
     if start_n >= seqlen:
         return
     cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions in the group
