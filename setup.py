@@ -37,7 +37,10 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 INSTALL_REQUIRES = [
     "torch>=2.11,<3",
     "triton>=3.6,<4; platform_system == 'Linux'",
-    "transformers>=5.17,<6",
+    # <5.25: 5.25 requires Hugging Face's `kernels` package, and run from a checkout (python -m,
+    # with the repo root first on sys.path) transformers then imports this repo's kernels/
+    # folder in its place and fails
+    "transformers>=5.17,<5.25",
     "tokenizers>=0.21,<1",
     "safetensors>=0.4",
     "numpy>=1.26",
