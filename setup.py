@@ -37,10 +37,7 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 INSTALL_REQUIRES = [
     "torch>=2.11,<3",
     "triton>=3.6,<4; platform_system == 'Linux'",
-    # <5.25: 5.25 requires Hugging Face's `kernels` package, and run from a checkout (python -m,
-    # with the repo root first on sys.path) transformers then imports this repo's kernels/
-    # folder in its place and fails
-    "transformers>=5.17,<5.25",
+    "transformers>=5.17,<6",
     "tokenizers>=0.21,<1",
     "safetensors>=0.4",
     "numpy>=1.26",
@@ -259,14 +256,6 @@ def plan_extension() -> tuple[list[Extension], dict]:
     return [make_extension(with_cuda)], {"build_ext": BuildExtensionOrWarn}
 
 
-def python_packages() -> list[str]:
-    """``llm2vec_fast`` and its subpackages, plus the top-level ``kernels/`` dir installed as
-    ``llm2vec_fast.kernels`` (never as a top-level ``kernels``)."""
-    kernels = ["llm2vec_fast.kernels"]
-    kernels += [f"llm2vec_fast.kernels.{name}" for name in find_packages("kernels")]
-    return find_packages(include=["llm2vec_fast", "llm2vec_fast.*"]) + kernels
-
-
 def package_version() -> str:
     """The version, kept in one place: ``llm2vec_fast.__version__``."""
     init = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llm2vec_fast", "__init__.py")
@@ -284,12 +273,11 @@ def main() -> None:
         version=package_version(),
         description="Decoder LLMs as fast text encoders, the LLM2Vec way",
         python_requires=">=3.10",
-        packages=python_packages(),
-        package_dir={"llm2vec_fast": "llm2vec_fast", "llm2vec_fast.kernels": "kernels"},
+        packages=find_packages(include=["llm2vec_fast", "llm2vec_fast.*"]),
         # the default encoder's LoRA adapters (llm2vec_fast/default_encoder.py)
         package_data={
             "llm2vec_fast": ["default_adapters/*.md", "default_adapters/*/*/*"],
-            # launch-config tables (kernels/tuning.py)
+            # launch-config tables (llm2vec_fast/kernels/tuning.py)
             "llm2vec_fast.kernels": ["tuned/*.json", "tuned/space/*.json"],
         },
         ext_modules=ext_modules,

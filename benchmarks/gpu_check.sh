@@ -260,7 +260,7 @@ main() {
   bench attention 70 bench_attention.py
   bench encode 100 bench_encode.py --source random "${encode_args[@]}"
   # The attention kernels' configs measured on this card: the table (<card>.json, rewritten after
-  # every key) lands in $OUT at once, to be committed as kernels/tuned/<card>.json.
+  # every key) lands in $OUT at once, to be committed as llm2vec_fast/kernels/tuned/<card>.json.
   bench tuning 90 tune_kernels.py --table-dir "$OUT" --budget-s $((75 * LIMIT_SCALE))
   bench contrastive 30 bench_contrastive.py
   bench mntp_loss 30 bench_mntp_loss.py

@@ -13,11 +13,11 @@ one at its ``attn_bwd_dq`` key, the atomic one at its ``attn_bwd_dkdv_atomic`` k
 ``backward`` section records which was faster: the model's training default follows it.
 
 The table (``<card>.json``, from ``torch.cuda.get_device_name``) is rewritten after every key,
-starting from the committed ``kernels/tuned/<card>.json`` (its keys are measured last, so that
-successive calls fill the table), so a run cut short keeps what it measured. The harness JSON
-records each key's best time beside the heuristic's.
+starting from the committed ``llm2vec_fast/kernels/tuned/<card>.json`` (its keys are measured last,
+so that successive calls fill the table), so a run cut short keeps what it measured. The harness
+JSON records each key's best time beside the heuristic's.
 
-    python benchmarks/tune_kernels.py                    # every key, into kernels/tuned/
+    python benchmarks/tune_kernels.py        # every key, into llm2vec_fast/kernels/tuned/
     python benchmarks/tune_kernels.py --quick --table-dir "$OUT" --budget-s 80   # gpu_check.sh
 
 On a CPU (the GPU check's rehearsal, ``TRITON_INTERPRET=1``) it runs the same steps on a tiny

@@ -1,17 +1,17 @@
 """Compile every Triton kernel for real GPUs on a machine without one, as the JIT compiles it.
 
 The Triton interpreter (the CPU test suite) runs kernels as numpy: it accepts code that the GPU
-compiler rejects (mixed-dtype ``tl.dot``, tile shapes below the MMA minimum, shared memory past
-the card's limit) and it runs the launchers' interpreter block sizes, not the GPU ones. This
-script closes that gap without a GPU. With ``TRITON_INTERPRET`` off, it calls the public kernel
-functions forward and backward on CPU tensors with every Triton launch recorded instead of run,
-so each launcher picks exactly the block sizes, warps and stages it would pick on a GPU (its
-heuristics, or the committed tables of ``kernels/tuned/``). Each distinct launch is then compiled
-down to a cubin for sm_80 (A100) and sm_90 (H100) with the specialization Triton's JIT gives it
-on a GPU: a pointer 16-byte aligned and an integer divisible by 16 carry ``tt.divisibility=16``
-(the JIT's "D" specialization), without which the compiler drops the pipelined, vectorized loads
-and checks a smaller kernel than the one that runs. The workloads' tensors are what the model
-passes: whole allocations (aligned) with strides that are multiples of 16 where head dims are.
+compiler rejects (mixed-dtype ``tl.dot``, tile shapes below the MMA minimum, shared memory past the
+card's limit) and it runs the launchers' interpreter block sizes, not the GPU ones. This script
+closes that gap without a GPU. With ``TRITON_INTERPRET`` off, it calls the public kernel functions
+forward and backward on CPU tensors with every Triton launch recorded instead of run, so each
+launcher picks exactly the block sizes, warps and stages it would pick on a GPU (its heuristics, or
+the committed tables of ``llm2vec_fast/kernels/tuned/``). Each distinct launch is then compiled down
+to a cubin for sm_80 (A100) and sm_90 (H100) with the specialization Triton's JIT gives it on a GPU:
+a pointer 16-byte aligned and an integer divisible by 16 carry ``tt.divisibility=16`` (the JIT's "D"
+specialization), without which the compiler drops the pipelined, vectorized loads and checks a
+smaller kernel than the one that runs. The workloads' tensors are what the model passes: whole
+allocations (aligned) with strides that are multiples of 16 where head dims are.
 
 Reported per launch: shared memory against the card's per-block limit, registers and spill
 bytes (ptxas' own report: the compile runs in a private, empty Triton cache, because a cache hit
@@ -20,8 +20,9 @@ has, or spills registers at a head dim <= 128 (or in a kernel without a head dim
 
 ``--space`` compiles the attention kernels' tuning space instead (``kernels/tuning.py``: every
 candidate config at every head dim, dtype and dropout setting, causal) for sm_90; the record it
-writes (``--write``) or compares with (``--check``) is ``kernels/tuned/space/sm_90.json``, from
-which ``tuning.surviving_configs`` drops what does not fit or spills.
+writes (``--write``) or compares with (``--check``) is
+``llm2vec_fast/kernels/tuned/space/sm_90.json``, from which ``tuning.surviving_configs`` drops what
+does not fit or spills.
 
     python tests/compile_kernels.py                   # the full matrix (dtypes, head dims, options)
     python tests/compile_kernels.py --quick           # one case per kernel and option (slow tests)
@@ -499,8 +500,8 @@ def space_launches(sample: bool) -> list[tuple[dict, Launch]]:
 
 
 def kernels_fingerprint() -> str:
-    """Changes whenever the source of a Triton function of kernels/attention.py changes (not
-    when lines move: Triton's own cache key counts line numbers)."""
+    """Changes whenever the source of a Triton function of kernels/attention.py changes (not when
+    lines move: Triton's own cache key counts line numbers)."""
     sources = sorted(
         (name, value.src)
         for name, value in vars(attention_kernels).items()
