@@ -217,8 +217,9 @@ def _ptxas_numbers(log: str, name: str) -> tuple[int, int, int]:
     return int(registers[1]), int(spills[1]), int(spills[2])
 
 
-def compile_launch(launch: Launch, arch: int) -> Compiled:
-    """Compile ``launch`` to a cubin for ``sm_{arch}`` as the JIT would; what it needs."""
+def compile_cubin(launch: Launch, arch: int) -> tuple[triton.compiler.CompiledKernel, str]:
+    """Compile ``launch`` to a cubin for ``sm_{arch}`` as the JIT would: the compiled kernel
+    (its cubin in ``.asm["cubin"]``) and ptxas' -v report."""
     source = ASTSource(
         fn=launch.kernel,
         signature=dict(launch.signature),
@@ -233,7 +234,13 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
         )
     if not compiled.asm.get("cubin"):
         raise RuntimeError("no cubin produced")
-    registers, stores, loads = _ptxas_numbers(log.getvalue(), compiled.metadata.name)
+    return compiled, log.getvalue()
+
+
+def compile_launch(launch: Launch, arch: int) -> Compiled:
+    """Compile ``launch`` for ``sm_{arch}``; what it needs."""
+    compiled, log = compile_cubin(launch, arch)
+    registers, stores, loads = _ptxas_numbers(log, compiled.metadata.name)
     return Compiled(int(compiled.metadata.shared), registers, stores, loads)
 
 

@@ -506,6 +506,10 @@ def test_dropout_keep_rate_and_independence():
         "seeds share a mask"
     )
     assert torch.equal(dropout_keep_mask(1, 64, dropout_p, 7, "cpu")[0], keep[0, :64, :64])
+    # four consecutive keys share one Philox call, each taking another of its outputs
+    for lane in (1, 2, 3):
+        lanes = (keep[0, :, 0::4] == keep[0, :, lane::4]).float().mean().item()  # std 2.7e-3
+        assert abs(lanes - expected_agreement) < 0.012, f"keys 4j and 4j+{lane} agree"
 
 
 def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
@@ -697,14 +701,16 @@ def test_gpu_fp32(triton_backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_gpu_dropout_matches_reference_with_same_mask(triton_backend, dtype):
-    lengths = [0, 1, 129, 257, 65]
+def test_gpu_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal):
+    """Long sequences starting at every offset mod 4 and short ones packed into tiles."""
+    lengths = [0, 1, 129, 257, 65] + [3, 5, 2, 7, 1] * 20
     dropout_p, seed = 0.1, 99
     keep = dropout_keep_mask(4, sum(lengths), dropout_p, seed, "cuda")
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.01
     check_dropout_against_masked_reference(
-        lengths, 4, 2, 128, dtype, "cuda", causal=True, dropout_p=dropout_p, seed=seed
+        lengths, 4, 2, 128, dtype, "cuda", causal=causal, dropout_p=dropout_p, seed=seed
     )
 
 

@@ -12,6 +12,7 @@ compiles every kernel once and a few entries of the tuning space; the ``slow`` t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -98,3 +99,28 @@ def test_the_whole_tuning_space_compiles_as_recorded():
     result = run_script("--space", "--check", "--jobs", "2")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert "0 differences" in result.stdout
+
+
+@pytest.mark.slow
+def test_attention_sass_finds_the_key_block_loops(tmp_path):
+    """``benchmarks/attention_sass.py`` (static SASS of the attention loops): each kernel's loops
+    are found, and the forward's hold its two matmuls and, with dropout, Philox's multiplies."""
+    script = SCRIPT.parent.parent / "benchmarks" / "attention_sass.py"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (saved,) = tmp_path.glob("*attention-sass.json")
+    records = json.loads(saved.read_text())["records"]
+    kernels = {record["config"]["kernel"] for record in records}
+    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    forward = [r for r in records if r["config"]["kernel"] == "_attn_fwd_kernel"]
+    assert len(forward) >= 2, forward  # the unmasked and the masked key blocks
+    for loop in forward:
+        assert loop["opcodes"].get("HGMMA", 0) >= 2, loop
+        assert loop["opcodes"].get("IMAD.HI.U32", 0) > 0, loop

@@ -23,9 +23,14 @@ into blocks that need no mask and the few (diagonal, tail, window edge) blocks t
 sliding window the loops start and stop at the band's edges, so blocks outside it cost nothing.
 In a group of several sequences every block takes the masked path.
 
-Dropout: the keep-mask of element (query head h, query token i, key token j) is Philox keyed on
-``seed`` with counters ``(i, j, h)`` (packed token indices), so the backward pass regenerates the
-forward mask exactly; ``dropout_keep_mask`` materializes it for tests.
+Dropout: the keep-mask of element (query head h, query token i, key token j; packed token
+indices) is output ``j % 4`` of Philox keyed on ``seed`` with counters ``(i, j // 4, h, 0)``, so the
+backward pass regenerates the forward mask exactly however its tiles fall, and one Philox call
+serves four keys. The forward and dQ kernels draw a key block at once (``_dropout_keep_aligned``):
+with dropout on, their key blocks start at a multiple of 4 in packed tokens, the group's start
+rounded down, the up to 3 tokens before it masked like any other sequence's keys. The
+dK/dV kernel, whose small transposed tiles would need a shuffle through shared memory to do the
+same, draws per element (``_dropout_keep``). ``dropout_keep_mask`` materializes the mask for tests.
 """
 
 from __future__ import annotations
@@ -54,12 +59,30 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _dropout_keep(seed, head, q_tokens, k_tokens, dropout_p):
     """Keep-mask for a tile: q_tokens ``(M, 1)`` and k_tokens ``(1, N)`` (or transposed) packed
-    token indices of one query head; True with probability ``1 - dropout_p``."""
+    token indices of one query head; True with probability ``1 - dropout_p``. One Philox call
+    per element, of which output ``k_token % 4`` is used."""
     rows = q_tokens + k_tokens * 0  # broadcast both to the full tile
     cols = k_tokens + q_tokens * 0
-    heads = rows * 0 + head
-    bits, _, _, _ = tl.philox(seed, rows, cols, heads, rows * 0)
+    zeros = rows * 0
+    r0, r1, r2, r3 = tl.philox(seed, rows, cols >> 2, zeros + head, zeros)
+    odd = (cols & 1) != 0
+    bits = tl.where((cols & 2) != 0, tl.where(odd, r3, r2), tl.where(odd, r1, r0))
     return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _dropout_keep_aligned(seed, head, q_tokens, first_key, dropout_p, BLOCK_N: tl.constexpr):
+    """``_dropout_keep`` ``(M, BLOCK_N)`` for q_tokens ``(M,)`` and the keys ``first_key +
+    arange(BLOCK_N)``, ``first_key % 4 == 0``: one Philox call per four keys."""
+    tl.static_assert(BLOCK_N % 4 == 0)
+    quads = (first_key >> 2) + tl.arange(0, BLOCK_N // 4)  # (BLOCK_N // 4,)
+    rows = q_tokens[:, None] + quads[None, :] * 0  # (M, BLOCK_N // 4)
+    cols = quads[None, :] + q_tokens[:, None] * 0
+    zeros = rows * 0
+    r0, r1, r2, r3 = tl.philox(seed, rows, cols, zeros + head, zeros)
+    # (M, BLOCK_N // 4, 2, 2): [m, c, a, b] is output 2a + b, i.e. key 4c + 2a + b
+    bits = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return tl.uint_to_uniform_float(tl.reshape(bits, (q_tokens.shape[0], BLOCK_N))) >= dropout_p
 
 
 @triton.jit
@@ -119,18 +142,22 @@ def _in_window(rows, cols, window):
 def _key_block_ranges(
     start_m,
     seqlen,
+    first_key,
     window,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Key ranges ``lo <= full_lo <= full_hi <= hi`` for the query block at ``start_m``: the key
-    blocks in [full_lo, full_hi) need no mask, those in [lo, full_lo) and [full_hi, hi) do (the
-    diagonal block if causal, the tail block, the window's edges); keys outside [lo, hi) are never
-    visible, so whole key blocks outside the window are skipped."""
+    """Key ranges ``lo <= full_lo <= full_hi`` and ``hi`` for the query block at ``start_m``: the
+    key blocks in [full_lo, full_hi) need no mask, those in [lo, full_lo) and [full_hi, hi) do
+    (the diagonal block if causal, the tail block, the window's edges, the block holding the
+    ``first_key`` keys of another sequence read before this one); keys outside [lo, hi) are never
+    visible, so whole key blocks outside the window are skipped. Positions count from the first
+    key read; ``seqlen`` is the end of the sequence's keys."""
     if CAUSAL:
-        full_hi = start_m  # keys before the query block: visible to every row
+        # key blocks before the query block's: visible to every row
+        full_hi = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, seqlen)
     else:
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
@@ -146,6 +173,8 @@ def _key_block_ranges(
             full_hi = tl.minimum(full_hi, ((start_m + window) // BLOCK_N) * BLOCK_N)
             hi = tl.minimum(hi, last_row + window)
         full_lo = tl.minimum(full_lo, full_hi)
+    full_lo = tl.maximum(full_lo, tl.cdiv(first_key, BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)
     return lo, full_lo, full_hi, hi
 
 
@@ -202,22 +231,33 @@ def _query_tile(
     stride_vt,
     stride_vh,
     group_size,
+    ALIGN_KEYS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """The query tile of work item ``item`` (``attention_schedule``) for query ``head``, in the
-    forward and dQ kernels.
+    forward and dQ kernels. Positions count from ``seq_start``: the group's first token, or with
+    ALIGN_KEYS (dropout) that token rounded down to a multiple of 4, so that every key block
+    starts at one; the ``first_key`` tokens before the group (another sequence's) are then read
+    as keys and masked.
 
-    Returns the tile's first row ``start_m`` in its group and the group's length ``seqlen`` (the
-    tile is empty when ``start_m >= seqlen``), whether the group is ``packed`` (several short
-    sequences: every key block masked), the group's first token ``seq_start``, the tile's
-    positions ``rows`` (BLOCK_M,) in the group and packed token indices ``tokens`` (int64),
-    ``offs_d`` (BLOCK_D,), ``row_valid`` (BLOCK_M,) and ``io_mask`` (BLOCK_M, BLOCK_D) of its
-    rows, their sequence indices ``row_segments`` (-2 past the group), the base of the group's
-    segments, and the group's K and V bases at the kv head this query head reads (GQA).
+    Returns the tile's first row ``start_m`` and the end of the group ``seqlen`` (the tile is
+    empty when ``start_m >= seqlen``), ``first_key``, whether the group is ``packed`` (several
+    short sequences: every key block masked), ``seq_start``, the tile's positions ``rows``
+    (BLOCK_M,) and packed token indices ``tokens`` (int64), ``offs_d`` (BLOCK_D,), ``row_valid``
+    (BLOCK_M,) and ``io_mask`` (BLOCK_M, BLOCK_D) of its rows, their sequence indices
+    ``row_segments`` (-2 past the group), the segments base at ``seq_start``, and the K and V
+    bases there at the kv head this query head reads (GQA).
     """
     seq_start, seqlen, start_m, packed = _work_item(Items, item)
+    if ALIGN_KEYS:
+        first_key = seq_start & 3
+    else:
+        first_key = seq_start * 0
+    seq_start -= first_key
+    seqlen += first_key
+    start_m += first_key
     kv_head = head // group_size
     rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions in the group
     offs_d = tl.arange(0, BLOCK_D)
@@ -231,6 +271,7 @@ def _query_tile(
     return (
         start_m,
         seqlen,
+        first_key,
         packed,
         seq_start,
         rows,
@@ -317,9 +358,9 @@ def _fwd_key_blocks(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            keep = _dropout_keep(
-                seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p
+        if HAS_DROPOUT:  # seq_start and start_n are multiples of 4 (_query_tile)
+            keep = _dropout_keep_aligned(
+                seed, head, seq_start + rows, seq_start + start_n, dropout_p, BLOCK_N=BLOCK_N
             )
             p = tl.where(keep, p, 0.0)
         v = _load_rows(
@@ -382,6 +423,7 @@ def _attn_fwd_kernel(
     (
         start_m,
         seqlen,
+        first_key,
         packed,
         seq_start,
         rows,
@@ -405,6 +447,7 @@ def _attn_fwd_kernel(
         stride_vt,
         stride_vh,
         group_size,
+        ALIGN_KEYS=HAS_DROPOUT,
         HEAD_DIM=HEAD_DIM,
         BLOCK_M=BLOCK_M,
         BLOCK_D=BLOCK_D,
@@ -422,6 +465,7 @@ def _attn_fwd_kernel(
     lo, full_lo, full_hi, hi = _key_block_ranges(
         start_m,
         seqlen,
+        first_key,
         window,
         CAUSAL=CAUSAL,
         WINDOWED=WINDOWED,
@@ -429,7 +473,8 @@ def _attn_fwd_kernel(
         BLOCK_N=BLOCK_N,
     )
     full_lo, full_hi = _all_blocks_masked(lo, full_lo, full_hi, packed)
-    if WINDOWED:  # the key blocks that the window's left edge cuts
+    # the key blocks that the window's left edge cuts, or that hold another sequence's keys
+    if WINDOWED or HAS_DROPOUT:
         acc, l_i, m_i = _fwd_key_blocks(
             acc,
             l_i,
@@ -453,7 +498,7 @@ def _attn_fwd_kernel(
             window,
             MASK_LENGTH=True,
             MASK_CAUSAL=CAUSAL,
-            MASK_WINDOW=True,
+            MASK_WINDOW=WINDOWED,
             HAS_DROPOUT=HAS_DROPOUT,
             PRECISION=PRECISION,
             HEAD_DIM=HEAD_DIM,
@@ -967,9 +1012,9 @@ def _dq_key_blocks(
             )
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(
-                seed, head, (seq_start + rows)[:, None], (seq_start + cols)[None, :], dropout_p
+        if HAS_DROPOUT:  # seq_start and start_n are multiples of 4 (_query_tile)
+            keep = _dropout_keep_aligned(
+                seed, head, seq_start + rows, seq_start + start_n, dropout_p, BLOCK_N=BLOCK_N
             )
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
@@ -1026,6 +1071,7 @@ def _attn_bwd_dq_kernel(
     (
         start_m,
         seqlen,
+        first_key,
         packed,
         seq_start,
         rows,
@@ -1049,6 +1095,7 @@ def _attn_bwd_dq_kernel(
         stride_vt,
         stride_vh,
         group_size,
+        ALIGN_KEYS=HAS_DROPOUT,
         HEAD_DIM=HEAD_DIM,
         BLOCK_M=BLOCK_M,
         BLOCK_D=BLOCK_D,
@@ -1072,6 +1119,7 @@ def _attn_bwd_dq_kernel(
     lo, full_lo, full_hi, hi = _key_block_ranges(
         start_m,
         seqlen,
+        first_key,
         window,
         CAUSAL=CAUSAL,
         WINDOWED=WINDOWED,
@@ -1079,7 +1127,8 @@ def _attn_bwd_dq_kernel(
         BLOCK_N=BLOCK_N,
     )
     full_lo, full_hi = _all_blocks_masked(lo, full_lo, full_hi, packed)
-    if WINDOWED:  # the key blocks that the window's left edge cuts
+    # the key blocks that the window's left edge cuts, or that hold another sequence's keys
+    if WINDOWED or HAS_DROPOUT:
         dq = _dq_key_blocks(
             dq,
             q,
@@ -1105,7 +1154,7 @@ def _attn_bwd_dq_kernel(
             window,
             MASK_LENGTH=True,
             MASK_CAUSAL=CAUSAL,
-            MASK_WINDOW=True,
+            MASK_WINDOW=WINDOWED,
             HAS_DROPOUT=HAS_DROPOUT,
             PRECISION=PRECISION,
             HEAD_DIM=HEAD_DIM,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 
 ITEM_FIELDS = 4  # first token, group length, tile start in the group, packed
+# the segment of tokens before cu_seqlens[0]; the kernels pad with -1 (keys) and -2 (rows)
+BEFORE_FIRST_SEQUENCE = -3
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,12 @@ def tile_schedule(
     order = torch.argsort(work, descending=True, stable=True)
     count = (capacity - tiles[batch]).reshape(1)
     # (T,) the sequence of each token: the number of sequences that end at or before it (a
-    # search, not a repeat, so that a cu_seqlens not ending at T cannot trip a device assert)
-    segments = torch.searchsorted(ends, torch.arange(total, device=device), right=True).to(
-        torch.int32
-    )
+    # search, not a repeat, so that a cu_seqlens not ending at T cannot trip a device assert);
+    # tokens before the first sequence (an unchecked cu_seqlens) get BEFORE_FIRST_SEQUENCE, so
+    # that a kernel reading them as keys (dropout's aligned blocks) masks them
+    tokens = torch.arange(total, device=device)
+    segments = torch.searchsorted(ends, tokens, right=True)
+    segments = torch.where(tokens < bounds[0], BEFORE_FIRST_SEQUENCE, segments).to(torch.int32)
     return TileSchedule(items[order].to(torch.int32).contiguous(), count.to(torch.int32), segments)
 
 
