@@ -52,7 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit(
@@ -115,13 +115,6 @@ class Launch:
         if name == "attn_bwd_dkdv" and self.constexpr("ATOMIC_DQ"):
             return "attn_bwd_dkdv_atomic"
         return name
-
-    def with_config(self, config: tuning.Config) -> Launch:
-        """The same launch with another tuning config."""
-        options = config.launch_options()
-        constexprs = tuple((name, options.get(name, value)) for name, value in self.constexprs)
-        launch_options = tuple(sorted((k, options[k]) for k in _OPTION_KEYS))
-        return replace(self, constexprs=constexprs, options=launch_options)
 
     def describe(self) -> str:
         constants = ", ".join(f"{k}={v}" for k, v in self.constexprs)
@@ -474,7 +467,7 @@ SPACE_SAMPLE = dict(dtype="bfloat16", head_dim=128, dropout=True)  # the default
 def space_launches(sample: bool) -> list[tuple[dict, Launch]]:
     """(entry, launch) for each candidate config of each attention kernel at each head dim,
     dtype and dropout setting, causal; ``entry`` names it as the record does. ``sample``: one
-    config per kernel at SPACE_SAMPLE, a different one for each kernel."""
+    config per kernel at SPACE_SAMPLE, a different one for each kernel, and one with TMA."""
     cases: list[tuple[dict, Launch]] = []
     for dtype in SPACE_DTYPES:
         for head_dim in SPACE_HEAD_DIMS:
@@ -498,12 +491,22 @@ def space_launches(sample: bool) -> list[tuple[dict, Launch]]:
                             continue
                         kernels_seen.add(kernel)
                         space = tuning.config_space(kernel, dtype)
-                        if sample:
-                            space = space[len(kernels_seen) % len(space) :][:1]
+                        if sample:  # and the first TMA config (the forward's)
+                            first_tma = [config for config in space if config.kv_tma][:1]
+                            space = (*space[len(kernels_seen) % len(space) :][:1], *first_tma)
                         for config in space:
                             entry = dict(kernel=kernel, **where, config=config.to_json())
-                            cases.append((entry, launch.with_config(config)))
+                            cases.append((entry, launch_with_config(workload, kernel, config)))
     return cases
+
+
+def launch_with_config(workload, kernel: str, config: tuning.Config) -> Launch:
+    """The launch of ``kernel`` (a ``tuning.KERNELS`` name) in ``workload`` with ``config``
+    forced, as its launcher makes it (TMA descriptors included)."""
+    with tuning.forced({kernel: config}):
+        return next(
+            launch for launch in record_launches(workload) if launch.tuning_kernel == kernel
+        )
 
 
 def kernels_fingerprint() -> str:

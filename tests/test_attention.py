@@ -18,7 +18,7 @@ import pytest
 import torch
 from fusion_checks import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_oracle
 
-from llm2vec_fast.kernels import attention, reference
+from llm2vec_fast.kernels import attention, reference, tuning
 from llm2vec_fast.kernels.attention import dropout_keep_mask, varlen_attention
 
 # Interpreter blocks: 64 queries x 32 keys (32 x 64 in the dK/dV kernel). One packed batch hits
@@ -489,6 +489,40 @@ def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal,
     )
 
 
+TMA_FORWARD = tuning.Config(64, 32, 4, 1, kv_tma=True)  # the interpreter's blocks, by TMA
+
+
+def test_forward_reads_k_and_v_by_tma_when_its_config_says_so(triton_backend, monkeypatch):
+    """A forward config with KV_TMA reads K and V through ragged TMA descriptors (rows past the
+    group and head dims past 80 come as zeros): the same results, masks and dropout included."""
+    blocks = []
+    make = attention.create_ragged_descriptor
+    monkeypatch.setattr(
+        attention,
+        "create_ragged_descriptor",
+        lambda tensor, block: blocks.append(block) or make(tensor, block),
+    )
+    lengths = [0, 33, 1, 70, 5, 3, 2]
+    with tuning.forced({"attn_fwd": TMA_FORWARD}):
+        for causal, window in ((False, None), (True, None), (False, 9)):
+            check_against_reference(
+                lengths, 4, 2, 80, torch.float16, "cpu", causal=causal, window=window
+            )
+        check_dropout_against_masked_reference(
+            lengths, 4, 2, 80, torch.float16, "cpu", causal=False, dropout_p=0.2, seed=3
+        )
+    assert blocks and all(block == [32, 1, 128] for block in blocks), blocks
+
+
+def test_tma_reads_only_what_it_can_address():
+    aligned = torch.zeros(10, 2, 64, dtype=torch.float16)
+    assert attention._tma_can_read(aligned)
+    assert not attention._tma_can_read(torch.zeros(10, 2, 81, dtype=torch.float16)[..., 1:])
+    shifted = torch.zeros(10 * 2 * 64 + 1, dtype=torch.float16)[1:].view(10, 2, 64)  # base + 2 B
+    assert not attention._tma_can_read(shifted)
+    assert not attention._tma_can_read(aligned.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 def test_dropout_keep_rate_and_independence():
     dropout_p = 0.3
     keep = dropout_keep_mask(2, 256, dropout_p, 7, "cpu")  # 131k draws: the rate's std is 1.3e-3
@@ -698,6 +732,18 @@ def test_gpu_fp32(triton_backend):
     """fp32 at head dim 128 (at 256, compiled for sm_90, its kernels spill registers and take about
     a minute to build: a cost for the short GPU check; the interpreter tests D256 fp32)."""
     check_against_reference(GPU_LENGTHS, 3, 1, 128, torch.float32, "cuda", causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 80])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_gpu_forward_by_tma(triton_backend, causal, head_dim):
+    """The forward's TMA configs (on sm_90; an older card falls back to plain loads) against the
+    reference, bf16, with short sequences packed into tiles and long ones."""
+    lengths = [*GPU_LENGTHS, *[3, 5, 2, 7, 1] * 20]
+    for config in (tuning.Config(128, 64, 8, 3, kv_tma=True), tuning.Config(128, 128, 8, 2, True)):
+        with tuning.forced({"attn_fwd": config}):
+            check_against_reference(lengths, 8, 2, head_dim, torch.bfloat16, "cuda", causal=causal)
 
 
 @pytest.mark.gpu

@@ -97,6 +97,10 @@ def test_config_problems_name_the_rule():
     assert "multiple of BLOCK_M" in tuning.config_problem("attn_bwd_dkdv", Config(64, 32, 4, 2))
     assert "powers of two" in tuning.config_problem("attn_fwd", Config(96, 32, 4, 2))
     assert "num_warps" in tuning.config_problem("attn_fwd", Config(64, 32, 3, 2))
+    tma_dq = Config(64, 32, 4, 2, kv_tma=True)
+    assert "only the forward kernel reads K and V by TMA" in tuning.config_problem(
+        "attn_bwd_dq", tma_dq
+    )
 
 
 def write_table(path: Path, entries: list) -> Path:
@@ -110,7 +114,11 @@ def entry(k: Key, config: dict | None = None) -> dict:
 
 
 def test_a_table_round_trips(tmp_path):
-    table = {key(): Config(128, 64, 8, 3), key("attn_bwd_dkdv", 128): Config(32, 128, 8, 2)}
+    table = {
+        key(): Config(128, 64, 8, 3),
+        key("attn_fwd", head_dim=64): Config(128, 128, 8, 2, kv_tma=True),
+        key("attn_bwd_dkdv", 128): Config(32, 128, 8, 2),
+    }
     path = tmp_path / "t.json"
     path.write_text(json.dumps(tuning.table_json(table, device_name="Fake GPU", triton="3.6.0")))
     assert tuning.load_table(path) == table
@@ -166,6 +174,19 @@ def test_a_table_round_trips(tmp_path):
             json.dumps({"format": 1, "entries": [entry(key()), entry(key())]}),
             "entry 1: a second entry for",
         ),
+        (
+            json.dumps(
+                {
+                    "format": 1,
+                    "entries": [
+                        entry(
+                            key(), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, KV_TMA=0)
+                        )
+                    ],
+                }
+            ),
+            "entry 0: KV_TMA is true or absent",
+        ),
     ],
     ids=[
         "not-json",
@@ -179,6 +200,7 @@ def test_a_table_round_trips(tmp_path):
         "config-missing-keys",
         "config-not-int",
         "duplicate-key",
+        "kv-tma-not-true",
     ],
 )
 def test_a_malformed_table_is_refused_naming_file_and_entry(tmp_path, content, message):
@@ -336,7 +358,10 @@ def test_surviving_configs_drop_what_does_not_fit_or_spills_at_the_recorded_twin
     assert tuning.surviving_configs("attn_fwd", 128, torch.bfloat16, True, 90) == space
     fp32 = tuning.config_space("attn_fwd", torch.float32)
     assert tuning.surviving_configs("attn_fwd", 128, torch.float32, False, 90) == fp32
-    assert tuning.surviving_configs("attn_fwd", 128, torch.bfloat16, False, 80) == space
+    # before sm_90 no TMA
+    without_tma = tuple(c for c in space if not c.kv_tma)
+    assert len(without_tma) < len(space)
+    assert tuning.surviving_configs("attn_fwd", 128, torch.bfloat16, False, 80) == without_tma
 
 
 def test_the_committed_space_record_covers_the_space_and_keeps_the_heuristics(monkeypatch):

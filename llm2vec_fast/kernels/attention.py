@@ -17,7 +17,10 @@ own outputs once, so the backward pass is deterministic (bitwise reproducible) b
 ``deterministic=False`` drops the dQ pass: the dK/dV kernel adds each key block's share of dQ to
 an fp32 buffer with atomics instead.
 
-Head dims that are not powers of two run in a padded ``BLOCK_D`` with masks. Scores live in
+On sm_90 a forward config may read K and V by TMA (``KV_TMA``: ragged descriptors bounded to
+the group, Triton's ``ragged_tma``), in the tuning space beside the plain loads: the tuner keeps
+it where it measures faster. Head dims that are not powers of two run in a padded ``BLOCK_D`` with
+masks. Scores live in
 log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``. Key and query loops are split
 into blocks that need no mask and the few (diagonal, tail, window edge) blocks that do; with a
 sliding window the loops start and stop at the band's edges, so blocks outside it cost nothing.
@@ -40,6 +43,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.ragged_tma import create_ragged_descriptor, load_ragged
 
 from . import reference, tuning
 from ._dispatch import interpreting, use_triton
@@ -106,6 +110,39 @@ def _load_rows(
     return tl.load(
         base + positions.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask, other=0.0
     )
+
+
+@triton.jit
+def _load_key_rows(
+    base,
+    desc,
+    kv_head,
+    positions,
+    first,
+    stride,
+    seq_start,
+    seqlen,
+    MASK_LENGTH: tl.constexpr,
+    KV_TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``_load_rows`` of K or V, or with KV_TMA the same rows (``positions = first + arange``)
+    copied by TMA from ``desc``, a ragged descriptor of the whole tensor bounded to the group at
+    ``seq_start``: rows at or past ``seqlen`` and head dims past HEAD_DIM read as zeros."""
+    if KV_TMA:
+        rows = load_ragged(desc, seq_start, seqlen, [first, kv_head, 0])  # (len, 1, BLOCK_D)
+        return tl.reshape(rows, (positions.shape[0], BLOCK_D))
+    else:
+        return _load_rows(
+            base,
+            positions,
+            stride,
+            seqlen,
+            MASK_LENGTH=MASK_LENGTH,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D,
+        )
 
 
 @triton.jit
@@ -301,6 +338,9 @@ def _fwd_key_blocks(
     q,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
+    kv_head,
     seg_base,
     stride_kt,
     stride_vt,
@@ -319,22 +359,29 @@ def _fwd_key_blocks(
     MASK_CAUSAL: tl.constexpr,
     MASK_WINDOW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    KV_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi) of one group; with
-    MASK_LENGTH each query sees only its own sequence's keys."""
+    MASK_LENGTH each query sees only its own sequence's keys; with KV_TMA K and V come by TMA
+    (``_load_key_rows``)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions in the group
-        k = _load_rows(
+        k = _load_key_rows(
             k_base,
+            k_desc,
+            kv_head,
             cols,
+            start_n,
             stride_kt,
+            seq_start,
             seqlen,
             MASK_LENGTH=MASK_LENGTH,
+            KV_TMA=KV_TMA,
             HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D,
         )  # (BLOCK_N, BLOCK_D)
@@ -363,12 +410,17 @@ def _fwd_key_blocks(
                 seed, head, seq_start + rows, seq_start + start_n, dropout_p, BLOCK_N=BLOCK_N
             )
             p = tl.where(keep, p, 0.0)
-        v = _load_rows(
+        v = _load_key_rows(
             v_base,
+            v_desc,
+            kv_head,
             cols,
+            start_n,
             stride_vt,
+            seq_start,
             seqlen,
             MASK_LENGTH=MASK_LENGTH,
+            KV_TMA=KV_TMA,
             HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D,
         )  # (BLOCK_N, BLOCK_D)
@@ -382,6 +434,8 @@ def _attn_fwd_kernel(
     Q,
     K,
     V,
+    KDesc,
+    VDesc,
     Out,
     Lse,
     Items,
@@ -411,15 +465,18 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_TMA: tl.constexpr = False,
 ):
     """Program p runs query head ``p % num_heads`` of work item ``p // num_heads``: the heads
     of one item side by side (GQA heads share their K/V in L2), the longest items first; the
-    programs past the real items return at once."""
+    programs past the real items return at once. With KV_TMA, K and V are read through the
+    ragged TMA descriptors KDesc and VDesc (None otherwise)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     work = tl.program_id(0)
     if work >= tl.load(ItemCount) * num_heads:
         return
     head = work % num_heads
+    kv_head = head // group_size
     (
         start_m,
         seqlen,
@@ -482,6 +539,9 @@ def _attn_fwd_kernel(
             q,
             k_base,
             v_base,
+            KDesc,
+            VDesc,
+            kv_head,
             seg_base,
             stride_kt,
             stride_vt,
@@ -500,6 +560,7 @@ def _attn_fwd_kernel(
             MASK_CAUSAL=CAUSAL,
             MASK_WINDOW=WINDOWED,
             HAS_DROPOUT=HAS_DROPOUT,
+            KV_TMA=KV_TMA,
             PRECISION=PRECISION,
             HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N,
@@ -512,6 +573,9 @@ def _attn_fwd_kernel(
         q,
         k_base,
         v_base,
+        KDesc,
+        VDesc,
+        kv_head,
         seg_base,
         stride_kt,
         stride_vt,
@@ -530,6 +594,7 @@ def _attn_fwd_kernel(
         MASK_CAUSAL=False,
         MASK_WINDOW=False,
         HAS_DROPOUT=HAS_DROPOUT,
+        KV_TMA=KV_TMA,
         PRECISION=PRECISION,
         HEAD_DIM=HEAD_DIM,
         BLOCK_N=BLOCK_N,
@@ -542,6 +607,9 @@ def _attn_fwd_kernel(
         q,
         k_base,
         v_base,
+        KDesc,
+        VDesc,
+        kv_head,
         seg_base,
         stride_kt,
         stride_vt,
@@ -560,6 +628,7 @@ def _attn_fwd_kernel(
         MASK_CAUSAL=CAUSAL,
         MASK_WINDOW=WINDOWED,
         HAS_DROPOUT=HAS_DROPOUT,
+        KV_TMA=KV_TMA,
         PRECISION=PRECISION,
         HEAD_DIM=HEAD_DIM,
         BLOCK_N=BLOCK_N,
@@ -1350,6 +1419,19 @@ def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
     }
 
 
+def _tma_can_read(x: torch.Tensor) -> bool:
+    """Whether TMA can read ``x`` (T, H, D): a Hopper or later card (or the interpreter), the
+    last dim contiguous, the base and the other strides 16-byte aligned."""
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    size = x.element_size()
+    return (
+        x.stride(-1) == 1
+        and x.data_ptr() % 16 == 0
+        and all(stride * size % 16 == 0 for stride in x.stride()[:-1])
+    )
+
+
 def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
@@ -1380,14 +1462,21 @@ def _attention_forward(
     total, num_heads, head_dim = q.shape
     out = _empty((total, num_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = _empty((num_heads, total), dtype=torch.float32, device=q.device)
-    config = _config("attn_fwd", q, causal, window, dropout_p, max_seqlen)
+    config = dict(_config("attn_fwd", q, causal, window, dropout_p, max_seqlen))
     schedule = schedule_for(
         cu_seqlens, total, config["BLOCK_M"], causal=causal, window=window, schedules=schedules
     )
+    config["KV_TMA"] = config.get("KV_TMA", False) and _tma_can_read(k) and _tma_can_read(v)
+    k_desc, v_desc = None, None
+    if config["KV_TMA"]:
+        block = [config["BLOCK_N"], 1, _block_d(head_dim)]
+        k_desc, v_desc = create_ragged_descriptor(k, block), create_ragged_descriptor(v, block)
     _attn_fwd_kernel[_grid(schedule, num_heads)](
         q,
         k,
         v,
+        k_desc,
+        v_desc,
         out,
         lse,
         schedule.items,

@@ -1,7 +1,8 @@
 """Launch configs of the attention kernels chosen by measurement, per card.
 
-The tuning space lists the candidate configs (``BLOCK_M``, ``BLOCK_N``, warps, pipeline stages)
-of each attention kernel, today's heuristic choices among them. ``tests/compile_kernels.py
+The tuning space lists the candidate configs (``BLOCK_M``, ``BLOCK_N``, warps, pipeline stages;
+for the forward, also whether it reads K and V by TMA) of each attention kernel, today's heuristic
+choices among them. ``tests/compile_kernels.py
 --space`` compiles every candidate for sm_90 on a CPU and records its shared memory, registers
 and spills in ``tuned/space/sm_90.json``; ``surviving_configs`` drops the candidates that do not
 fit or spill there. ``benchmarks/tune_kernels.py`` measures the survivors on a GPU and writes
@@ -52,28 +53,38 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    kv_tma: bool = False  # the forward reads K and V by TMA (sm_90 and later)
 
     def launch_options(self) -> dict[str, int]:
-        """The keyword arguments a launcher passes to the kernel."""
-        return dict(
+        """The keyword arguments a launcher passes to the kernel (``KV_TMA`` only when set)."""
+        options = dict(
             BLOCK_M=self.block_m,
             BLOCK_N=self.block_n,
             num_warps=self.num_warps,
             num_stages=self.num_stages,
         )
+        if self.kv_tma:
+            options["KV_TMA"] = True
+        return options
 
     def to_json(self) -> dict[str, int]:
         return self.launch_options()
 
     @classmethod
     def from_json(cls, value: object, kernel: str) -> Config:
-        """Parse and check ``{"BLOCK_M": .., "BLOCK_N": .., "num_warps": .., "num_stages": ..}``."""
+        """Parse and check ``{"BLOCK_M": .., "BLOCK_N": .., "num_warps": .., "num_stages": ..}``,
+        with ``"KV_TMA": true`` for a forward that reads K and V by TMA."""
         fields = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-        if not isinstance(value, dict) or set(value) != set(fields):
-            raise TuningTableError(f"a config must have exactly the keys {fields}, got {value!r}")
+        if not isinstance(value, dict) or set(value) - {"KV_TMA"} != set(fields):
+            raise TuningTableError(
+                f"a config must have exactly the keys {fields} (and optionally KV_TMA), "
+                f"got {value!r}"
+            )
         if not all(type(value[name]) is int for name in fields):
             raise TuningTableError(f"config values must be integers, got {value!r}")
-        config = cls(*(value[name] for name in fields))
+        if value.get("KV_TMA", True) is not True:
+            raise TuningTableError(f"KV_TMA is true or absent, got {value!r}")
+        config = cls(*(value[name] for name in fields), kv_tma="KV_TMA" in value)
         problem = config_problem(kernel, config)
         if problem:
             raise TuningTableError(f"config {value!r} cannot run {kernel}: {problem}")
@@ -93,15 +104,19 @@ def config_problem(kernel: str, config: Config) -> str | None:
         return "the query-block kernels need BLOCK_M to be a multiple of BLOCK_N"
     if kernel in ("attn_bwd_dkdv", "attn_bwd_dkdv_atomic") and config.block_n % config.block_m:
         return "the key-block kernels need BLOCK_N to be a multiple of BLOCK_M"
+    if config.kv_tma and kernel != "attn_fwd":
+        return "only the forward kernel reads K and V by TMA"
     return None
 
 
-def _configs(*rows: tuple[int, int, int, int]) -> tuple[Config, ...]:
+def _configs(*rows: tuple) -> tuple[Config, ...]:
     return tuple(Config(*row) for row in rows)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for 16-bit inputs and for fp32 (whose
-# tiles take twice the shared memory). Each list holds the launchers' heuristic choices.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, KV_TMA]) per kernel, for 16-bit inputs and for fp32
+# (whose tiles take twice the shared memory). Each list holds the launchers' heuristic choices.
+# The forward's TMA twins read K and V by TMA (a hardware copy engine, no address arithmetic in
+# registers); only a measurement says whether that pays.
 _FORWARD_16 = _configs(
     (128, 64, 4, 3),
     (128, 64, 8, 3),
@@ -109,6 +124,10 @@ _FORWARD_16 = _configs(
     (128, 128, 8, 2),
     (128, 64, 8, 2),
     (64, 64, 4, 3),
+    (128, 64, 8, 3, True),
+    (128, 128, 8, 2, True),
+    (128, 128, 8, 3, True),
+    (64, 64, 4, 3, True),
 )
 _DKDV_16 = _configs(
     (32, 128, 4, 3),
@@ -421,6 +440,8 @@ def surviving_configs(
     Without a record for this arch, twin and dropout, every candidate (the tuner then meets the
     failures itself)."""
     space = config_space(kernel, dtype)
+    if arch < 90:  # no TMA before Hopper
+        space = tuple(config for config in space if not config.kv_tma)
     record = compiled_space(arch)
     twin = space_twin(head_dim, dtype)
     if record is None or twin is None:
