@@ -117,8 +117,11 @@ def make_workload(key: tuning.Key, device: str, tokens: int) -> Workload:
 
 def keys_by_value(quick: bool, device: str) -> list[tuning.Key]:
     """Every key this run may measure, most valuable first."""
-    if device == "cpu":
-        return [tuning.Key("attn_fwd", 32, "float32", "full", False, 128)]
+    if device == "cpu":  # fp16: its forward space holds the TMA configs
+        return [
+            tuning.Key("attn_fwd", 32, "float32", "full", False, 128),
+            tuning.Key("attn_fwd", 32, "float16", "full", False, 128),
+        ]
     head_dims = (128, 64) if quick else (128, 64, 256, 96, 80)
     dtypes = ("bfloat16",) if quick else ("bfloat16", "float16")
     kernels = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_dkdv_atomic")

@@ -11,6 +11,7 @@ unit in the last place, the rounding of the final store that PyTorch's result ma
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -492,9 +493,8 @@ def test_dropout_matches_reference_with_same_mask(triton_backend, dtype, causal,
 TMA_FORWARD = tuning.Config(64, 32, 4, 1, kv_tma=True)  # the interpreter's blocks, by TMA
 
 
-def test_forward_reads_k_and_v_by_tma_when_its_config_says_so(triton_backend, monkeypatch):
-    """A forward config with KV_TMA reads K and V through ragged TMA descriptors (rows past the
-    group and head dims past 80 come as zeros): the same results, masks and dropout included."""
+def spy_on_tma_descriptors(monkeypatch) -> list:
+    """The block shapes of the TMA descriptors the launcher builds from now on."""
     blocks = []
     make = attention.create_ragged_descriptor
     monkeypatch.setattr(
@@ -502,6 +502,24 @@ def test_forward_reads_k_and_v_by_tma_when_its_config_says_so(triton_backend, mo
         "create_ragged_descriptor",
         lambda tensor, block: blocks.append(block) or make(tensor, block),
     )
+    return blocks
+
+
+def forward_by_tma_and_not(q, k, v, cu_seqlens, config, **options):
+    """The forward with ``config`` and with the same config reading K and V by plain loads."""
+    outputs = []
+    for tma in (True, False):
+        with tuning.forced({"attn_fwd": dataclasses.replace(config, kv_tma=tma)}):
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            outputs.append(varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options))
+    return outputs
+
+
+def test_forward_reads_k_and_v_by_tma_when_its_config_says_so(triton_backend, monkeypatch):
+    """A forward config with KV_TMA reads K and V through ragged TMA descriptors (rows past the
+    group and head dims past 80 come as zeros): the same results, masks and dropout included,
+    and bit for bit those of plain loads."""
+    blocks = spy_on_tma_descriptors(monkeypatch)
     lengths = [0, 33, 1, 70, 5, 3, 2]
     with tuning.forced({"attn_fwd": TMA_FORWARD}):
         for causal, window in ((False, None), (True, None), (False, 9)):
@@ -512,6 +530,11 @@ def test_forward_reads_k_and_v_by_tma_when_its_config_says_so(triton_backend, mo
             lengths, 4, 2, 80, torch.float16, "cpu", causal=False, dropout_p=0.2, seed=3
         )
     assert blocks and all(block == [32, 1, 128] for block in blocks), blocks
+    q, k, v, _ = make_inputs(lengths, 4, 2, 80, torch.float16, "cpu")
+    cu_seqlens = cu_seqlens_of(lengths, "cpu")
+    for options in (dict(causal=True), dict(causal=False, dropout_p=0.3, dropout_seed=1)):
+        by_tma, plain = forward_by_tma_and_not(q, k, v, cu_seqlens, TMA_FORWARD, **options)
+        assert torch.equal(by_tma, plain), options
 
 
 def test_tma_reads_only_what_it_can_address():
@@ -737,13 +760,23 @@ def test_gpu_fp32(triton_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [128, 80])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_gpu_forward_by_tma(triton_backend, causal, head_dim):
+def test_gpu_forward_by_tma(triton_backend, monkeypatch, causal, head_dim):
     """The forward's TMA configs (on sm_90; an older card falls back to plain loads) against the
-    reference, bf16, with short sequences packed into tiles and long ones."""
+    reference and bit for bit against plain loads, bf16, short sequences packed into tiles and
+    long ones, with dropout, and K/V as views of a fused QKV projection."""
+    blocks = spy_on_tma_descriptors(monkeypatch)
     lengths = [*GPU_LENGTHS, *[3, 5, 2, 7, 1] * 20]
+    cu_seqlens = cu_seqlens_of(lengths, "cuda")
+    qkv = torch.randn(sum(lengths), 8 + 2 * 2, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv[:, :8], qkv[:, 8:10], qkv[:, 10:]
     for config in (tuning.Config(128, 64, 8, 3, kv_tma=True), tuning.Config(128, 128, 8, 2, True)):
         with tuning.forced({"attn_fwd": config}):
             check_against_reference(lengths, 8, 2, head_dim, torch.bfloat16, "cuda", causal=causal)
+        for options in (dict(causal=causal), dict(causal=causal, dropout_p=0.1, dropout_seed=4)):
+            by_tma, plain = forward_by_tma_and_not(q, k, v, cu_seqlens, config, **options)
+            assert torch.equal(by_tma, plain), (config, options)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert blocks, "no TMA descriptor was built on a Hopper card"
 
 
 @pytest.mark.gpu

@@ -1420,13 +1420,17 @@ def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
 
 
 def _tma_can_read(x: torch.Tensor) -> bool:
-    """Whether TMA can read ``x`` (T, H, D): a Hopper or later card (or the interpreter), the
-    last dim contiguous, the base and the other strides 16-byte aligned."""
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+    """Whether TMA can read ``x`` (T, H, D): an NVIDIA Hopper or later card (or the
+    interpreter), the last dim contiguous, the base and the other strides 16-byte aligned, and at
+    most 2^30 rows (the ragged descriptor's coordinates are int32)."""
+    if x.is_cuda and (
+        torch.version.hip is not None or torch.cuda.get_device_capability(x.device)[0] < 9
+    ):
         return False
     size = x.element_size()
     return (
-        x.stride(-1) == 1
+        x.shape[0] <= 2**30
+        and x.stride(-1) == 1
         and x.data_ptr() % 16 == 0
         and all(stride * size % 16 == 0 for stride in x.stride()[:-1])
     )
