@@ -507,10 +507,10 @@ def spy_on_tma_descriptors(monkeypatch) -> list:
 
 def forward_by_tma_and_not(q, k, v, cu_seqlens, config, **options):
     """The forward with ``config`` and with the same config reading K and V by plain loads."""
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     outputs = []
     for tma in (True, False):
         with tuning.forced({"attn_fwd": dataclasses.replace(config, kv_tma=tma)}):
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             outputs.append(varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options))
     return outputs
 

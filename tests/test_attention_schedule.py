@@ -149,7 +149,7 @@ def test_an_unchecked_cu_seqlens_not_ending_at_t_stays_in_bounds():
     assert early.segments.tolist() == [0, 0, 1, 1, 1, 2, 2]
     starting_late = torch.tensor([3, 5, 7], dtype=torch.int32)
     late_start = tile_schedule(starting_late, 7, 64, causal=False, window=None)
-    assert late_start.segments.tolist() == [-3, -3, -3, 0, 0, 1, 1]
+    assert late_start.segments.tolist() == [-1, -1, -1, 0, 0, 1, 1]
     late = tile_schedule(cu_seqlens_of([2, 30, 5], "cpu"), 7, 4, causal=False, window=None)
     for first, length, tile_start, _ in late.items[: int(late.count)].tolist():
         assert first + length <= 7 and tile_start < length

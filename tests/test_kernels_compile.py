@@ -47,10 +47,10 @@ KERNELS = {
 }
 
 
-def run_script(*flags: str) -> subprocess.CompletedProcess:
+def run_script(*flags: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *flags],
+        [sys.executable, str(script), *flags],
         capture_output=True,
         text=True,
         env=env,
@@ -106,14 +106,7 @@ def test_attention_sass_finds_the_key_block_loops(tmp_path):
     """``benchmarks/attention_sass.py`` (static SASS of the attention loops): each kernel's loops
     are found, and the forward's hold its two matmuls and, with dropout, Philox's multiplies."""
     script = SCRIPT.parent.parent / "benchmarks" / "attention_sass.py"
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    result = run_script("--out", str(tmp_path), script=script)
     assert result.returncode == 0, result.stdout + result.stderr
     (saved,) = tmp_path.glob("*attention-sass.json")
     records = json.loads(saved.read_text())["records"]

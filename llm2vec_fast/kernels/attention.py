@@ -17,14 +17,15 @@ own outputs once, so the backward pass is deterministic (bitwise reproducible) b
 ``deterministic=False`` drops the dQ pass: the dK/dV kernel adds each key block's share of dQ to
 an fp32 buffer with atomics instead.
 
-On sm_90 a forward config may read K and V by TMA (``KV_TMA``: ragged descriptors bounded to
-the group, Triton's ``ragged_tma``), in the tuning space beside the plain loads: the tuner keeps
-it where it measures faster. Head dims that are not powers of two run in a padded ``BLOCK_D`` with
-masks. Scores live in
+Head dims that are not powers of two run in a padded ``BLOCK_D`` with masks. Scores live in
 log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``. Key and query loops are split
 into blocks that need no mask and the few (diagonal, tail, window edge) blocks that do; with a
 sliding window the loops start and stop at the band's edges, so blocks outside it cost nothing.
 In a group of several sequences every block takes the masked path.
+
+On sm_90 a forward config may read K and V by TMA (``KV_TMA``: ragged descriptors bounded at
+the group's end, Triton's ``ragged_tma``), in the tuning space beside the plain loads: the tuner
+keeps it where it measures faster.
 
 Dropout: the keep-mask of element (query head h, query token i, key token j; packed token
 indices) is output ``j % 4`` of Philox keyed on ``seed`` with counters ``(i, j // 4, h, 0)``, so the

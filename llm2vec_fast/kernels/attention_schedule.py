@@ -32,8 +32,6 @@ from dataclasses import dataclass
 import torch
 
 ITEM_FIELDS = 4  # first token, group length, tile start in the group, packed
-# the segment of tokens before cu_seqlens[0]; the kernels pad with -1 (keys) and -2 (rows)
-BEFORE_FIRST_SEQUENCE = -3
 
 
 @dataclass(frozen=True)
@@ -116,13 +114,12 @@ def tile_schedule(
     work = torch.where(tile_start < length, work, -1)  # empty items last
     order = torch.argsort(work, descending=True, stable=True)
     count = (capacity - tiles[batch]).reshape(1)
-    # (T,) the sequence of each token: the number of sequences that end at or before it (a
-    # search, not a repeat, so that a cu_seqlens not ending at T cannot trip a device assert);
-    # tokens before the first sequence (an unchecked cu_seqlens) get BEFORE_FIRST_SEQUENCE, so
-    # that a kernel reading them as keys (dropout's aligned blocks) masks them
+    # (T,) the sequence of each token: the number of sequence starts at or before it, less one
+    # (a search, not a repeat, so that a cu_seqlens not ending at T cannot trip a device assert).
+    # Tokens before an unchecked cu_seqlens' first sequence get -1, a segment no query has (the
+    # kernels' padding for keys past the group), so that dropout's aligned key blocks mask them.
     tokens = torch.arange(total, device=device)
-    segments = torch.searchsorted(ends, tokens, right=True)
-    segments = torch.where(tokens < bounds[0], BEFORE_FIRST_SEQUENCE, segments).to(torch.int32)
+    segments = (torch.searchsorted(bounds, tokens, right=True) - 1).to(torch.int32)
     return TileSchedule(items[order].to(torch.int32).contiguous(), count.to(torch.int32), segments)
 
 
